@@ -1,0 +1,111 @@
+//! Creating organizations, API keys and clusters. The bootstrap command and tests use
+//! these directly; the admin endpoints will too.
+
+use anyhow::Context as _;
+use capy_shared::crypto::{self, SecretBox};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub async fn create_organization(pool: &PgPool, name: &str) -> anyhow::Result<Uuid> {
+    let id = Uuid::now_v7();
+    sqlx::query("insert into organizations (id, name) values ($1, $2)")
+        .bind(id)
+        .bind(name)
+        .execute(pool)
+        .await
+        .context("creating an organization")?;
+    Ok(id)
+}
+
+/// Who a new key is for.
+#[derive(Debug, Clone, Default)]
+pub struct KeyGrant {
+    pub name: String,
+    pub organization_id: Option<Uuid>,
+    pub is_admin: bool,
+    pub project_id: Option<Uuid>,
+    /// `None`: every scope.
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Creates a key; answers its id and the plaintext, which is not stored.
+pub async fn create_api_key(pool: &PgPool, grant: &KeyGrant) -> anyhow::Result<(Uuid, String)> {
+    let key = crypto::generate_api_key();
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "insert into api_keys (id, organization_id, is_admin, name, key_prefix, key_hash, project_id, scopes)
+         values ($1, $2, $3, $4, $5, $6, $7, coalesce($8, '{read,write,credentials:read}'::text[]))",
+    )
+    .bind(id)
+    .bind(grant.organization_id)
+    .bind(grant.is_admin)
+    .bind(&grant.name)
+    .bind(&key.prefix)
+    .bind(&key.hash)
+    .bind(grant.project_id)
+    .bind(&grant.scopes)
+    .execute(pool)
+    .await
+    .context("creating an API key")?;
+    Ok((id, key.plaintext))
+}
+
+/// Whether `plaintext` is a live key (exists, not revoked, not expired).
+pub async fn api_key_is_live(pool: &PgPool, plaintext: &str) -> anyhow::Result<bool> {
+    if !crypto::is_well_formed_api_key(plaintext) {
+        return Ok(false);
+    }
+    let live: Option<bool> = sqlx::query_scalar(
+        "select revoked_at is null and (expires_at is null or expires_at > now())
+         from api_keys where key_hash = $1",
+    )
+    .bind(crypto::hash_api_key(plaintext))
+    .fetch_optional(pool)
+    .await?;
+    Ok(live.unwrap_or(false))
+}
+
+/// A target cluster to register.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub region: String,
+    /// Superuser URL; stored sealed.
+    pub admin_url: String,
+    pub public_host: String,
+    pub direct_port: i32,
+    pub pooled_port: i32,
+    pub ssl_mode: String,
+    pub max_projects: Option<i32>,
+}
+
+/// Registers a cluster, or updates the one of the same name; answers its id.
+pub async fn upsert_cluster(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    spec: &ClusterSpec,
+) -> anyhow::Result<Uuid> {
+    sqlx::query_scalar(
+        "insert into clusters (id, name, region, admin_url_encrypted, public_host, direct_port,
+             pooled_port, ssl_mode, max_projects)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         on conflict (name) do update set region = excluded.region,
+             admin_url_encrypted = excluded.admin_url_encrypted,
+             public_host = excluded.public_host, direct_port = excluded.direct_port,
+             pooled_port = excluded.pooled_port, ssl_mode = excluded.ssl_mode,
+             max_projects = excluded.max_projects, updated_at = now()
+         returning id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(&spec.name)
+    .bind(&spec.region)
+    .bind(secrets.seal(&spec.admin_url))
+    .bind(&spec.public_host)
+    .bind(spec.direct_port)
+    .bind(spec.pooled_port)
+    .bind(&spec.ssl_mode)
+    .bind(spec.max_projects)
+    .fetch_one(pool)
+    .await
+    .context("registering a cluster")
+}

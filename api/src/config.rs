@@ -1,0 +1,79 @@
+//! Command line and environment of `capy-api`. Every flag is also an environment
+//! variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use capy_shared::telemetry::LogFormat;
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "capy-api", version, about = "capy's REST API")]
+pub struct Cli {
+    #[arg(long, env = "CAPY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Serve the REST API until SIGTERM or Ctrl-C.
+    Serve(ServeArgs),
+    /// Apply the control-plane migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Create (or reuse) an admin key, an organization with a key and a cluster, and
+    /// write them to an env file.
+    Bootstrap(BootstrapArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DatabaseArgs {
+    /// The control database.
+    #[arg(long, env = "CAPY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Key sealing project passwords and cluster URLs: 32 bytes as 64 hex characters.
+    #[arg(long, env = "CAPY_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: String,
+    #[arg(long, env = "CAPY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Attempts each new job gets.
+    #[arg(long, env = "CAPY_JOB_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub job_max_attempts: i32,
+    /// Connections to the control database.
+    #[arg(long, env = "CAPY_DATABASE_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: u32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BootstrapArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[arg(long, env = "CAPY_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: String,
+    /// Where to write CAPY_API_URL, CAPY_ADMIN_KEY and CAPY_API_KEY; keys already in it
+    /// are reused while they are live.
+    #[arg(long, env = "CAPY_ENV_FILE")]
+    pub env_file: PathBuf,
+    /// The API's URL, written to the env file.
+    #[arg(long, env = "CAPY_API_URL")]
+    pub api_url: String,
+    #[arg(long, env = "CAPY_BOOTSTRAP_ORGANIZATION", default_value = "default")]
+    pub organization: String,
+    /// Name of the first target cluster.
+    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER", default_value = "local")]
+    pub cluster_name: String,
+    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_REGION", default_value = "local")]
+    pub cluster_region: String,
+    /// The target cluster's superuser URL.
+    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_URL", hide_env_values = true)]
+    pub cluster_url: String,
+    /// sslmode clients use for this cluster.
+    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_SSL_MODE", default_value = "prefer")]
+    pub cluster_ssl_mode: String,
+}

@@ -1,0 +1,30 @@
+mod health;
+mod jobs;
+mod projects;
+
+use axum::routing::get;
+use axum::Router;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/v1/projects", get(projects::list).post(projects::create))
+        .route("/v1/projects/{id}", get(projects::show))
+        .route("/v1/projects/{id}/connections", get(projects::connections))
+        .route("/v1/jobs/{id}", get(jobs::show))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async {
+            (
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                axum::Json(serde_json::json!({"error": "method not allowed"})),
+            )
+        })
+        .layer(RequestBodyLimitLayer::new(64 * 1024))
+        .layer(TraceLayer::new_for_http())
+}

@@ -1,0 +1,11 @@
+//! What capy's API, workers and steps share: the domain types, the queue's SQL, the
+//! step contract, secrets handling and telemetry.
+
+pub mod crypto;
+pub mod db;
+pub mod ident;
+pub mod model;
+pub mod queue;
+pub mod redact;
+pub mod step;
+pub mod telemetry;

@@ -1,0 +1,151 @@
+//! The control plane's records as the API shows them (CapyDB's field names).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Where a job is in its life. A failed attempt that may be retried goes back to
+/// `Pending` with a later `run_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Claimed,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Claimed => "claimed",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Why an attempt failed, which decides whether the job is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryClassification {
+    /// Retried with backoff (exit 75, a step killed by a signal, a lost connection).
+    Transient,
+    /// Not retried (any other non-zero exit).
+    Permanent,
+    /// The step ran past its time limit; retried.
+    Timeout,
+    /// The worker vanished and its lease expired; retried.
+    WorkerLost,
+}
+
+impl RetryClassification {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+            Self::Timeout => "timeout",
+            Self::WorkerLost => "worker_lost",
+        }
+    }
+
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, Self::Permanent)
+    }
+}
+
+/// The job types capy knows, with CapyDB's names.
+pub mod job_type {
+    pub const PROJECT_CREATE: &str = "project.create";
+    pub const PROJECT_UPDATE: &str = "project.update";
+    pub const PROJECT_DELETE: &str = "project.delete";
+    pub const PROJECT_EXTENSION_ENABLE: &str = "project.extension_enable";
+    pub const PROJECT_EXTENSION_DISABLE: &str = "project.extension_disable";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub job_type: String,
+    pub state: String,
+    pub organization_id: Option<Uuid>,
+    pub project_id: Option<Uuid>,
+    pub cluster_id: Option<Uuid>,
+    pub preview_database_id: Option<Uuid>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub claimed_by: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub last_exit_code: Option<i32>,
+    pub last_stdout: Option<String>,
+    pub last_stderr: Option<String>,
+    pub locked_resource: Option<String>,
+    pub retry_classification: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The columns of [`Job`], for queries that return jobs.
+pub const JOB_COLUMNS: &str = "id, type, state, organization_id, project_id, cluster_id, \
+    preview_database_id, attempts, max_attempts, run_at, claimed_at, claimed_by, started_at, \
+    completed_at, error, last_exit_code, last_stdout, last_stderr, locked_resource, \
+    retry_classification, created_at, updated_at";
+
+/// One attempt at a job: who ran it, when, and what its step printed and returned.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct JobAttempt {
+    pub attempt: i32,
+    pub worker: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub classification: Option<String>,
+    pub error: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A project (logical database) as CapyDB shows it. Host, ports and SSL mode come from
+/// its cluster; the password is never part of it.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Project {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub cluster_id: Uuid,
+    pub name: String,
+    pub slug: String,
+    pub region: String,
+    pub environment: String,
+    pub plan: String,
+    pub state: String,
+    pub database_name: String,
+    pub role_name: String,
+    pub public_host: String,
+    pub direct_port: i32,
+    pub pooled_port: i32,
+    pub ssl_mode: String,
+    pub max_connections: i32,
+    pub statement_timeout: String,
+    pub idle_transaction_timeout: String,
+    pub storage_limit_bytes: Option<i64>,
+    pub last_error: Option<String>,
+    pub latest_job_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Select list and join for [`Project`]: `FROM projects p JOIN clusters c`.
+pub const PROJECT_SELECT: &str = "select p.id, p.organization_id, p.cluster_id, p.name, p.slug, \
+    p.region, p.environment, p.plan, p.state, p.database_name, p.role_name, c.public_host, \
+    c.direct_port, c.pooled_port, c.ssl_mode, p.max_connections, p.statement_timeout, \
+    p.idle_transaction_timeout, p.storage_limit_bytes, p.last_error, p.latest_job_id, \
+    p.created_at, p.updated_at from projects p join clusters c on c.id = p.cluster_id";

@@ -1,0 +1,306 @@
+//! The job queue's SQL, all of it: enqueue, claim, heartbeat, finish and rescue.
+//!
+//! A claim is a committed lease: the claiming statement commits at once, and the worker
+//! keeps the lease alive with heartbeats while the step runs. Every write a worker makes
+//! afterwards is fenced on (`claimed_by`, `attempts`), so a worker whose lease was taken
+//! over cannot overwrite the job's outcome or its attempt record.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng as _;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::model::{Job, RetryClassification, JOB_COLUMNS};
+
+/// NOTIFY channel that wakes idle workers when a job is queued.
+pub const NOTIFY_CHANNEL: &str = "capy_jobs";
+
+/// A job to queue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub job_type: String,
+    pub organization_id: Option<Uuid>,
+    pub project_id: Option<Uuid>,
+    pub cluster_id: Option<Uuid>,
+    /// Jobs with the same resource run one at a time, in submission order.
+    pub locked_resource: Option<String>,
+    pub max_attempts: i32,
+}
+
+/// Queues a job inside the caller's transaction; idle workers are woken when it commits.
+pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job> {
+    let sql = format!(
+        "insert into jobs (id, type, organization_id, project_id, cluster_id, locked_resource, max_attempts)
+         values ($1, $2, $3, $4, $5, $6, $7)
+         returning {JOB_COLUMNS}"
+    );
+    let inserted: Job = sqlx::query_as(&sql)
+        .bind(Uuid::now_v7())
+        .bind(&job.job_type)
+        .bind(job.organization_id)
+        .bind(job.project_id)
+        .bind(job.cluster_id)
+        .bind(&job.locked_resource)
+        .bind(job.max_attempts)
+        .fetch_one(&mut *conn)
+        .await?;
+    sqlx::query("select pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut *conn)
+        .await?;
+    Ok(inserted)
+}
+
+/// Claims up to `limit` runnable jobs for `worker` in one statement, and opens an
+/// attempt record for each.
+///
+/// A job with a `locked_resource` is runnable only when no other job of that resource
+/// is claimed and none submitted before it is still pending, which serialises a
+/// resource's jobs in submission order without holding up other resources.
+pub async fn claim(
+    pool: &PgPool,
+    worker: &str,
+    limit: i64,
+    lease: Duration,
+) -> sqlx::Result<Vec<Job>> {
+    let sql = format!(
+        "with candidates as (
+             select j.id from jobs j
+             where j.state = 'pending' and j.run_at <= now()
+               and (j.locked_resource is null or not exists (
+                     select 1 from jobs o
+                     where o.locked_resource = j.locked_resource and o.id <> j.id
+                       and (o.state = 'claimed' or (o.state = 'pending' and o.seq < j.seq))))
+             order by j.run_at, j.seq
+             limit $2
+             for update of j skip locked
+         ), claimed as (
+             update jobs set state = 'claimed', claimed_by = $1, claimed_at = now(),
+                    started_at = coalesce(started_at, now()), attempts = attempts + 1,
+                    lease_expires_at = now() + $3 * interval '1 millisecond', updated_at = now()
+             from candidates where jobs.id = candidates.id
+             returning jobs.*
+         ), opened as (
+             insert into job_attempts (job_id, attempt, worker, started_at)
+             select id, attempts, $1, claimed_at from claimed
+         )
+         select {JOB_COLUMNS} from claimed order by run_at"
+    );
+    sqlx::query_as(&sql)
+        .bind(worker)
+        .bind(limit)
+        .bind(millis(lease))
+        .fetch_all(pool)
+        .await
+}
+
+/// Extends the leases `worker` holds on `job_ids`; answers the ids it still holds.
+/// A job missing from the answer was taken over or cancelled: its step must stop.
+pub async fn heartbeat(
+    pool: &PgPool,
+    worker: &str,
+    job_ids: &[Uuid],
+    lease: Duration,
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "update jobs set lease_expires_at = now() + $3 * interval '1 millisecond'
+         where id = any($2) and claimed_by = $1 and state = 'claimed'
+         returning id",
+    )
+    .bind(worker)
+    .bind(job_ids)
+    .bind(millis(lease))
+    .fetch_all(pool)
+    .await
+}
+
+/// How failed attempts are spaced: exponential backoff with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base_delay: Duration::from_secs(2),
+            max_delay: Duration::from_secs(600),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempt + 1`: base × 2^(attempt−1), capped, then
+    /// scaled by a random factor in [0.5, 1] so retries of many jobs spread out.
+    pub fn delay_after(&self, attempt: i32) -> Duration {
+        let exponent = attempt.saturating_sub(1).clamp(0, 30) as u32;
+        let full = self
+            .base_delay
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_delay);
+        full.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+    }
+}
+
+/// How an attempt ended, as the worker observed it.
+#[derive(Debug, Clone)]
+pub struct AttemptOutcome {
+    pub exit_code: Option<i32>,
+    /// `None` when the attempt succeeded.
+    pub classification: Option<RetryClassification>,
+    pub error: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Records the end of attempt `attempt` of job `job_id` by `worker` and moves the job to
+/// `completed`, back to `pending` (retry after `retry_delay`) or to `failed`.
+///
+/// Answers `None` when the worker no longer holds the job (lease lost, job cancelled):
+/// nothing is written then.
+pub async fn finish(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    attempt: i32,
+    worker: &str,
+    outcome: &AttemptOutcome,
+    retry_delay: Duration,
+) -> sqlx::Result<Option<Job>> {
+    let (state, classification) = match outcome.classification {
+        None => ("completed", None),
+        Some(class) if class.is_retryable() => ("retry", Some(class.as_str())),
+        Some(class) => ("failed", Some(class.as_str())),
+    };
+    let sql = format!(
+        "update jobs set
+             state = case when $4 = 'retry' then
+                         case when attempts < max_attempts then 'pending' else 'failed' end
+                     else $4 end,
+             run_at = case when $4 = 'retry' then now() + $10 * interval '1 millisecond' else run_at end,
+             completed_at = case when $4 = 'retry' and attempts < max_attempts then null else now() end,
+             lease_expires_at = null,
+             retry_classification = $5,
+             error = $6,
+             last_exit_code = $7,
+             last_stdout = $8,
+             last_stderr = $9,
+             updated_at = now()
+         where id = $1 and state = 'claimed' and claimed_by = $3 and attempts = $2
+         returning {JOB_COLUMNS}"
+    );
+    let job: Option<Job> = sqlx::query_as(&sql)
+        .bind(job_id)
+        .bind(attempt)
+        .bind(worker)
+        .bind(state)
+        .bind(classification)
+        .bind(&outcome.error)
+        .bind(outcome.exit_code)
+        .bind(&outcome.stdout)
+        .bind(&outcome.stderr)
+        .bind(millis(retry_delay))
+        .fetch_optional(&mut *conn)
+        .await?;
+    if job.is_some() {
+        sqlx::query(
+            "update job_attempts set finished_at = now(), exit_code = $3, classification = $4,
+                    error = $5, stdout = $6, stderr = $7
+             where job_id = $1 and attempt = $2 and finished_at is null",
+        )
+        .bind(job_id)
+        .bind(attempt)
+        .bind(outcome.exit_code)
+        .bind(classification)
+        .bind(&outcome.error)
+        .bind(&outcome.stdout)
+        .bind(&outcome.stderr)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(job)
+}
+
+/// Takes back jobs whose lease expired (their worker died or lost the database): the
+/// open attempt is closed as `worker_lost` and the job retried, or failed when out of
+/// attempts. Answers the jobs it moved.
+pub async fn rescue_expired(
+    conn: &mut PgConnection,
+    retry: &RetryPolicy,
+    limit: i64,
+) -> sqlx::Result<Vec<Job>> {
+    let sql = format!(
+        "with lost as (
+             select id from jobs
+             where state = 'claimed' and lease_expires_at < now()
+             order by lease_expires_at
+             limit $1
+             for update skip locked
+         ), moved as (
+             update jobs set
+                 state = case when attempts < max_attempts then 'pending' else 'failed' end,
+                 run_at = now() + $2 * interval '1 millisecond',
+                 completed_at = case when attempts < max_attempts then null else now() end,
+                 lease_expires_at = null,
+                 retry_classification = 'worker_lost',
+                 error = 'worker ' || coalesce(claimed_by, '?') || ' was lost (its lease expired)',
+                 updated_at = now()
+             from lost where jobs.id = lost.id
+             returning jobs.*
+         ), closed as (
+             update job_attempts a set finished_at = now(), classification = 'worker_lost',
+                    error = moved.error
+             from moved
+             where a.job_id = moved.id and a.attempt = moved.attempts and a.finished_at is null
+         )
+         select {JOB_COLUMNS} from moved"
+    );
+    sqlx::query_as(&sql)
+        .bind(limit)
+        .bind(millis(retry.delay_after(1)))
+        .fetch_all(&mut *conn)
+        .await
+}
+
+/// Deletes up to `batch` finished jobs older than `older_than`; answers how many.
+pub async fn delete_finished_before(
+    pool: &PgPool,
+    older_than: DateTime<Utc>,
+    batch: i64,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "delete from jobs where id in (
+             select id from jobs
+             where state in ('completed', 'failed', 'cancelled') and completed_at < $1
+             limit $2)",
+    )
+    .bind(older_than)
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let policy = RetryPolicy {
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(10),
+        };
+        let first = policy.delay_after(1);
+        assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
+        let third = policy.delay_after(3);
+        assert!(third >= Duration::from_secs(2) && third <= Duration::from_secs(4));
+        assert!(policy.delay_after(40) <= Duration::from_secs(10));
+    }
+}

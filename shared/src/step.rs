@@ -1,0 +1,59 @@
+//! The worker ↔ step contract. A step is an executable run once per attempt, in its own
+//! process group, with a [`StepInput`] as JSON on stdin and `CAPY_JOB_ID`,
+//! `CAPY_JOB_TYPE` and `CAPY_ATTEMPT` in its environment. It exits 0 on success,
+//! [`EXIT_TEMPFAIL`] for a failure worth retrying, anything else for a permanent one.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::model::Job;
+
+/// EX_TEMPFAIL from sysexits.h: a transient failure, retried with backoff.
+pub const EXIT_TEMPFAIL: i32 = 75;
+
+pub const ENV_JOB_ID: &str = "CAPY_JOB_ID";
+pub const ENV_JOB_TYPE: &str = "CAPY_JOB_TYPE";
+pub const ENV_ATTEMPT: &str = "CAPY_ATTEMPT";
+
+/// What a step reads on stdin. It holds secrets, so it has no `Debug`.
+#[derive(Serialize, Deserialize)]
+pub struct StepInput {
+    pub job: Job,
+    pub project: Option<StepProject>,
+    pub cluster: Option<StepCluster>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct StepProject {
+    pub id: Uuid,
+    pub database_name: String,
+    pub role_name: String,
+    pub password: String,
+    pub max_connections: i32,
+    pub statement_timeout: String,
+    pub idle_transaction_timeout: String,
+    pub storage_limit_bytes: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct StepCluster {
+    pub id: Uuid,
+    pub name: String,
+    /// The cluster's superuser URL, password included.
+    pub admin_url: String,
+}
+
+impl StepInput {
+    /// The secrets inside this input, for scrubbing a step's output.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = Vec::new();
+        if let Some(project) = &self.project {
+            secrets.push(project.password.clone());
+        }
+        if let Some(cluster) = &self.cluster {
+            secrets.push(cluster.admin_url.clone());
+            secrets.extend(crate::redact::url_password(&cluster.admin_url));
+        }
+        secrets
+    }
+}

@@ -1,0 +1,310 @@
+//! The private PostgreSQL cluster of a test process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// A PostgreSQL server the tests may use as superuser, and restart.
+pub struct TestCluster {
+    host: String,
+    pub port: u16,
+    user: String,
+    password: String,
+    supervisor: Option<mpsc::Sender<Control>>,
+}
+
+static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+
+/// The test process's cluster, started on first use.
+pub fn cluster() -> anyhow::Result<&'static TestCluster> {
+    CLUSTER
+        .get_or_init(|| TestCluster::start().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("the test PostgreSQL cluster is not available: {e}"))
+}
+
+impl TestCluster {
+    /// Superuser URL of database `database`.
+    pub fn admin_url_for(&self, database: &str) -> String {
+        format!(
+            "postgres://{}:{}@{}:{}/{}",
+            self.user, self.password, self.host, self.port, database
+        )
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Stops the server (fast shutdown); `start_again` brings it back on the same port.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        self.control(Control::Stop)
+    }
+
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        self.control(Control::Start)?;
+        wait_until_accepting(&self.host, self.port)
+    }
+
+    fn control(&self, command: Control) -> anyhow::Result<()> {
+        let Some(supervisor) = &self.supervisor else {
+            bail!("the cluster given by CAPY_TEST_DATABASE_URL cannot be restarted by tests");
+        };
+        let (reply_tx, reply_rx) = mpsc::channel();
+        supervisor
+            .send(command)
+            .ok()
+            .context("the cluster supervisor is gone")?;
+        supervisor
+            .send(Control::Reply(reply_tx))
+            .ok()
+            .context("the cluster supervisor is gone")?;
+        reply_rx
+            .recv()
+            .context("the cluster supervisor is gone")?
+            .map_err(anyhow::Error::msg)
+    }
+
+    fn start() -> anyhow::Result<Self> {
+        if let Ok(url) = std::env::var("CAPY_TEST_DATABASE_URL") {
+            return Self::from_url(&url);
+        }
+        let bin_dir = postgres_bin_dir()?;
+        let owner = ClusterOwner::current()?;
+        let root = std::env::temp_dir().join("capy-testkit");
+        remove_stale_clusters(&root);
+        let dir = root.join(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).context("creating the test cluster's folder")?;
+        owner.chown(&dir)?;
+        let password = format!("pw{}", uuid::Uuid::new_v4().simple());
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, &password)?;
+        owner.chown(&pwfile)?;
+        let data = dir.join("data");
+
+        let output = owner
+            .command(&bin_dir.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-E", "UTF8", "--no-locale", "-N"])
+            .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .context("running initdb")?;
+        if !output.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let port = crate::free_port()?;
+        let server = ServerCommand {
+            postgres: bin_dir.join("postgres"),
+            data,
+            socket_dir: dir.clone(),
+            port,
+            owner,
+        };
+        let supervisor = supervise(server)?;
+        let cluster = Self {
+            host: "127.0.0.1".into(),
+            port,
+            user: "postgres".into(),
+            password,
+            supervisor: Some(supervisor),
+        };
+        cluster.control(Control::Start)?;
+        wait_until_accepting(&cluster.host, port)?;
+        Ok(cluster)
+    }
+
+    fn from_url(url: &str) -> anyhow::Result<Self> {
+        let parsed = url::Url::parse(url).context("CAPY_TEST_DATABASE_URL is not a URL")?;
+        Ok(Self {
+            host: parsed.host_str().unwrap_or("127.0.0.1").to_string(),
+            port: parsed.port().unwrap_or(5432),
+            user: parsed.username().to_string(),
+            password: parsed.password().unwrap_or_default().to_string(),
+            supervisor: None,
+        })
+    }
+}
+
+enum Control {
+    Start,
+    Stop,
+    Reply(mpsc::Sender<Result<(), String>>),
+}
+
+struct ServerCommand {
+    postgres: PathBuf,
+    data: PathBuf,
+    socket_dir: PathBuf,
+    port: u16,
+    owner: ClusterOwner,
+}
+
+/// Runs the server from a thread that lives as long as the process: the server is
+/// started with a parent-death signal, which the kernel sends when the *thread* that
+/// spawned it ends, so the server goes down with the test process and not before.
+fn supervise(server: ServerCommand) -> anyhow::Result<mpsc::Sender<Control>> {
+    let (tx, rx) = mpsc::channel::<Control>();
+    std::thread::Builder::new()
+        .name("capy-test-postgres".into())
+        .spawn(move || {
+            let mut child: Option<Child> = None;
+            let mut last: Result<(), String> = Ok(());
+            for command in rx {
+                match command {
+                    Control::Start if child.is_none() => match server.spawn() {
+                        Ok(c) => {
+                            child = Some(c);
+                            last = Ok(());
+                        }
+                        Err(e) => last = Err(format!("{e:#}")),
+                    },
+                    Control::Start => last = Ok(()),
+                    Control::Stop => {
+                        if let Some(mut c) = child.take() {
+                            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+                            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+                            let _ = c.wait();
+                        }
+                        last = Ok(());
+                    }
+                    Control::Reply(reply) => {
+                        let _ = reply.send(std::mem::replace(&mut last, Ok(())));
+                    }
+                }
+            }
+        })
+        .context("starting the cluster supervisor thread")?;
+    Ok(tx)
+}
+
+impl ServerCommand {
+    #[allow(unsafe_code)]
+    fn spawn(&self) -> anyhow::Result<Child> {
+        use std::os::unix::process::CommandExt as _;
+        let log = std::fs::File::create(self.socket_dir.join("postgres.log"))?;
+        let mut command = self.owner.command(&self.postgres);
+        command
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-k")
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            // Durability is not under test; speed is welcome.
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=400"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory
+        // of the parent; it runs in the child between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        command.spawn().context("starting postgres")
+    }
+}
+
+fn wait_until_accepting(host: &str, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect((host, port)).is_ok() {
+            // The port opens a moment before the server accepts logins.
+            std::thread::sleep(Duration::from_millis(200));
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the test cluster did not accept connections on {host}:{port} within 30 s")
+}
+
+/// The folder holding initdb and postgres: `CAPY_PG_BINDIR`, else the newest
+/// `/usr/lib/postgresql/*/bin` (Debian's layout), else `PATH`.
+pub fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("CAPY_PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .find(|dir| dir.join("initdb").exists())
+        .context(
+            "PostgreSQL's server binaries (initdb, postgres) were not found: install them \
+             (Debian: apt-get install postgresql) or set CAPY_PG_BINDIR",
+        )
+}
+
+/// PostgreSQL refuses to run as root; as root, the cluster belongs to `postgres`.
+#[derive(Clone, Copy)]
+struct ClusterOwner {
+    ids: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
+}
+
+impl ClusterOwner {
+    fn current() -> anyhow::Result<Self> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Ok(Self { ids: None });
+        }
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .context("running as root needs a 'postgres' user to own the test cluster")?;
+        Ok(Self {
+            ids: Some((user.uid, user.gid)),
+        })
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        use std::os::unix::process::CommandExt as _;
+        let mut command = Command::new(program);
+        if let Some((uid, gid)) = self.ids {
+            command.uid(uid.as_raw()).gid(gid.as_raw());
+        }
+        command
+    }
+
+    fn chown(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some((uid, gid)) = self.ids {
+            nix::unistd::chown(path, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes clusters left by test processes that have exited.
+fn remove_stale_clusters(root: &Path) {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let alive = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
