@@ -29,7 +29,9 @@ impl Principal {
         if self.is_admin || self.scopes.iter().any(|s| s == scope) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden("this API key lacks the scope this call needs"))
+            Err(ApiError::Forbidden(
+                "this API key lacks the scope this call needs",
+            ))
         }
     }
 
@@ -66,17 +68,22 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized("missing API key: send Authorization: Bearer capy_live_…"))?;
+        let header =
+            parts
+                .headers
+                .get(axum::http::header::AUTHORIZATION)
+                .ok_or(ApiError::Unauthorized(
+                    "missing API key: send Authorization: Bearer capy_live_…",
+                ))?;
         let key = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|k| crypto::is_well_formed_api_key(k))
-            .ok_or(ApiError::Unauthorized("malformed API key: expected Authorization: Bearer capy_live_…"))?;
+            .ok_or(ApiError::Unauthorized(
+                "malformed API key: expected Authorization: Bearer capy_live_…",
+            ))?;
         let row: Option<KeyRow> = sqlx::query_as(
             "select id, organization_id, is_admin, project_id, scopes, expires_at, revoked_at
              from api_keys where key_hash = $1",

@@ -74,6 +74,10 @@ pub struct BootstrapArgs {
     #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_URL", hide_env_values = true)]
     pub cluster_url: String,
     /// sslmode clients use for this cluster.
-    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_SSL_MODE", default_value = "prefer")]
+    #[arg(
+        long,
+        env = "CAPY_BOOTSTRAP_CLUSTER_SSL_MODE",
+        default_value = "prefer"
+    )]
     pub cluster_ssl_mode: String,
 }

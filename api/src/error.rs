@@ -44,7 +44,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
-            Self::Internal(source) => tracing::error!(error = format!("{source:#}"), "internal error"),
+            Self::Internal(source) => {
+                tracing::error!(error = format!("{source:#}"), "internal error")
+            }
             Self::Unavailable => tracing::warn!("control database unavailable"),
             _ => {}
         }
@@ -66,7 +68,9 @@ impl From<sqlx::Error> for ApiError {
                 Self::Unavailable
             }
             sqlx::Error::Database(db)
-                if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
             {
                 Self::Unavailable
             }
@@ -81,8 +85,12 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::MissingJsonContentType(_) => {
                 "expected a JSON body with Content-Type: application/json".to_string()
             }
-            JsonRejection::JsonSyntaxError(_) => format!("malformed JSON: {}", source_text(&rejection)),
-            JsonRejection::JsonDataError(_) => format!("invalid request body: {}", source_text(&rejection)),
+            JsonRejection::JsonSyntaxError(_) => {
+                format!("malformed JSON: {}", source_text(&rejection))
+            }
+            JsonRejection::JsonDataError(_) => {
+                format!("invalid request body: {}", source_text(&rejection))
+            }
             _ => rejection.body_text(),
         };
         Self::BadRequest(message)

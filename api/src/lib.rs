@@ -23,7 +23,9 @@ pub struct ApiSettings {
 
 impl Default for ApiSettings {
     fn default() -> Self {
-        Self { job_max_attempts: 5 }
+        Self {
+            job_max_attempts: 5,
+        }
     }
 }
 

@@ -144,6 +144,8 @@ mod tests {
         assert!(key.plaintext.starts_with(&key.prefix));
         assert_eq!(key.hash, hash_api_key(&key.plaintext));
         assert!(!is_well_formed_api_key("capy_live_short"));
-        assert!(!is_well_formed_api_key(&key.plaintext.replace("capy_live_", "capy_test_")));
+        assert!(!is_well_formed_api_key(
+            &key.plaintext.replace("capy_live_", "capy_test_")
+        ));
     }
 }

@@ -223,6 +223,43 @@ pub async fn finish(
     Ok(job)
 }
 
+/// Hands a claimed job back without spending an attempt (the worker is shutting
+/// down): it is pending again at once and its open attempt record is removed.
+/// Answers whether the job was still ours.
+pub async fn release(
+    pool: &PgPool,
+    job_id: Uuid,
+    attempt: i32,
+    worker: &str,
+) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let released = sqlx::query(
+        "update jobs set state = 'pending', attempts = attempts - 1, run_at = now(),
+                lease_expires_at = null, updated_at = now()
+         where id = $1 and state = 'claimed' and claimed_by = $3 and attempts = $2",
+    )
+    .bind(job_id)
+    .bind(attempt)
+    .bind(worker)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if released {
+        sqlx::query("delete from job_attempts where job_id = $1 and attempt = $2")
+            .bind(job_id)
+            .bind(attempt)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("select pg_notify($1, '')")
+            .bind(NOTIFY_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(released)
+}
+
 /// Takes back jobs whose lease expired (their worker died or lost the database): the
 /// open attempt is closed as `worker_lost` and the job retried, or failed when out of
 /// attempts. Answers the jobs it moved.

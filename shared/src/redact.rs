@@ -5,7 +5,9 @@ pub fn redact_all(text: &str, secrets: &[&str]) -> String {
     secrets
         .iter()
         .filter(|s| s.len() >= 4)
-        .fold(text.to_string(), |acc, secret| acc.replace(secret, "[redacted]"))
+        .fold(text.to_string(), |acc, secret| {
+            acc.replace(secret, "[redacted]")
+        })
 }
 
 /// A connection URL with its password (if any) replaced, for logs and responses.
@@ -25,9 +27,7 @@ pub fn redact_url(url: &str) -> String {
 pub fn url_password(url: &str) -> Option<String> {
     let parsed = url::Url::parse(url).ok()?;
     let password = parsed.password()?;
-    Some(
-        percent_decode(password).unwrap_or_else(|| password.to_string()),
-    )
+    Some(percent_decode(password).unwrap_or_else(|| password.to_string()))
 }
 
 fn percent_decode(text: &str) -> Option<String> {

@@ -195,7 +195,12 @@ impl ServerCommand {
             .arg(&self.data)
             .arg("-k")
             .arg(&self.socket_dir)
-            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
             // Durability is not under test; speed is welcome.
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=400"])

@@ -39,4 +39,5 @@ pub async fn fresh_database() -> anyhow::Result<TestDatabase> {
 }
 
 /// A fixed secret key for tests (encryption is exercised, not the key's secrecy).
-pub const TEST_SECRET_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub const TEST_SECRET_KEY: &str =
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";

@@ -50,7 +50,9 @@ impl CreateProject {
         }
         for (field, value) in [("region", &self.region), ("environment", &self.environment)] {
             if value.as_deref().is_some_and(|v| !is_valid_label(v)) {
-                return bad(format!("{field} must be 1 to 32 characters: lowercase letters, digits and '-'"));
+                return bad(format!(
+                    "{field} must be 1 to 32 characters: lowercase letters, digits and '-'"
+                ));
             }
         }
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
@@ -61,7 +63,10 @@ impl CreateProject {
             ("statement_timeout", &self.statement_timeout),
             ("idle_transaction_timeout", &self.idle_transaction_timeout),
         ] {
-            if value.as_deref().is_some_and(|v| !ident::is_valid_duration(v)) {
+            if value
+                .as_deref()
+                .is_some_and(|v| !ident::is_valid_duration(v))
+            {
                 return bad(format!("{field} must be a duration such as \"30s\", \"500ms\", \"5min\" or \"0\" (no limit)"));
             }
         }
@@ -112,7 +117,9 @@ pub async fn create(
     principal.require_scope(SCOPE_WRITE)?;
     let organization_id = principal.organization()?;
     if principal.project_id.is_some() {
-        return Err(ApiError::Forbidden("a project-scoped API key cannot create projects"));
+        return Err(ApiError::Forbidden(
+            "a project-scoped API key cannot create projects",
+        ));
     }
     let spec = body.validate()?;
 
@@ -189,9 +196,14 @@ pub async fn create(
         .bind(job.id)
         .execute(&mut *tx)
         .await?;
-    let project = fetch_project(&mut tx, id).await?.ok_or(ApiError::NotFound("project"))?;
+    let project = fetch_project(&mut tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("project"))?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job, "project": project }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "job": job, "project": project })),
+    ))
 }
 
 pub async fn list(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Value>> {
@@ -265,7 +277,8 @@ fn connection_url(project: &Project, port: i32, password: &str) -> ApiResult<Str
     url.set_username(&project.role_name)
         .and_then(|()| url.set_password(Some(password)))
         .map_err(|()| ApiError::Internal(anyhow::anyhow!("cannot set URL credentials")))?;
-    url.query_pairs_mut().append_pair("sslmode", &project.ssl_mode);
+    url.query_pairs_mut()
+        .append_pair("sslmode", &project.ssl_mode);
     Ok(url.to_string())
 }
 
@@ -279,9 +292,10 @@ async fn visible_project(state: &AppState, principal: &Principal, id: Uuid) -> A
 }
 
 async fn fetch_project(conn: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<Option<Project>> {
-    sqlx::query_as(&format!("{PROJECT_SELECT} where p.id = $1 and p.deleted_at is null"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_as(&format!(
+        "{PROJECT_SELECT} where p.id = $1 and p.deleted_at is null"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
-

@@ -1,0 +1,113 @@
+//! Command line and environment of `capy-worker`. Every flag is also an environment
+//! variable.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use capy_shared::queue::RetryPolicy;
+use capy_shared::telemetry::LogFormat;
+
+use crate::process::StepLimits;
+use crate::runner::WorkerSettings;
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "capy-worker",
+    version,
+    about = "Claims capy's jobs and runs their steps"
+)]
+pub struct Cli {
+    #[arg(long, env = "CAPY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The control database.
+    #[arg(long, env = "CAPY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Key that opens project passwords and cluster URLs (as given to the API).
+    #[arg(long, env = "CAPY_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: String,
+    /// This worker's name in `claimed_by` (default: host name and pid).
+    #[arg(long, env = "CAPY_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Steps run at once.
+    #[arg(long, env = "CAPY_WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+    /// A claim's lease; heartbeats renew it every third of it.
+    #[arg(long, env = "CAPY_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub lease_seconds: u64,
+    /// Polling interval, the fallback when notifications are lost.
+    #[arg(long, env = "CAPY_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub poll_interval_ms: u64,
+    /// Time limit of one attempt's step.
+    #[arg(long, env = "CAPY_STEP_TIMEOUT_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub step_timeout_seconds: u64,
+    /// Bytes kept of each of a step's stdout and stderr.
+    #[arg(long, env = "CAPY_STEP_OUTPUT_LIMIT_BYTES", default_value_t = 64 * 1024)]
+    pub step_output_limit_bytes: usize,
+    /// First retry delay; doubles per attempt, with jitter.
+    #[arg(long, env = "CAPY_RETRY_BASE_DELAY_MS", default_value_t = 2000)]
+    pub retry_base_delay_ms: u64,
+    #[arg(long, env = "CAPY_RETRY_MAX_DELAY_MS", default_value_t = 600_000)]
+    pub retry_max_delay_ms: u64,
+    /// On SIGTERM, how long running steps may finish before they are stopped and their
+    /// jobs handed back.
+    #[arg(long, env = "CAPY_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+    /// The built-in steps' executable (default: `capy-step` beside this binary).
+    #[arg(long, env = "CAPY_STEP_BINARY")]
+    pub step_binary: Option<PathBuf>,
+    /// Replace the command of a job type: `TYPE=COMMAND` (repeatable; comma-separated in
+    /// the environment variable), e.g. `project.create=/opt/steps/create.sh`.
+    #[arg(
+        long = "step-command",
+        env = "CAPY_STEP_COMMANDS",
+        value_delimiter = ','
+    )]
+    pub step_commands: Vec<String>,
+}
+
+impl Cli {
+    pub fn worker_settings(&self) -> anyhow::Result<WorkerSettings> {
+        let step_binary = match &self.step_binary {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("locating this executable")?
+                .with_file_name("capy-step"),
+        };
+        let mut commands = HashMap::new();
+        for entry in &self.step_commands {
+            let (job_type, command) = entry
+                .split_once('=')
+                .filter(|(t, c)| !t.is_empty() && !c.is_empty())
+                .with_context(|| format!("--step-command {entry:?} is not TYPE=COMMAND"))?;
+            commands.insert(job_type.to_string(), command.to_string());
+        }
+        let lease = Duration::from_secs(self.lease_seconds);
+        Ok(WorkerSettings {
+            worker_id: self.worker_id.clone().unwrap_or_else(default_worker_id),
+            concurrency: usize::from(self.concurrency),
+            lease,
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            retry: RetryPolicy {
+                base_delay: Duration::from_millis(self.retry_base_delay_ms),
+                max_delay: Duration::from_millis(self.retry_max_delay_ms),
+            },
+            step_limits: StepLimits {
+                timeout: Duration::from_secs(self.step_timeout_seconds),
+                kill_grace: Duration::from_secs(5),
+                output_limit: self.step_output_limit_bytes,
+            },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            default_step: step_binary.to_string_lossy().into_owned(),
+            step_commands: commands,
+        })
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}

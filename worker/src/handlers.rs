@@ -1,0 +1,117 @@
+//! What each job type needs and does beyond the queue: the step's input (with the
+//! project's and cluster's secrets opened) and the effect of a job's outcome on its
+//! project.
+
+use anyhow::Context as _;
+use capy_shared::crypto::SecretBox;
+use capy_shared::model::{job_type, Job};
+use capy_shared::step::{StepCluster, StepInput, StepProject};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+#[derive(sqlx::FromRow)]
+struct ProjectRow {
+    id: Uuid,
+    cluster_id: Uuid,
+    database_name: String,
+    role_name: String,
+    password_encrypted: Vec<u8>,
+    max_connections: i32,
+    statement_timeout: String,
+    idle_transaction_timeout: String,
+    storage_limit_bytes: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClusterRow {
+    id: Uuid,
+    name: String,
+    admin_url_encrypted: Vec<u8>,
+}
+
+/// Builds the JSON a step reads on stdin.
+pub async fn load_input(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    job: &Job,
+) -> anyhow::Result<StepInput> {
+    let project: Option<ProjectRow> = match job.project_id {
+        Some(id) => sqlx::query_as(
+            "select id, cluster_id, database_name, role_name, password_encrypted, max_connections,
+                    statement_timeout, idle_transaction_timeout, storage_limit_bytes
+             from projects where id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .context("loading the job's project")?,
+        None => None,
+    };
+    let cluster_id = job.cluster_id.or(project.as_ref().map(|p| p.cluster_id));
+    let cluster: Option<ClusterRow> = match cluster_id {
+        Some(id) => {
+            sqlx::query_as("select id, name, admin_url_encrypted from clusters where id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+                .context("loading the job's cluster")?
+        }
+        None => None,
+    };
+    let project = project
+        .map(|p| -> anyhow::Result<StepProject> {
+            Ok(StepProject {
+                id: p.id,
+                password: secrets
+                    .open(&p.password_encrypted)
+                    .context("opening the project's password")?,
+                database_name: p.database_name,
+                role_name: p.role_name,
+                max_connections: p.max_connections,
+                statement_timeout: p.statement_timeout,
+                idle_transaction_timeout: p.idle_transaction_timeout,
+                storage_limit_bytes: p.storage_limit_bytes,
+            })
+        })
+        .transpose()?;
+    let cluster = cluster
+        .map(|c| -> anyhow::Result<StepCluster> {
+            Ok(StepCluster {
+                admin_url: secrets
+                    .open(&c.admin_url_encrypted)
+                    .context("opening the cluster's admin URL")?,
+                id: c.id,
+                name: c.name,
+            })
+        })
+        .transpose()?;
+    Ok(StepInput {
+        job: job.clone(),
+        project,
+        cluster,
+    })
+}
+
+/// Applies a job's new state to its project, in the transaction that recorded it.
+pub async fn apply_effects(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
+    let Some(project_id) = job.project_id else {
+        return Ok(());
+    };
+    if job.job_type == job_type::PROJECT_CREATE {
+        // Completed → ready; failed for good → error; retry pending → still
+        // provisioning, with the last error shown.
+        sqlx::query(
+            "update projects set
+                 state = case $2 when 'completed' then 'ready' when 'failed' then 'error' else state end,
+                 last_error = case $2 when 'completed' then null else $3 end,
+                 updated_at = now()
+             where id = $1 and state in ('provisioning', 'error')",
+        )
+        .bind(project_id)
+        .bind(&job.state)
+        .bind(&job.error)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
