@@ -1,0 +1,116 @@
+//! Shared set-up of the API's tests: a fresh control database with an organization, a
+//! key, and the test cluster registered as a target.
+
+#![allow(dead_code)]
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use capy_api::admin::{self, ClusterSpec, KeyGrant};
+use capy_api::{router, ApiSettings, AppState};
+use capy_shared::crypto::SecretBox;
+use capy_testkit::{cluster, fresh_database, TestDatabase, TEST_SECRET_KEY};
+use http_body_util::BodyExt as _;
+use serde_json::Value;
+use tower::ServiceExt as _;
+use uuid::Uuid;
+
+pub struct TestApp {
+    pub db: TestDatabase,
+    pub state: AppState,
+    pub organization_id: Uuid,
+    pub key: String,
+    pub admin_key: String,
+    pub cluster_id: Uuid,
+}
+
+pub fn secrets() -> SecretBox {
+    SecretBox::from_key_text(TEST_SECRET_KEY).unwrap()
+}
+
+impl TestApp {
+    /// A control database with one organization and key, and the test cluster
+    /// registered as `local` (region `local`); `cluster_url` overrides its admin URL.
+    pub async fn new_with_cluster_url(cluster_url: Option<String>) -> Self {
+        let db = fresh_database().await.unwrap();
+        let state = AppState {
+            pool: db.pool.clone(),
+            secrets: secrets(),
+            settings: ApiSettings::default(),
+        };
+        let organization_id = admin::create_organization(&db.pool, "acme").await.unwrap();
+        let key = new_key(&db, organization_id).await;
+        let (_, admin_key) = admin::create_api_key(
+            &db.pool,
+            &KeyGrant {
+                name: "admin".into(),
+                is_admin: true,
+                ..KeyGrant::default()
+            },
+        )
+        .await
+        .unwrap();
+        let test_cluster = cluster().unwrap();
+        let cluster_id = admin::upsert_cluster(
+            &db.pool,
+            &state.secrets,
+            &ClusterSpec {
+                name: "local".into(),
+                region: "local".into(),
+                admin_url: cluster_url.unwrap_or_else(|| test_cluster.admin_url_for("postgres")),
+                public_host: test_cluster.host().to_string(),
+                direct_port: i32::from(test_cluster.port),
+                pooled_port: i32::from(test_cluster.port),
+                ssl_mode: "disable".into(),
+                max_projects: None,
+            },
+        )
+        .await
+        .unwrap();
+        Self {
+            db,
+            state,
+            organization_id,
+            key,
+            admin_key,
+            cluster_id,
+        }
+    }
+
+    pub async fn new() -> Self {
+        Self::new_with_cluster_url(None).await
+    }
+
+    /// Sends a request through the router (no port); answers status and JSON body.
+    pub async fn call(&self, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (StatusCode, Value) {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .unwrap();
+        let response = router(self.state.clone()).oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("{method} {path}: body is not JSON: {}", String::from_utf8_lossy(&bytes)));
+        (status, json)
+    }
+}
+
+pub async fn new_key(db: &TestDatabase, organization_id: Uuid) -> String {
+    admin::create_api_key(
+        &db.pool,
+        &KeyGrant {
+            name: "test".into(),
+            organization_id: Some(organization_id),
+            ..KeyGrant::default()
+        },
+    )
+    .await
+    .unwrap()
+    .1
+}
