@@ -35,7 +35,10 @@ async fn create_records_a_provisioning_project_and_a_pending_job() {
     assert_eq!(job["state"], "pending");
     assert_eq!(job["attempts"], 0);
     assert_eq!(job["project_id"], project["id"]);
-    assert_eq!(job["locked_resource"], format!("project:{}", project["id"].as_str().unwrap()));
+    assert_eq!(
+        job["locked_resource"],
+        format!("project:{}", project["id"].as_str().unwrap())
+    );
 
     // The password is stored sealed, not in the clear.
     let sealed: Vec<u8> = sqlx::query_scalar("select password_encrypted from projects")
@@ -46,19 +49,30 @@ async fn create_records_a_provisioning_project_and_a_pending_job() {
     assert!(password.len() >= 32);
 
     let id = project["id"].as_str().unwrap();
-    let (status, shown) = app.call("GET", &format!("/v1/projects/{id}"), Some(&app.key), None).await;
+    let (status, shown) = app
+        .call("GET", &format!("/v1/projects/{id}"), Some(&app.key), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(shown["project"]["id"], project["id"]);
     let (status, listed) = app.call("GET", "/v1/projects", Some(&app.key), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(listed["projects"].as_array().unwrap().len(), 1);
     let job_id = job["id"].as_str().unwrap();
-    let (status, shown) = app.call("GET", &format!("/v1/jobs/{job_id}"), Some(&app.key), None).await;
+    let (status, shown) = app
+        .call("GET", &format!("/v1/jobs/{job_id}"), Some(&app.key), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(shown["job"]["state"], "pending");
 
     // Connections exist only once the project is ready.
-    let (status, body) = app.call("GET", &format!("/v1/projects/{id}/connections"), Some(&app.key), None).await;
+    let (status, body) = app
+        .call(
+            "GET",
+            &format!("/v1/projects/{id}/connections"),
+            Some(&app.key),
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 }
 
@@ -77,8 +91,14 @@ async fn bad_project_bodies_get_a_clear_400() {
         (r#"{"name":42}"#, "invalid type"),
         (r#"{"name":"ok","max_connections":"ten"}"#, "invalid type"),
         (r#"{"name":"ok","max_connections":0}"#, "max_connections"),
-        (r#"{"name":"ok","statement_timeout":"1 week"}"#, "statement_timeout"),
-        (r#"{"name":"ok","storage_limit_bytes":-1}"#, "storage_limit_bytes"),
+        (
+            r#"{"name":"ok","statement_timeout":"1 week"}"#,
+            "statement_timeout",
+        ),
+        (
+            r#"{"name":"ok","storage_limit_bytes":-1}"#,
+            "storage_limit_bytes",
+        ),
         (r#"{"name":"ok","region":"US East"}"#, "region"),
         (r#"{}"#, "missing field `name`"),
         (r#"{"name":"ok""#, "malformed JSON"),
@@ -86,12 +106,17 @@ async fn bad_project_bodies_get_a_clear_400() {
         ("[]", "invalid request body"),
     ];
     for (body, expected) in cases {
-        let (status, answer) = app.call("POST", "/v1/projects", Some(&app.key), Some(body)).await;
+        let (status, answer) = app
+            .call("POST", "/v1/projects", Some(&app.key), Some(body))
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body} → {answer}");
         let message = answer["error"].as_str().unwrap();
         assert!(message.contains(expected), "{body} → {message}");
     }
-    let count: i64 = sqlx::query_scalar("select count(*) from jobs").fetch_one(&app.db.pool).await.unwrap();
+    let count: i64 = sqlx::query_scalar("select count(*) from jobs")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(count, 0, "no job may be queued for a refused request");
 }
 
@@ -105,7 +130,10 @@ async fn a_body_without_json_content_type_is_refused() {
         .body(axum::body::Body::from(r#"{"name":"x"}"#))
         .unwrap();
     use tower::ServiceExt as _;
-    let response = capy_api::router(app.state.clone()).oneshot(request).await.unwrap();
+    let response = capy_api::router(app.state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
 
@@ -113,13 +141,22 @@ async fn a_body_without_json_content_type_is_refused() {
 async fn duplicate_names_conflict_and_missing_room_is_422() {
     let app = TestApp::new().await;
     let body = r#"{"name":"twice"}"#;
-    let (status, _) = app.call("POST", "/v1/projects", Some(&app.key), Some(body)).await;
+    let (status, _) = app
+        .call("POST", "/v1/projects", Some(&app.key), Some(body))
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let (status, answer) = app.call("POST", "/v1/projects", Some(&app.key), Some(body)).await;
+    let (status, answer) = app
+        .call("POST", "/v1/projects", Some(&app.key), Some(body))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
 
     let (status, answer) = app
-        .call("POST", "/v1/projects", Some(&app.key), Some(r#"{"name":"far","region":"mars-1"}"#))
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(&app.key),
+            Some(r#"{"name":"far","region":"mars-1"}"#),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert!(answer["error"].as_str().unwrap().contains("mars-1"));
@@ -132,7 +169,12 @@ async fn keys_are_checked() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(answer["error"].as_str().unwrap().contains("missing"));
 
-    for bad in ["capy_live_nothex", "Basic dXNlcjpwYXNz", "capy_live_", &"x".repeat(5000)] {
+    for bad in [
+        "capy_live_nothex",
+        "Basic dXNlcjpwYXNz",
+        "capy_live_",
+        &"x".repeat(5000),
+    ] {
         let (status, answer) = app.call("GET", "/v1/projects", Some(bad), None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{bad}: {answer}");
     }
@@ -165,7 +207,14 @@ async fn keys_are_checked() {
     assert!(answer["error"].as_str().unwrap().contains("expired"));
 
     // The admin key manages the platform; it does not own projects.
-    let (status, _) = app.call("POST", "/v1/projects", Some(&app.admin_key), Some(r#"{"name":"x"}"#)).await;
+    let (status, _) = app
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(&app.admin_key),
+            Some(r#"{"name":"x"}"#),
+        )
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
     // A read-only key cannot create.
@@ -180,21 +229,42 @@ async fn keys_are_checked() {
     )
     .await
     .unwrap();
-    let (status, _) = app.call("POST", "/v1/projects", Some(&read_only), Some(r#"{"name":"x"}"#)).await;
+    let (status, _) = app
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(&read_only),
+            Some(r#"{"name":"x"}"#),
+        )
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = app.call("GET", "/v1/projects", Some(&read_only), None).await;
+    let (status, _) = app
+        .call("GET", "/v1/projects", Some(&read_only), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn another_organizations_key_sees_nothing() {
     let app = TestApp::new().await;
-    let (_, created) = app.call("POST", "/v1/projects", Some(&app.key), Some(r#"{"name":"mine"}"#)).await;
+    let (_, created) = app
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(&app.key),
+            Some(r#"{"name":"mine"}"#),
+        )
+        .await;
     let project_id = created["project"]["id"].as_str().unwrap().to_string();
     let job_id = created["job"]["id"].as_str().unwrap().to_string();
-    sqlx::query("update projects set state = 'ready'").execute(&app.db.pool).await.unwrap();
+    sqlx::query("update projects set state = 'ready'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
 
-    let other_org = admin::create_organization(&app.db.pool, "other").await.unwrap();
+    let other_org = admin::create_organization(&app.db.pool, "other")
+        .await
+        .unwrap();
     let other_key = new_key(&app.db, other_org).await;
     for path in [
         format!("/v1/projects/{project_id}"),
@@ -203,31 +273,59 @@ async fn another_organizations_key_sees_nothing() {
     ] {
         let (status, answer) = app.call("GET", &path, Some(&other_key), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {answer}");
-        assert!(!answer.to_string().contains(&project_id), "{path} leaked: {answer}");
+        assert!(
+            !answer.to_string().contains(&project_id),
+            "{path} leaked: {answer}"
+        );
     }
-    let (status, listed) = app.call("GET", "/v1/projects", Some(&other_key), None).await;
+    let (status, listed) = app
+        .call("GET", "/v1/projects", Some(&other_key), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(listed, json!({"projects": []}));
 
     // Our own key reads the connection; the password appears only there.
     let (status, connections) = app
-        .call("GET", &format!("/v1/projects/{project_id}/connections"), Some(&app.key), None)
+        .call(
+            "GET",
+            &format!("/v1/projects/{project_id}/connections"),
+            Some(&app.key),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{connections}");
     let direct = connections["direct_url"].as_str().unwrap();
-    let password = url::Url::parse(direct).unwrap().password().unwrap().to_string();
+    let password = url::Url::parse(direct)
+        .unwrap()
+        .password()
+        .unwrap()
+        .to_string();
     assert!(password.len() >= 32);
-    let (_, shown) = app.call("GET", &format!("/v1/projects/{project_id}"), Some(&app.key), None).await;
+    let (_, shown) = app
+        .call(
+            "GET",
+            &format!("/v1/projects/{project_id}"),
+            Some(&app.key),
+            None,
+        )
+        .await;
     assert!(!shown.to_string().contains(&password));
 }
 
 #[tokio::test]
 async fn malformed_ids_and_unknown_routes() {
     let app = TestApp::new().await;
-    let (status, answer) = app.call("GET", "/v1/projects/not-a-uuid", Some(&app.key), None).await;
+    let (status, answer) = app
+        .call("GET", "/v1/projects/not-a-uuid", Some(&app.key), None)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     let (status, _) = app
-        .call("GET", &format!("/v1/jobs/{}", uuid::Uuid::new_v4()), Some(&app.key), None)
+        .call(
+            "GET",
+            &format!("/v1/jobs/{}", uuid::Uuid::new_v4()),
+            Some(&app.key),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = app.call("GET", "/v1/nothing", Some(&app.key), None).await;

@@ -28,9 +28,9 @@ async fn main() -> ExitCode {
     match steps::run(&input).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            // The last line of stderr becomes the job's error.
             eprintln!("error: {}", error.message);
             if error.transient {
-                eprintln!("(transient: the job will be retried)");
                 ExitCode::from(EXIT_TEMPFAIL as u8)
             } else {
                 ExitCode::from(1)

@@ -1,0 +1,305 @@
+//! End to end: the API and two workers as real processes against a private cluster.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capy_testkit::{bin_path, free_port, ChildGuard, TEST_SECRET_KEY};
+use common::TestApp;
+use serde_json::{json, Value};
+
+struct Stack {
+    app: TestApp,
+    url: String,
+    http: reqwest::Client,
+    _api: ChildGuard,
+    _workers: Vec<ChildGuard>,
+}
+
+fn spawn(program: std::path::PathBuf, env: &[(&str, String)]) -> ChildGuard {
+    let mut command = Command::new(program);
+    command
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    ChildGuard(command.spawn().unwrap())
+}
+
+impl Stack {
+    async fn start(app: TestApp, worker_env: &[(&str, String)]) -> Self {
+        let port = free_port().unwrap();
+        let common_env = [
+            ("CAPY_DATABASE_URL", app.db.url.clone()),
+            ("CAPY_SECRET_KEY", TEST_SECRET_KEY.to_string()),
+        ];
+        let mut api_env = common_env.to_vec();
+        api_env.push(("CAPY_LISTEN", format!("127.0.0.1:{port}")));
+        let api = {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_capy-api"));
+            command
+                .arg("serve")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null());
+            for (key, value) in &api_env {
+                command.env(key, value);
+            }
+            ChildGuard(command.spawn().unwrap())
+        };
+        let workers = (1..=2)
+            .map(|n| {
+                let mut env = common_env.to_vec();
+                env.push(("CAPY_WORKER_ID", format!("worker-{n}")));
+                env.push(("CAPY_RETRY_BASE_DELAY_MS", "50".into()));
+                env.extend(worker_env.iter().cloned());
+                spawn(bin_path("capy-worker").unwrap(), &env)
+            })
+            .collect();
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(format!("{url}/readyz")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "the API did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            app,
+            url,
+            http,
+            _api: api,
+            _workers: workers,
+        }
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.app.key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    async fn create_project(&self, name: &str) -> (String, String) {
+        let (status, body) = self
+            .request(
+                reqwest::Method::POST,
+                "/v1/projects",
+                Some(json!({"name": name, "statement_timeout": "42s"})),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        (
+            body["project"]["id"].as_str().unwrap().to_string(),
+            body["job"]["id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Polls the job until it is `completed` or `failed`.
+    async fn wait_for_job(&self, job_id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self
+                .request(reqwest::Method::GET, &format!("/v1/jobs/{job_id}"), None)
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let job = body["job"].clone();
+            if job["state"] == "completed" || job["state"] == "failed" {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job still {} after 60 s: {job}",
+                job["state"]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn project(&self, id: &str) -> Value {
+        let (status, body) = self
+            .request(reqwest::Method::GET, &format!("/v1/projects/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["project"].clone()
+    }
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_is_provisioned_and_its_role_connects_only_to_its_own_database() {
+    let stack = Stack::start(TestApp::new().await, &[]).await;
+    let (project_id, job_id) = stack.create_project("first").await;
+    let job = stack.wait_for_job(&job_id).await;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["attempts"], 1);
+    assert!(
+        ["worker-1", "worker-2"].contains(&job["claimed_by"].as_str().unwrap()),
+        "{job}"
+    );
+    assert!(
+        job["started_at"].is_string()
+            && job["completed_at"].is_string()
+            && job["claimed_at"].is_string()
+    );
+    assert_eq!(job["last_exit_code"], 0);
+    assert!(job["retry_classification"].is_null());
+    let stdout = job["last_stdout"].as_str().unwrap();
+    assert!(
+        stdout.contains("created") && stdout.contains("is ready"),
+        "{stdout}"
+    );
+
+    let project = stack.project(&project_id).await;
+    assert_eq!(project["state"], "ready");
+    assert_eq!(project["latest_job_id"], job["id"]);
+
+    let (status, connections) = stack
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/projects/{project_id}/connections"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{connections}");
+    let direct_url = connections["direct_url"].as_str().unwrap();
+    let password = url::Url::parse(direct_url)
+        .unwrap()
+        .password()
+        .unwrap()
+        .to_string();
+    assert!(
+        !stdout.contains(&password),
+        "the step's stdout shows the password"
+    );
+    assert!(!job.to_string().contains(&password));
+    assert_eq!(connections["username"], project["role_name"]);
+
+    let client = connect(direct_url).await.unwrap();
+    let row = client
+        .query_one("select current_user::text, current_database()::text, current_setting('statement_timeout')", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        project["role_name"].as_str().unwrap()
+    );
+    assert_eq!(
+        row.get::<_, String>(1),
+        project["database_name"].as_str().unwrap()
+    );
+    assert_eq!(row.get::<_, String>(2), "42s");
+    client
+        .batch_execute("create table notes (body text); insert into notes values ('hi')")
+        .await
+        .unwrap();
+
+    // The attempt record agrees with the job.
+    let (attempts, worker, exit_code, finished): (i64, String, Option<i32>, bool) = sqlx::query_as(
+        "select count(*) over (), worker, exit_code, finished_at is not null from job_attempts where job_id = $1::uuid",
+    )
+    .bind(&job_id)
+    .fetch_one(&stack.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((attempts, exit_code, finished), (1, Some(0), true));
+    assert_eq!(worker, job["claimed_by"].as_str().unwrap());
+
+    // A second project: each role is shut out of the other's database.
+    let (other_id, other_job) = stack.create_project("second").await;
+    assert_eq!(stack.wait_for_job(&other_job).await["state"], "completed");
+    let other = stack.project(&other_id).await;
+    let mut intruder_url = url::Url::parse(direct_url).unwrap();
+    intruder_url.set_path(other["database_name"].as_str().unwrap());
+    let refused = connect(intruder_url.as_str())
+        .await
+        .err()
+        .expect("the role must not connect to another project's database");
+    let db_error = refused.as_db_error().expect("refused by the server");
+    assert!(
+        db_error.message().contains("permission denied"),
+        "{db_error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cluster_fails_the_job_with_its_stderr_and_errors_the_project() {
+    let dead_port = free_port().unwrap();
+    let cluster_url =
+        format!("postgres://postgres:not-this-one-secret@127.0.0.1:{dead_port}/postgres");
+    let stack = Stack::start(TestApp::new_with_cluster_url(Some(cluster_url)).await, &[]).await;
+    let (project_id, job_id) = stack.create_project("doomed").await;
+    let job = stack.wait_for_job(&job_id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["retry_classification"], "transient");
+    assert_eq!(
+        job["attempts"], 5,
+        "transient failures are retried up to max_attempts"
+    );
+    assert_eq!(job["last_exit_code"], 75);
+    let stderr = job["last_stderr"].as_str().unwrap();
+    assert!(
+        stderr.contains("could not connect to the cluster 'local'"),
+        "{stderr}"
+    );
+    assert!(!job.to_string().contains("not-this-one-secret"));
+
+    let project = stack.project(&project_id).await;
+    assert_eq!(project["state"], "error");
+    assert!(
+        project["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("could not connect"),
+        "{project}"
+    );
+
+    let classes: Vec<(i32, Option<String>, Option<i32>)> = sqlx::query_as(
+        "select attempt, classification, exit_code from job_attempts where job_id = $1::uuid order by attempt",
+    )
+    .bind(&job_id)
+    .fetch_all(&stack.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(classes.len(), 5);
+    assert!(classes
+        .iter()
+        .all(|(_, class, code)| class.as_deref() == Some("transient") && *code == Some(75)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_not_retried() {
+    let step = "echo provisioning >&1; echo 'quota exceeded for this tenant' >&2; exit 3";
+    let stack = Stack::start(
+        TestApp::new().await,
+        &[("CAPY_STEP_COMMANDS", format!("project.create={step}"))],
+    )
+    .await;
+    let (project_id, job_id) = stack.create_project("refused").await;
+    let job = stack.wait_for_job(&job_id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(job["retry_classification"], "permanent");
+    assert_eq!(job["last_exit_code"], 3);
+    assert_eq!(job["last_stdout"], "provisioning\n");
+    assert_eq!(job["error"], "quota exceeded for this tenant");
+    let project = stack.project(&project_id).await;
+    assert_eq!(project["state"], "error");
+    assert_eq!(project["last_error"], "quota exceeded for this tenant");
+}
