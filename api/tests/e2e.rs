@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test support: a failed set-up should panic
 //! End to end: the API and two workers as real processes against a private cluster.
 
 mod common;

@@ -1,7 +1,7 @@
 //! Shared set-up of the API's tests: a fresh control database with an organization, a
 //! key, and the test cluster registered as a target.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
