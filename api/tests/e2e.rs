@@ -228,10 +228,9 @@ async fn a_project_is_provisioned_and_its_role_connects_only_to_its_own_database
     let other = stack.project(&other_id).await;
     let mut intruder_url = url::Url::parse(direct_url).unwrap();
     intruder_url.set_path(other["database_name"].as_str().unwrap());
-    let refused = connect(intruder_url.as_str())
-        .await
-        .err()
-        .expect("the role must not connect to another project's database");
+    let Err(refused) = connect(intruder_url.as_str()).await else {
+        panic!("the role must not connect to another project's database");
+    };
     let db_error = refused.as_db_error().expect("refused by the server");
     assert!(
         db_error.message().contains("permission denied"),
