@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capy_testkit::{bin_path, free_port, ChildGuard, TEST_SECRET_KEY};
+use capy_testkit::{free_port, ProcessStack};
 use common::TestApp;
 use serde_json::{json, Value};
 
@@ -14,64 +13,19 @@ struct Stack {
     app: TestApp,
     url: String,
     http: reqwest::Client,
-    _api: ChildGuard,
-    _workers: Vec<ChildGuard>,
-}
-
-fn spawn(program: std::path::PathBuf, env: &[(&str, String)]) -> ChildGuard {
-    let mut command = Command::new(program);
-    command
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    ChildGuard(command.spawn().unwrap())
+    _processes: ProcessStack,
 }
 
 impl Stack {
     async fn start(app: TestApp, worker_env: &[(&str, String)]) -> Self {
-        let port = free_port().unwrap();
-        let common_env = [
-            ("CAPY_DATABASE_URL", app.db.url.clone()),
-            ("CAPY_SECRET_KEY", TEST_SECRET_KEY.to_string()),
-        ];
-        let mut api_env = common_env.to_vec();
-        api_env.push(("CAPY_LISTEN", format!("127.0.0.1:{port}")));
-        let api = {
-            let mut command = Command::new(env!("CARGO_BIN_EXE_capy-api"));
-            command
-                .arg("serve")
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null());
-            for (key, value) in &api_env {
-                command.env(key, value);
-            }
-            ChildGuard(command.spawn().unwrap())
-        };
-        let workers = (1..=2)
-            .map(|n| {
-                let mut env = common_env.to_vec();
-                env.push(("CAPY_WORKER_ID", format!("worker-{n}")));
-                env.push(("CAPY_RETRY_BASE_DELAY_MS", "50".into()));
-                env.extend(worker_env.iter().cloned());
-                spawn(bin_path("capy-worker").unwrap(), &env)
-            })
-            .collect();
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http.get(format!("{url}/readyz")).send().await.is_err() {
-            assert!(Instant::now() < deadline, "the API did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let mut env = vec![("CAPY_RETRY_BASE_DELAY_MS", "50".to_string())];
+        env.extend(worker_env.iter().cloned());
+        let processes = ProcessStack::start(&app.db.url, 2, &env).await.unwrap();
         Self {
+            url: processes.api_url.clone(),
             app,
-            url,
-            http,
-            _api: api,
-            _workers: workers,
+            http: reqwest::Client::new(),
+            _processes: processes,
         }
     }
 

@@ -6,8 +6,8 @@
 mod cluster;
 mod processes;
 
-pub use cluster::{cluster, TestCluster};
-pub use processes::{bin_path, free_port, ChildGuard};
+pub use cluster::{cluster, postgres_bin_dir, TestCluster};
+pub use processes::{bin_path, free_port, ChildGuard, ProcessStack};
 
 use anyhow::Context as _;
 use sqlx::PgPool;
