@@ -184,7 +184,7 @@ fn project_sql(name: &str) -> String {
 fn median_ms(samples: &mut [Duration]) -> f64 {
     samples.sort();
     let mid = samples.len() / 2;
-    if samples.len() % 2 == 0 {
+    if samples.len().is_multiple_of(2) {
         (ms(samples[mid - 1]) + ms(samples[mid])) / 2.0
     } else {
         ms(samples[mid])
