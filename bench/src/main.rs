@@ -153,7 +153,7 @@ async fn provision(runs: usize) -> anyhow::Result<()> {
             "psql_same_sql_ms_p50": psql_p50,
             "psql_same_sql_ms_min": ms(direct[0]),
             "psql_same_sql_ms_max": ms(direct[direct.len() - 1]),
-            "overhead_ms_p50": capy_p50 - psql_p50,
+            "overhead_ms_p50": round2(capy_p50 - psql_p50),
         })
     );
     Ok(())
@@ -185,12 +185,16 @@ fn median_ms(samples: &mut [Duration]) -> f64 {
     samples.sort();
     let mid = samples.len() / 2;
     if samples.len().is_multiple_of(2) {
-        (ms(samples[mid - 1]) + ms(samples[mid])) / 2.0
+        round2((ms(samples[mid - 1]) + ms(samples[mid])) / 2.0)
     } else {
         ms(samples[mid])
     }
 }
 
 fn ms(duration: Duration) -> f64 {
-    (duration.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
+    round2(duration.as_secs_f64() * 1000.0)
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
 }
