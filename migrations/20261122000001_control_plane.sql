@@ -111,6 +111,8 @@ create index jobs_claimed_lease on jobs (lease_expires_at) where state = 'claime
 -- The per-resource serialisation check reads live jobs of one resource.
 create index jobs_locked_resource on jobs (locked_resource, seq)
     where locked_resource is not null and state in ('pending', 'claimed');
+-- Retention deletes finished jobs oldest first.
+create index jobs_finished on jobs (completed_at) where state in ('completed', 'failed', 'cancelled');
 create index jobs_project on jobs (project_id, created_at desc);
 create index jobs_org_created on jobs (organization_id, created_at desc, id desc);
 

@@ -3,6 +3,7 @@
 
 pub mod crypto;
 pub mod db;
+pub mod effects;
 pub mod ident;
 pub mod model;
 pub mod queue;

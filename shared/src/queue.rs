@@ -16,6 +16,9 @@ use crate::model::{Job, RetryClassification, JOB_COLUMNS};
 
 /// NOTIFY channel that wakes idle workers when a job is queued.
 pub const NOTIFY_CHANNEL: &str = "capy_jobs";
+/// NOTIFY channel carrying the id of a job cancelled while claimed, so its worker
+/// stops the step at once (heartbeats catch it too, later).
+pub const CANCEL_CHANNEL: &str = "capy_job_cancel";
 
 /// A job to queue.
 #[derive(Debug, Clone)]
@@ -156,71 +159,98 @@ pub struct AttemptOutcome {
     pub stderr: String,
 }
 
-/// Records the end of attempt `attempt` of job `job_id` by `worker` and moves the job to
-/// `completed`, back to `pending` (retry after `retry_delay`) or to `failed`.
+/// The end of one attempt, to record.
+#[derive(Debug, Clone)]
+pub struct FinishedAttempt {
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub outcome: AttemptOutcome,
+    /// Used when the outcome is a retryable failure and attempts remain.
+    pub retry_delay: Duration,
+}
+
+/// Records the end of attempts by `worker`, many in one statement: each job moves to
+/// `completed`, back to `pending` (retried after its delay) or to `failed`, and its
+/// attempt record is closed.
 ///
-/// Answers `None` when the worker no longer holds the job (lease lost, job cancelled):
-/// nothing is written then.
+/// Fenced: an attempt whose job `worker` no longer holds (lease lost, job cancelled)
+/// writes nothing. Answers the jobs that were updated.
 pub async fn finish(
     conn: &mut PgConnection,
-    job_id: Uuid,
-    attempt: i32,
     worker: &str,
-    outcome: &AttemptOutcome,
-    retry_delay: Duration,
-) -> sqlx::Result<Option<Job>> {
-    let (state, classification) = match outcome.classification {
-        None => ("completed", None),
-        Some(class) if class.is_retryable() => ("retry", Some(class.as_str())),
-        Some(class) => ("failed", Some(class.as_str())),
-    };
-    let sql = format!(
-        "update jobs set
-             state = case when $4 = 'retry' then
-                         case when attempts < max_attempts then 'pending' else 'failed' end
-                     else $4 end,
-             run_at = case when $4 = 'retry' then now() + $10 * interval '1 millisecond' else run_at end,
-             completed_at = case when $4 = 'retry' and attempts < max_attempts then null else now() end,
-             lease_expires_at = null,
-             retry_classification = $5,
-             error = $6,
-             last_exit_code = $7,
-             last_stdout = $8,
-             last_stderr = $9,
-             updated_at = now()
-         where id = $1 and state = 'claimed' and claimed_by = $3 and attempts = $2
-         returning {JOB_COLUMNS}"
-    );
-    let job: Option<Job> = sqlx::query_as(&sql)
-        .bind(job_id)
-        .bind(attempt)
-        .bind(worker)
-        .bind(state)
-        .bind(classification)
-        .bind(&outcome.error)
-        .bind(outcome.exit_code)
-        .bind(&outcome.stdout)
-        .bind(&outcome.stderr)
-        .bind(millis(retry_delay))
-        .fetch_optional(&mut *conn)
-        .await?;
-    if job.is_some() {
-        sqlx::query(
-            "update job_attempts set finished_at = now(), exit_code = $3, classification = $4,
-                    error = $5, stdout = $6, stderr = $7
-             where job_id = $1 and attempt = $2 and finished_at is null",
-        )
-        .bind(job_id)
-        .bind(attempt)
-        .bind(outcome.exit_code)
-        .bind(classification)
-        .bind(&outcome.error)
-        .bind(&outcome.stdout)
-        .bind(&outcome.stderr)
-        .execute(&mut *conn)
-        .await?;
+    attempts: &[FinishedAttempt],
+) -> sqlx::Result<Vec<Job>> {
+    let mut ids = Vec::with_capacity(attempts.len());
+    let mut numbers = Vec::with_capacity(attempts.len());
+    let mut states = Vec::with_capacity(attempts.len());
+    let mut classes = Vec::with_capacity(attempts.len());
+    let mut errors = Vec::with_capacity(attempts.len());
+    let mut exit_codes = Vec::with_capacity(attempts.len());
+    let mut stdouts = Vec::with_capacity(attempts.len());
+    let mut stderrs = Vec::with_capacity(attempts.len());
+    let mut delays = Vec::with_capacity(attempts.len());
+    for finished in attempts {
+        let outcome = &finished.outcome;
+        let (state, class) = match outcome.classification {
+            None => ("completed", None),
+            Some(class) if class.is_retryable() => ("retry", Some(class.as_str())),
+            Some(class) => ("failed", Some(class.as_str())),
+        };
+        ids.push(finished.job_id);
+        numbers.push(finished.attempt);
+        states.push(state);
+        classes.push(class);
+        errors.push(outcome.error.as_deref());
+        exit_codes.push(outcome.exit_code);
+        stdouts.push(outcome.stdout.as_str());
+        stderrs.push(outcome.stderr.as_str());
+        delays.push(millis(finished.retry_delay));
     }
-    Ok(job)
+    let sql = format!(
+        "with input as (
+             select * from unnest($2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
+                                  $7::int[], $8::text[], $9::text[], $10::bigint[])
+                 as t(id, attempt, outcome, class, error, exit_code, stdout, stderr, delay_ms)
+         ), updated as (
+             update jobs j set
+                 state = case when i.outcome = 'retry' then
+                             case when j.attempts < j.max_attempts then 'pending' else 'failed' end
+                         else i.outcome end,
+                 run_at = case when i.outcome = 'retry'
+                              then now() + i.delay_ms * interval '1 millisecond' else j.run_at end,
+                 completed_at = case when i.outcome = 'retry' and j.attempts < j.max_attempts
+                                     then null else now() end,
+                 lease_expires_at = null,
+                 retry_classification = i.class,
+                 error = i.error,
+                 last_exit_code = i.exit_code,
+                 last_stdout = i.stdout,
+                 last_stderr = i.stderr,
+                 updated_at = now()
+             from input i
+             where j.id = i.id and j.state = 'claimed' and j.claimed_by = $1 and j.attempts = i.attempt
+             returning j.*
+         ), closed as (
+             update job_attempts a set finished_at = now(), exit_code = i.exit_code,
+                    classification = i.class, error = i.error, stdout = i.stdout, stderr = i.stderr
+             from input i join updated u on u.id = i.id
+             where a.job_id = i.id and a.attempt = i.attempt
+         )
+         select {JOB_COLUMNS} from updated"
+    );
+    sqlx::query_as(&sql)
+        .bind(worker)
+        .bind(ids)
+        .bind(numbers)
+        .bind(states)
+        .bind(classes)
+        .bind(errors)
+        .bind(exit_codes)
+        .bind(stdouts)
+        .bind(stderrs)
+        .bind(delays)
+        .fetch_all(&mut *conn)
+        .await
 }
 
 /// Hands a claimed job back without spending an attempt (the worker is shutting
@@ -311,7 +341,8 @@ pub async fn delete_finished_before(
         "delete from jobs where id in (
              select id from jobs
              where state in ('completed', 'failed', 'cancelled') and completed_at < $1
-             limit $2)",
+             limit $2
+             for update skip locked)",
     )
     .bind(older_than)
     .bind(batch)

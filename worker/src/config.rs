@@ -42,6 +42,17 @@ pub struct Cli {
     /// Time limit of one attempt's step.
     #[arg(long, env = "CAPY_STEP_TIMEOUT_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub step_timeout_seconds: u64,
+    /// Time limit of one job type's steps: `TYPE=SECONDS` (repeatable; comma-separated
+    /// in the environment variable), e.g. `project.create=120`.
+    #[arg(
+        long = "step-timeout",
+        env = "CAPY_STEP_TIMEOUTS",
+        value_delimiter = ','
+    )]
+    pub step_timeouts: Vec<String>,
+    /// Finished jobs older than this are deleted (0 keeps them).
+    #[arg(long, env = "CAPY_JOB_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
+    pub job_retention_seconds: u64,
     /// Bytes kept of each of a step's stdout and stderr.
     #[arg(long, env = "CAPY_STEP_OUTPUT_LIMIT_BYTES", default_value_t = 64 * 1024)]
     pub step_output_limit_bytes: usize,
@@ -75,14 +86,20 @@ impl Cli {
                 .context("locating this executable")?
                 .with_file_name("capy-step"),
         };
-        let mut commands = HashMap::new();
-        for entry in &self.step_commands {
-            let (job_type, command) = entry
-                .split_once('=')
-                .filter(|(t, c)| !t.is_empty() && !c.is_empty())
-                .with_context(|| format!("--step-command {entry:?} is not TYPE=COMMAND"))?;
-            commands.insert(job_type.to_string(), command.to_string());
-        }
+        let commands = by_job_type(&self.step_commands, "--step-command", "COMMAND")?;
+        let step_timeouts = by_job_type(&self.step_timeouts, "--step-timeout", "SECONDS")?
+            .into_iter()
+            .map(|(job_type, seconds)| {
+                let seconds: f64 = seconds
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .with_context(|| {
+                        format!("--step-timeout {job_type}={seconds}: not a number of seconds")
+                    })?;
+                Ok((job_type, Duration::from_secs_f64(seconds)))
+            })
+            .collect::<anyhow::Result<_>>()?;
         let lease = Duration::from_secs(self.lease_seconds);
         Ok(WorkerSettings {
             worker_id: self.worker_id.clone().unwrap_or_else(default_worker_id),
@@ -101,8 +118,29 @@ impl Cli {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             default_step: step_binary.to_string_lossy().into_owned(),
             step_commands: commands,
+            step_timeouts,
+            retention: (self.job_retention_seconds > 0)
+                .then(|| Duration::from_secs(self.job_retention_seconds)),
         })
     }
+}
+
+/// Parses `TYPE=VALUE` entries into a map.
+fn by_job_type(
+    entries: &[String],
+    flag: &str,
+    value: &str,
+) -> anyhow::Result<HashMap<String, String>> {
+    entries
+        .iter()
+        .map(|entry| {
+            let (job_type, rest) = entry
+                .split_once('=')
+                .filter(|(t, v)| !t.is_empty() && !v.is_empty())
+                .with_context(|| format!("{flag} {entry:?} is not TYPE={value}"))?;
+            Ok((job_type.to_string(), rest.to_string()))
+        })
+        .collect()
 }
 
 fn default_worker_id() -> String {

@@ -1,12 +1,11 @@
-//! What each job type needs and does beyond the queue: the step's input (with the
-//! project's and cluster's secrets opened) and the effect of a job's outcome on its
-//! project.
+//! What a job's step reads: its project and cluster, with their secrets opened. (What
+//! a job's outcome does to its project is `capy_shared::effects`.)
 
 use anyhow::Context as _;
 use capy_shared::crypto::SecretBox;
-use capy_shared::model::{job_type, Job};
+use capy_shared::model::Job;
 use capy_shared::step::{StepCluster, StepInput, StepProject};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 #[derive(sqlx::FromRow)]
@@ -90,28 +89,4 @@ pub async fn load_input(
         project,
         cluster,
     })
-}
-
-/// Applies a job's new state to its project, in the transaction that recorded it.
-pub async fn apply_effects(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
-    let Some(project_id) = job.project_id else {
-        return Ok(());
-    };
-    if job.job_type == job_type::PROJECT_CREATE {
-        // Completed → ready; failed for good → error; retry pending → still
-        // provisioning, with the last error shown.
-        sqlx::query(
-            "update projects set
-                 state = case $2 when 'completed' then 'ready' when 'failed' then 'error' else state end,
-                 last_error = case $2 when 'completed' then null else $3 end,
-                 updated_at = now()
-             where id = $1 and state in ('provisioning', 'error')",
-        )
-        .bind(project_id)
-        .bind(&job.state)
-        .bind(&job.error)
-        .execute(conn)
-        .await?;
-    }
-    Ok(())
 }

@@ -1,5 +1,6 @@
 //! The worker loop: claim up to the free slots in one statement, run each attempt's
-//! step, keep leases alive, rescue jobs of lost workers, and drain on shutdown.
+//! step, record outcomes in batches, keep leases alive, rescue jobs of lost workers,
+//! prune old jobs, and drain on shutdown.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -7,18 +8,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capy_shared::crypto::SecretBox;
-use capy_shared::model::{Job, RetryClassification};
-use capy_shared::queue::{self, AttemptOutcome, RetryPolicy};
-use capy_shared::{redact, step};
+use capy_shared::model::{job_type, Job, RetryClassification};
+use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, RetryPolicy};
+use capy_shared::{effects, redact, step};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::handlers;
 use crate::process::{self, StepCommand, StepEnd, StepLimits, StopReason};
+
+/// Outcomes recorded in one statement, at most.
+const FINISH_BATCH: usize = 1000;
+/// Jobs claimed in one statement, at most.
+const CLAIM_BATCH: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -28,11 +34,15 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     pub retry: RetryPolicy,
     pub step_limits: StepLimits,
+    /// Time limits by job type, replacing `step_limits.timeout`.
+    pub step_timeouts: HashMap<String, Duration>,
     pub shutdown_grace: Duration,
     /// The built-in steps' executable, for job types without a command of their own.
     pub default_step: String,
     /// Commands replacing the built-in step, by job type (run through `sh -c`).
     pub step_commands: HashMap<String, String>,
+    /// Finished jobs older than this are deleted; `None` keeps them.
+    pub retention: Option<Duration>,
 }
 
 pub struct Worker {
@@ -63,23 +73,22 @@ impl Worker {
             "worker started"
         );
         let wake = Arc::new(Notify::new());
+        let (finished_tx, finished_rx) = mpsc::channel(4 * FINISH_BATCH);
+        let completer = tokio::spawn(self.clone().complete(finished_rx));
         let background = [
-            tokio::spawn(listen(self.pool.clone(), wake.clone())),
+            tokio::spawn(self.clone().listen(wake.clone())),
             tokio::spawn(self.clone().heartbeats()),
+            tokio::spawn(self.clone().maintenance()),
         ];
         let mut attempts = JoinSet::new();
-        let mut last_rescue = Instant::now() - settings.lease;
         let mut failures = 0u32;
         tokio::pin!(shutdown);
         loop {
             while attempts.try_join_next().is_some() {}
-            if last_rescue.elapsed() >= settings.lease / 4 {
-                last_rescue = Instant::now();
-                if let Err(error) = self.rescue().await {
-                    tracing::warn!(error = %error, "rescuing expired leases failed");
-                }
-            }
-            let free = settings.concurrency.saturating_sub(attempts.len());
+            let free = settings
+                .concurrency
+                .saturating_sub(attempts.len())
+                .min(CLAIM_BATCH);
             let mut idle_wait = settings.poll_interval;
             if free > 0 {
                 match queue::claim(&self.pool, &settings.worker_id, free as i64, settings.lease)
@@ -87,13 +96,19 @@ impl Worker {
                 {
                     Ok(jobs) => {
                         failures = 0;
-                        let full = jobs.len() == free;
-                        for job in jobs {
-                            attempts.spawn(self.clone().attempt(job));
-                        }
-                        if full {
+                        if jobs.len() == free {
                             // More may be waiting: claim again as soon as a slot frees.
                             idle_wait = Duration::ZERO;
+                        }
+                        for job in jobs {
+                            if job.job_type == job_type::NOOP {
+                                let done = succeeded(&job, String::new());
+                                if finished_tx.send(done).await.is_err() {
+                                    break;
+                                }
+                            } else {
+                                attempts.spawn(self.clone().attempt(job, finished_tx.clone()));
+                            }
                         }
                     }
                     Err(error) => {
@@ -122,9 +137,14 @@ impl Worker {
         })
         .await;
         if drained.is_err() {
+            tracing::warn!(
+                "grace period over: stopping the remaining steps and handing their jobs back"
+            );
             self.stop_all(StopReason::Shutdown);
             while attempts.join_next().await.is_some() {}
         }
+        drop(finished_tx);
+        let _ = completer.await;
         for task in background {
             task.abort();
         }
@@ -133,34 +153,43 @@ impl Worker {
     }
 
     fn stop_all(&self, reason: StopReason) {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        for stop in running.values() {
+        for stop in self.running().values() {
             let _ = stop.send(Some(reason));
         }
     }
 
-    /// One attempt of one claimed job, start to recorded outcome.
-    async fn attempt(self: Arc<Self>, job: Job) {
+    fn running(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<Option<StopReason>>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One attempt of one claimed job, from its step to its outcome's hand-off.
+    async fn attempt(self: Arc<Self>, job: Job, finished: mpsc::Sender<FinishedAttempt>) {
         let span = tracing::info_span!("attempt", job_id = %job.id, attempt = job.attempts, job_type = %job.job_type);
         async {
             let (stop_tx, stop_rx) = watch::channel(None);
-            self.running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(job.id, stop_tx);
+            self.running().insert(job.id, stop_tx);
             tracing::info!("attempt started");
             let outcome = self.execute(&job, stop_rx).await;
-            self.running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&job.id);
             match outcome {
-                Ok(outcome) => self.record(&job, outcome).await,
+                Ok(outcome) => {
+                    let delay = self.settings.retry.delay_after(job.attempts);
+                    let done = FinishedAttempt {
+                        job_id: job.id,
+                        attempt: job.attempts,
+                        outcome,
+                        retry_delay: delay,
+                    };
+                    // Leases stay renewed until the completer has the outcome.
+                    let _ = finished.send(done).await;
+                }
                 Err(StopReason::Shutdown) => self.hand_back(&job).await,
                 Err(StopReason::LeaseLost) => {
-                    tracing::warn!("the job was taken from this worker (lease lost or cancelled); its outcome is not recorded");
+                    tracing::warn!("the job was cancelled or taken from this worker; its outcome is not recorded");
                 }
             }
+            self.running().remove(&job.id);
         }
         .instrument(span)
         .await
@@ -186,12 +215,16 @@ impl Worker {
             Ok(bytes) => bytes,
             Err(error) => return Ok(failure(RetryClassification::Permanent, error.to_string())),
         };
-        let run = process::run_step(
-            self.step_command(job, stdin),
-            self.settings.step_limits,
-            stop,
-        )
-        .await;
+        let limits = StepLimits {
+            timeout: self
+                .settings
+                .step_timeouts
+                .get(&job.job_type)
+                .copied()
+                .unwrap_or(self.settings.step_limits.timeout),
+            ..self.settings.step_limits
+        };
+        let run = process::run_step(self.step_command(job, stdin), limits, stop).await;
         let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
         let run = match run {
             Ok(run) => run,
@@ -206,10 +239,7 @@ impl Worker {
             .lines()
             .rev()
             .find(|l| !l.trim().is_empty())
-            .map(|l| {
-                let line = l.trim();
-                line.chars().take(500).collect::<String>()
-            });
+            .map(|l| l.trim().chars().take(500).collect::<String>());
         let (exit_code, classification, error) = match run.end {
             StepEnd::Exited(0) => (Some(0), None, None),
             StepEnd::Exited(code) => {
@@ -231,7 +261,7 @@ impl Worker {
                 Some(RetryClassification::Timeout),
                 Some(format!(
                     "step ran past its time limit of {} s",
-                    self.settings.step_limits.timeout.as_secs()
+                    limits.timeout.as_secs_f64()
                 )),
             ),
             StepEnd::Stopped(reason) => return Err(reason),
@@ -273,56 +303,47 @@ impl Worker {
         }
     }
 
-    /// Records the outcome, retrying while the control database is unreachable.
-    async fn record(&self, job: &Job, outcome: AttemptOutcome) {
-        let delay = self.settings.retry.delay_after(job.attempts);
-        let mut failures = 0;
-        loop {
-            match self.try_record(job, &outcome, delay).await {
-                Ok(Some(job)) => {
-                    tracing::info!(state = job.state, "outcome recorded");
-                    return;
-                }
-                Ok(None) => {
-                    tracing::warn!(
-                        "the job is no longer ours (lease lost or cancelled); outcome dropped"
-                    );
-                    return;
-                }
-                Err(error) => {
-                    failures += 1;
-                    if failures > 40 {
-                        tracing::error!(error = %error, "giving up recording the outcome; the lease will expire and the job be retried");
-                        return;
+    /// Records outcomes in batches, retrying while the control database is
+    /// unreachable; returns when every sender is gone and all is written.
+    async fn complete(self: Arc<Self>, mut finished: mpsc::Receiver<FinishedAttempt>) {
+        let mut batch = Vec::with_capacity(FINISH_BATCH);
+        while finished.recv_many(&mut batch, FINISH_BATCH).await > 0 {
+            let mut failures = 0;
+            loop {
+                match self.record(&batch).await {
+                    Ok(recorded) => {
+                        if recorded < batch.len() {
+                            tracing::warn!(
+                                dropped = batch.len() - recorded,
+                                "outcomes of jobs no longer ours (lease lost or cancelled) were not recorded"
+                            );
+                        }
+                        break;
                     }
-                    tracing::warn!(error = %error, "recording the outcome failed; retrying");
-                    tokio::time::sleep(backoff(failures)).await;
+                    Err(error) => {
+                        failures += 1;
+                        if failures > 60 {
+                            tracing::error!(error = %error, "giving up recording outcomes; their leases will expire and the jobs be retried");
+                            break;
+                        }
+                        tracing::warn!(error = %error, "recording outcomes failed; retrying");
+                        tokio::time::sleep(backoff(failures)).await;
+                    }
                 }
             }
+            batch.clear();
         }
     }
 
-    async fn try_record(
-        &self,
-        job: &Job,
-        outcome: &AttemptOutcome,
-        delay: Duration,
-    ) -> sqlx::Result<Option<Job>> {
+    async fn record(&self, batch: &[FinishedAttempt]) -> sqlx::Result<usize> {
         let mut tx = self.pool.begin().await?;
-        let finished = queue::finish(
-            &mut tx,
-            job.id,
-            job.attempts,
-            &self.settings.worker_id,
-            outcome,
-            delay,
-        )
-        .await?;
-        if let Some(finished) = &finished {
-            handlers::apply_effects(&mut tx, finished).await?;
+        let jobs = queue::finish(&mut tx, &self.settings.worker_id, batch).await?;
+        for job in &jobs {
+            effects::apply(&mut tx, job).await?;
+            tracing::info!(job_id = %job.id, attempt = job.attempts, state = job.state, "outcome recorded");
         }
         tx.commit().await?;
-        Ok(finished)
+        Ok(jobs.len())
     }
 
     async fn hand_back(&self, job: &Job) {
@@ -341,13 +362,7 @@ impl Worker {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            let ids: Vec<Uuid> = self
-                .running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .keys()
-                .copied()
-                .collect();
+            let ids: Vec<Uuid> = self.running().keys().copied().collect();
             if ids.is_empty() {
                 continue;
             }
@@ -361,14 +376,36 @@ impl Worker {
             {
                 Ok(held) => {
                     let held: HashSet<Uuid> = held.into_iter().collect();
-                    let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
                     for id in ids.iter().filter(|id| !held.contains(id)) {
-                        if let Some(stop) = running.get(id) {
-                            let _ = stop.send(Some(StopReason::LeaseLost));
-                        }
+                        self.stop(*id, StopReason::LeaseLost);
                     }
                 }
                 Err(error) => tracing::warn!(error = %error, "heartbeat failed"),
+            }
+        }
+    }
+
+    fn stop(&self, job_id: Uuid, reason: StopReason) {
+        if let Some(stop) = self.running().get(&job_id) {
+            let _ = stop.send(Some(reason));
+        }
+    }
+
+    /// Rescues expired leases (every quarter lease) and prunes old jobs (every minute).
+    async fn maintenance(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.settings.lease / 4);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune: Option<Instant> = None;
+        loop {
+            interval.tick().await;
+            if let Err(error) = self.rescue().await {
+                tracing::warn!(error = %error, "rescuing expired leases failed");
+            }
+            if let Some(retention) = self.settings.retention {
+                if last_prune.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    last_prune = Some(Instant::now());
+                    self.prune(retention).await;
+                }
             }
         }
     }
@@ -378,9 +415,85 @@ impl Worker {
         let rescued = queue::rescue_expired(&mut tx, &self.settings.retry, 100).await?;
         for job in &rescued {
             tracing::warn!(job_id = %job.id, attempt = job.attempts, state = job.state, "rescued a job whose worker was lost");
-            handlers::apply_effects(&mut tx, job).await?;
+            effects::apply(&mut tx, job).await?;
         }
         tx.commit().await
+    }
+
+    /// Deletes finished jobs past retention, in small batches so no statement holds
+    /// many locks or much WAL at once.
+    async fn prune(&self, retention: Duration) {
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let mut total = 0;
+        loop {
+            match queue::delete_finished_before(&self.pool, cutoff, 1000).await {
+                Ok(deleted) => {
+                    total += deleted;
+                    if deleted < 1000 {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "pruning finished jobs failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(deleted = total, "pruned finished jobs past retention");
+        }
+    }
+
+    /// Wakes the loop on each new job and stops steps of cancelled jobs; reconnects
+    /// when the connection drops (polling and heartbeats cover the gap).
+    async fn listen(self: Arc<Self>, wake: Arc<Notify>) {
+        let mut failures = 0;
+        loop {
+            let listener = async {
+                let mut listener = PgListener::connect_with(&self.pool).await?;
+                listener
+                    .listen_all([queue::NOTIFY_CHANNEL, queue::CANCEL_CHANNEL])
+                    .await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            match listener.await {
+                Ok(mut listener) => {
+                    failures = 0;
+                    // Notifications sent while we were away are lost: look now.
+                    wake.notify_one();
+                    while let Ok(notification) = listener.recv().await {
+                        if notification.channel() == queue::CANCEL_CHANNEL {
+                            if let Ok(job_id) = notification.payload().parse() {
+                                self.stop(job_id, StopReason::LeaseLost);
+                            }
+                        } else {
+                            wake.notify_one();
+                        }
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::debug!(error = %error, "LISTEN unavailable; polling meanwhile");
+                }
+            }
+            tokio::time::sleep(backoff(failures)).await;
+        }
+    }
+}
+
+fn succeeded(job: &Job, stdout: String) -> FinishedAttempt {
+    FinishedAttempt {
+        job_id: job.id,
+        attempt: job.attempts,
+        outcome: AttemptOutcome {
+            exit_code: Some(0),
+            classification: None,
+            error: None,
+            stdout,
+            stderr: String::new(),
+        },
+        retry_delay: Duration::ZERO,
     }
 }
 
@@ -397,31 +510,4 @@ fn failure(class: RetryClassification, error: String) -> AttemptOutcome {
 /// 100 ms doubling per failure, capped at 5 s.
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
-}
-
-/// Wakes the loop on each NOTIFY; reconnects when the connection drops.
-async fn listen(pool: PgPool, wake: Arc<Notify>) {
-    let mut failures = 0;
-    loop {
-        let listener = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(queue::NOTIFY_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
-        };
-        match listener.await {
-            Ok(mut listener) => {
-                failures = 0;
-                // Notifications sent while we were away are lost: look now.
-                wake.notify_one();
-                while listener.recv().await.is_ok() {
-                    wake.notify_one();
-                }
-            }
-            Err(error) => {
-                failures += 1;
-                tracing::debug!(error = %error, "LISTEN unavailable; polling meanwhile");
-            }
-        }
-        tokio::time::sleep(backoff(failures)).await;
-    }
 }
