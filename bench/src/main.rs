@@ -1,27 +1,18 @@
-//! capy's benchmarks. Each prints its figures as one JSON line per measurement.
-//!
-//! `capy-bench provision`: the time from `POST /v1/projects` to its job `completed`
-//! (API and two workers as real processes), beside the same SQL run by `psql` on the
-//! same cluster: medians of `--runs` runs.
+//! capy's benchmarks. Each prints its figures as JSON lines; none asserts a speed.
+//! Build everything first (`cargo build --release --workspace --bins`): the benches run
+//! the API and workers as real processes from the same target folder.
 
-use std::time::{Duration, Instant};
+mod provision;
+mod queue;
+mod stats;
 
-use anyhow::Context as _;
-use capy_api::admin::{self, ClusterSpec, KeyGrant};
-use capy_shared::crypto::{self, SecretBox};
-use capy_shared::ident::{quote_ident, quote_literal};
-use capy_testkit::{cluster, fresh_database, postgres_bin_dir, ProcessStack, TEST_SECRET_KEY};
 use clap::Parser as _;
-use serde_json::{json, Value};
 
 #[derive(Debug, clap::Parser)]
-#[command(
-    name = "capy-bench",
-    about = "capy's benchmarks (figures as JSON lines)"
-)]
+#[command(name = "capy-bench", about = "capy's benchmarks (figures as JSON lines)")]
 struct Cli {
     /// A PostgreSQL superuser URL to run against (default: a private cluster).
-    #[arg(long, env = "CAPY_BENCH_DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "CAPY_BENCH_DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
     #[command(subcommand)]
     bench: Bench,
@@ -34,6 +25,13 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// Jobs per second: a queue of no-op jobs (or trivial child processes with
+    /// --spawn) burnt down by worker processes.
+    BurnDown(queue::BurnDownArgs),
+    /// Insert → claim latency at a light steady load.
+    Latency(queue::LatencyArgs),
+    /// The burn-down on an empty table beside the same with finished jobs already in it.
+    History(queue::HistoryArgs),
 }
 
 #[tokio::main]
@@ -44,157 +42,9 @@ async fn main() -> anyhow::Result<()> {
         std::env::set_var("CAPY_TEST_DATABASE_URL", url);
     }
     match cli.bench {
-        Bench::Provision { runs } => provision(runs).await,
+        Bench::Provision { runs } => provision::provision(runs).await,
+        Bench::BurnDown(args) => queue::burn_down(&args).await,
+        Bench::Latency(args) => queue::latency(&args).await,
+        Bench::History(args) => queue::history(&args).await,
     }
-}
-
-async fn provision(runs: usize) -> anyhow::Result<()> {
-    let cluster = cluster()?;
-    let db = fresh_database().await?;
-    let secrets = SecretBox::from_key_text(TEST_SECRET_KEY)?;
-    let organization_id = admin::create_organization(&db.pool, "bench").await?;
-    let grant = KeyGrant {
-        name: "bench".into(),
-        organization_id: Some(organization_id),
-        ..KeyGrant::default()
-    };
-    let (_, key) = admin::create_api_key(&db.pool, &grant).await?;
-    admin::upsert_cluster(
-        &db.pool,
-        &secrets,
-        &ClusterSpec {
-            name: "local".into(),
-            region: "local".into(),
-            admin_url: cluster.admin_url_for("postgres"),
-            public_host: cluster.host().to_string(),
-            direct_port: i32::from(cluster.port),
-            pooled_port: i32::from(cluster.port),
-            ssl_mode: "disable".into(),
-            max_projects: None,
-        },
-    )
-    .await?;
-    let stack = ProcessStack::start(&db.url, 2, &[]).await?;
-    let http = reqwest::Client::new();
-
-    // Two warm-up runs are not counted.
-    let mut capy = Vec::new();
-    for run in 0..runs + 2 {
-        let started = Instant::now();
-        let created: Value = http
-            .post(format!("{}/v1/projects", stack.api_url))
-            .bearer_auth(&key)
-            .json(&json!({"name": format!("bench-{run}")}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let job_id = created["job"]["id"]
-            .as_str()
-            .context("no job id")?
-            .to_string();
-        loop {
-            let shown: Value = http
-                .get(format!("{}/v1/jobs/{job_id}", stack.api_url))
-                .bearer_auth(&key)
-                .send()
-                .await?
-                .json()
-                .await?;
-            match shown["job"]["state"].as_str() {
-                Some("completed") => break,
-                Some("failed") => anyhow::bail!("job failed: {}", shown["job"]["error"]),
-                _ => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "job took over 60 s"
-            );
-        }
-        if run >= 2 {
-            capy.push(started.elapsed());
-        }
-    }
-
-    let psql = postgres_bin_dir()?.join("psql");
-    let admin_url = cluster.admin_url_for("postgres");
-    let mut direct = Vec::new();
-    for run in 0..runs + 2 {
-        let script = project_sql(&format!("bench_psql_{}", uuid::Uuid::new_v4().simple()));
-        let started = Instant::now();
-        let mut child = tokio::process::Command::new(&psql)
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-", &admin_url])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("running psql")?;
-        use tokio::io::AsyncWriteExt as _;
-        let mut stdin = child.stdin.take().context("psql stdin")?;
-        stdin.write_all(script.as_bytes()).await?;
-        drop(stdin);
-        anyhow::ensure!(child.wait().await?.success(), "psql failed");
-        if run >= 2 {
-            direct.push(started.elapsed());
-        }
-    }
-
-    let capy_p50 = median_ms(&mut capy);
-    let psql_p50 = median_ms(&mut direct);
-    println!(
-        "{}",
-        json!({
-            "bench": "provision",
-            "runs": runs,
-            "workers": 2,
-            "post_to_completed_ms_p50": capy_p50,
-            "post_to_completed_ms_min": ms(capy[0]),
-            "post_to_completed_ms_max": ms(capy[capy.len() - 1]),
-            "psql_same_sql_ms_p50": psql_p50,
-            "psql_same_sql_ms_min": ms(direct[0]),
-            "psql_same_sql_ms_max": ms(direct[direct.len() - 1]),
-            "overhead_ms_p50": round2(capy_p50 - psql_p50),
-        })
-    );
-    Ok(())
-}
-
-/// What the `project.create` step runs, as one psql script (autocommit per statement).
-fn project_sql(name: &str) -> String {
-    let role = quote_ident(name);
-    let verifier =
-        postgres_protocol::password::scram_sha_256(crypto::generate_password().as_bytes());
-    format!(
-        "select 1 from pg_roles where rolname = {lit};
-         CREATE ROLE {role} LOGIN PASSWORD {pw} CONNECTION LIMIT 20;
-         select 1 from pg_database where datname = {lit};
-         CREATE DATABASE {role} OWNER {role};
-         ALTER DATABASE {role} OWNER TO {role};
-         ALTER DATABASE {role} CONNECTION LIMIT 20;
-         ALTER DATABASE {role} SET statement_timeout = '60s';
-         ALTER DATABASE {role} SET idle_in_transaction_session_timeout = '60s';
-         REVOKE CONNECT, TEMPORARY ON DATABASE {role} FROM PUBLIC;
-         GRANT CONNECT, TEMPORARY ON DATABASE {role} TO {role};\n",
-        lit = quote_literal(name),
-        pw = quote_literal(&verifier),
-    )
-}
-
-/// Sorts `samples` and answers their median in milliseconds.
-fn median_ms(samples: &mut [Duration]) -> f64 {
-    samples.sort();
-    let mid = samples.len() / 2;
-    if samples.len().is_multiple_of(2) {
-        round2((ms(samples[mid - 1]) + ms(samples[mid])) / 2.0)
-    } else {
-        ms(samples[mid])
-    }
-}
-
-fn ms(duration: Duration) -> f64 {
-    round2(duration.as_secs_f64() * 1000.0)
-}
-
-fn round2(value: f64) -> f64 {
-    (value * 100.0).round() / 100.0
 }

@@ -56,8 +56,9 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
     Ok(inserted)
 }
 
-/// Claims up to `limit` runnable jobs for `worker` in one statement, and opens an
-/// attempt record for each.
+/// Claims up to `limit` runnable jobs for `worker` in one statement. (The attempt's
+/// record is written when it ends; while it runs, the job's `claimed_by`,
+/// `claimed_at` and `attempts` describe it.)
 ///
 /// A job with a `locked_resource` is runnable only when no other job of that resource
 /// is claimed and none submitted before it is still pending, which serialises a
@@ -85,9 +86,6 @@ pub async fn claim(
                     lease_expires_at = now() + $3 * interval '1 millisecond', updated_at = now()
              from candidates where jobs.id = candidates.id
              returning jobs.*
-         ), opened as (
-             insert into job_attempts (job_id, attempt, worker, started_at)
-             select id, attempts, $1, claimed_at from claimed
          )
          select {JOB_COLUMNS} from claimed order by run_at"
     );
@@ -171,7 +169,7 @@ pub struct FinishedAttempt {
 
 /// Records the end of attempts by `worker`, many in one statement: each job moves to
 /// `completed`, back to `pending` (retried after its delay) or to `failed`, and its
-/// attempt record is closed.
+/// attempt record is written.
 ///
 /// Fenced: an attempt whose job `worker` no longer holds (lease lost, job cancelled)
 /// writes nothing. Answers the jobs that were updated.
@@ -230,11 +228,12 @@ pub async fn finish(
              from input i
              where j.id = i.id and j.state = 'claimed' and j.claimed_by = $1 and j.attempts = i.attempt
              returning j.*
-         ), closed as (
-             update job_attempts a set finished_at = now(), exit_code = i.exit_code,
-                    classification = i.class, error = i.error, stdout = i.stdout, stderr = i.stderr
-             from input i join updated u on u.id = i.id
-             where a.job_id = i.id and a.attempt = i.attempt
+         ), recorded as (
+             insert into job_attempts (job_id, attempt, worker, started_at, finished_at,
+                                       exit_code, classification, error, stdout, stderr)
+             select u.id, u.attempts, u.claimed_by, u.claimed_at, now(),
+                    i.exit_code, i.class, i.error, i.stdout, i.stderr
+             from updated u join input i on i.id = u.id
          )
          select {JOB_COLUMNS} from updated"
     );
@@ -254,7 +253,7 @@ pub async fn finish(
 }
 
 /// Hands a claimed job back without spending an attempt (the worker is shutting
-/// down): it is pending again at once and its open attempt record is removed.
+/// down): it is pending again at once, and no attempt is recorded.
 /// Answers whether the job was still ours.
 pub async fn release(
     pool: &PgPool,
@@ -276,11 +275,6 @@ pub async fn release(
     .rows_affected()
         == 1;
     if released {
-        sqlx::query("delete from job_attempts where job_id = $1 and attempt = $2")
-            .bind(job_id)
-            .bind(attempt)
-            .execute(&mut *tx)
-            .await?;
         sqlx::query("select pg_notify($1, '')")
             .bind(NOTIFY_CHANNEL)
             .execute(&mut *tx)
@@ -291,7 +285,7 @@ pub async fn release(
 }
 
 /// Takes back jobs whose lease expired (their worker died or lost the database): the
-/// open attempt is closed as `worker_lost` and the job retried, or failed when out of
+/// attempt is recorded as `worker_lost` and the job retried, or failed when out of
 /// attempts. Answers the jobs it moved.
 pub async fn rescue_expired(
     conn: &mut PgConnection,
@@ -316,11 +310,12 @@ pub async fn rescue_expired(
                  updated_at = now()
              from lost where jobs.id = lost.id
              returning jobs.*
-         ), closed as (
-             update job_attempts a set finished_at = now(), classification = 'worker_lost',
-                    error = moved.error
+         ), recorded as (
+             insert into job_attempts (job_id, attempt, worker, started_at, finished_at,
+                                       classification, error)
+             select id, attempts, coalesce(claimed_by, '?'), coalesce(claimed_at, now()), now(),
+                    'worker_lost', error
              from moved
-             where a.job_id = moved.id and a.attempt = moved.attempts and a.finished_at is null
          )
          select {JOB_COLUMNS} from moved"
     );

@@ -1,0 +1,145 @@
+//! `provision`: POST /v1/projects → job completed, beside the same SQL through psql.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use capy_api::admin::{self, ClusterSpec, KeyGrant};
+use capy_shared::crypto::{self, SecretBox};
+use capy_shared::ident::{quote_ident, quote_literal};
+use capy_testkit::{cluster, fresh_database, postgres_bin_dir, ProcessStack, TEST_SECRET_KEY};
+use serde_json::{json, Value};
+
+use crate::stats::{median_ms, ms, round2};
+
+pub async fn provision(runs: usize) -> anyhow::Result<()> {
+    let cluster = cluster()?;
+    let db = fresh_database().await?;
+    let secrets = SecretBox::from_key_text(TEST_SECRET_KEY)?;
+    let organization_id = admin::create_organization(&db.pool, "bench").await?;
+    let grant = KeyGrant {
+        name: "bench".into(),
+        organization_id: Some(organization_id),
+        ..KeyGrant::default()
+    };
+    let (_, key) = admin::create_api_key(&db.pool, &grant).await?;
+    admin::upsert_cluster(
+        &db.pool,
+        &secrets,
+        &ClusterSpec {
+            name: "local".into(),
+            region: "local".into(),
+            admin_url: cluster.admin_url_for("postgres"),
+            public_host: cluster.host().to_string(),
+            direct_port: i32::from(cluster.port),
+            pooled_port: i32::from(cluster.port),
+            ssl_mode: "disable".into(),
+            max_projects: None,
+        },
+    )
+    .await?;
+    let stack = ProcessStack::start(&db.url, 2, &[]).await?;
+    let http = reqwest::Client::new();
+
+    // Two warm-up runs are not counted.
+    let mut capy = Vec::new();
+    for run in 0..runs + 2 {
+        let started = Instant::now();
+        let created: Value = http
+            .post(format!("{}/v1/projects", stack.api_url))
+            .bearer_auth(&key)
+            .json(&json!({"name": format!("bench-{run}")}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let job_id = created["job"]["id"]
+            .as_str()
+            .context("no job id")?
+            .to_string();
+        loop {
+            let shown: Value = http
+                .get(format!("{}/v1/jobs/{job_id}", stack.api_url))
+                .bearer_auth(&key)
+                .send()
+                .await?
+                .json()
+                .await?;
+            match shown["job"]["state"].as_str() {
+                Some("completed") => break,
+                Some("failed") => anyhow::bail!("job failed: {}", shown["job"]["error"]),
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "job took over 60 s"
+            );
+        }
+        if run >= 2 {
+            capy.push(started.elapsed());
+        }
+    }
+
+    let psql = postgres_bin_dir()?.join("psql");
+    let admin_url = cluster.admin_url_for("postgres");
+    let mut direct = Vec::new();
+    for run in 0..runs + 2 {
+        let script = project_sql(&format!("bench_psql_{}", uuid::Uuid::new_v4().simple()));
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(&psql)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-", &admin_url])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("running psql")?;
+        use tokio::io::AsyncWriteExt as _;
+        let mut stdin = child.stdin.take().context("psql stdin")?;
+        stdin.write_all(script.as_bytes()).await?;
+        drop(stdin);
+        anyhow::ensure!(child.wait().await?.success(), "psql failed");
+        if run >= 2 {
+            direct.push(started.elapsed());
+        }
+    }
+
+    let capy_p50 = median_ms(&mut capy);
+    let psql_p50 = median_ms(&mut direct);
+    println!(
+        "{}",
+        json!({
+            "bench": "provision",
+            "runs": runs,
+            "workers": 2,
+            "post_to_completed_ms_p50": capy_p50,
+            "post_to_completed_ms_min": ms(capy[0]),
+            "post_to_completed_ms_max": ms(capy[capy.len() - 1]),
+            "psql_same_sql_ms_p50": psql_p50,
+            "psql_same_sql_ms_min": ms(direct[0]),
+            "psql_same_sql_ms_max": ms(direct[direct.len() - 1]),
+            "overhead_ms_p50": round2(capy_p50 - psql_p50),
+        })
+    );
+    Ok(())
+}
+
+/// What the `project.create` step runs, as one psql script (autocommit per statement).
+fn project_sql(name: &str) -> String {
+    let role = quote_ident(name);
+    let verifier =
+        postgres_protocol::password::scram_sha_256(crypto::generate_password().as_bytes());
+    format!(
+        "select 1 from pg_roles where rolname = {lit};
+         CREATE ROLE {role} LOGIN PASSWORD {pw} CONNECTION LIMIT 20;
+         select 1 from pg_database where datname = {lit};
+         CREATE DATABASE {role} OWNER {role};
+         ALTER DATABASE {role} OWNER TO {role};
+         ALTER DATABASE {role} CONNECTION LIMIT 20;
+         ALTER DATABASE {role} SET statement_timeout = '60s';
+         ALTER DATABASE {role} SET idle_in_transaction_session_timeout = '60s';
+         REVOKE CONNECT, TEMPORARY ON DATABASE {role} FROM PUBLIC;
+         GRANT CONNECT, TEMPORARY ON DATABASE {role} TO {role};\n",
+        lit = quote_literal(name),
+        pw = quote_literal(&verifier),
+    )
+}
+

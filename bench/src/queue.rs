@@ -1,0 +1,223 @@
+//! The queue's benchmarks: burn-down (jobs/s), insert → claim latency, and burn-down
+//! with a large history of finished jobs. Workers run as real processes.
+
+use std::time::{Duration, Instant};
+
+use capy_shared::model::job_type;
+use capy_shared::queue::NOTIFY_CHANNEL;
+use capy_testkit::{fresh_database, ProcessStack, TestDatabase};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::stats::{median, round2};
+
+/// Job type of `--spawn` runs: a trivial child process per job.
+const SPAWN_TYPE: &str = "bench.spawn";
+
+#[derive(Debug, clap::Args)]
+pub struct BurnDownArgs {
+    #[arg(long, default_value_t = 100_000)]
+    jobs: i64,
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Jobs run a trivial child process (`true`) instead of the in-process no-op.
+    #[arg(long)]
+    spawn: bool,
+    /// Slots per worker (default: 1000 for no-ops, 8 with --spawn).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Runs; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LatencyArgs {
+    #[arg(long, default_value_t = 2000)]
+    jobs: usize,
+    /// Jobs inserted per second, one at a time.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    #[arg(long, default_value_t = 100_000)]
+    jobs: i64,
+    /// Finished jobs (each with its attempt) in the table before the burn-down.
+    #[arg(long, default_value_t = 1_000_000)]
+    history: i64,
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+pub async fn burn_down(args: &BurnDownArgs) -> anyhow::Result<()> {
+    let concurrency = args.concurrency.unwrap_or(if args.spawn { 8 } else { 1000 });
+    let mut rates = Vec::new();
+    for _ in 0..args.repeat {
+        let db = fresh_database().await?;
+        rates.push(run_burn_down(&db, args.jobs, args.workers, concurrency, args.spawn).await?);
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": if args.spawn { "burn_down_spawn" } else { "burn_down" },
+            "jobs": args.jobs,
+            "workers": args.workers,
+            "concurrency": concurrency,
+            "jobs_per_s": round2(median(&mut rates.clone())),
+            "runs_jobs_per_s": rates.iter().map(|r| round2(*r)).collect::<Vec<_>>(),
+        })
+    );
+    Ok(())
+}
+
+pub async fn history(args: &HistoryArgs) -> anyhow::Result<()> {
+    let (mut empty, mut full) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeat {
+        // Baseline and history runs alternate, so drift on a noisy machine hits both.
+        let db = fresh_database().await?;
+        empty.push(run_burn_down(&db, args.jobs, args.workers, 1000, false).await?);
+        let db = fresh_database().await?;
+        add_history(&db.pool, args.history).await?;
+        full.push(run_burn_down(&db, args.jobs, args.workers, 1000, false).await?);
+    }
+    let (empty_p50, full_p50) = (median(&mut empty.clone()), median(&mut full.clone()));
+    println!(
+        "{}",
+        json!({
+            "bench": "history",
+            "jobs": args.jobs,
+            "history_rows": args.history,
+            "workers": args.workers,
+            "baseline_jobs_per_s": round2(empty_p50),
+            "with_history_jobs_per_s": round2(full_p50),
+            "slowdown_percent": round2((1.0 - full_p50 / empty_p50) * 100.0),
+            "runs_baseline": empty.iter().map(|r| round2(*r)).collect::<Vec<_>>(),
+            "runs_with_history": full.iter().map(|r| round2(*r)).collect::<Vec<_>>(),
+        })
+    );
+    Ok(())
+}
+
+pub async fn latency(args: &LatencyArgs) -> anyhow::Result<()> {
+    let db = fresh_database().await?;
+    let env = [("CAPY_WORKER_CONCURRENCY", "64".to_string())];
+    let _stack = ProcessStack::start(&db.url, args.workers, &env).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate.max(1));
+    for _ in 0..args.jobs {
+        tick.tick().await;
+        insert_jobs(&db.pool, 1, job_type::NOOP).await?;
+    }
+    wait_until_done(&db.pool, Duration::from_secs(60)).await?;
+    let mut latencies: Vec<f64> = sqlx::query_scalar(
+        "select (extract(epoch from claimed_at - created_at) * 1000)::float8 from jobs",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    latencies.sort_by(f64::total_cmp);
+    let quantile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "{}",
+        json!({
+            "bench": "latency",
+            "jobs": args.jobs,
+            "rate_per_s": args.rate,
+            "workers": args.workers,
+            "insert_to_claim_ms_p50": round2(quantile(0.5)),
+            "insert_to_claim_ms_p99": round2(quantile(0.99)),
+            "insert_to_claim_ms_max": round2(quantile(1.0)),
+        })
+    );
+    Ok(())
+}
+
+/// Starts the workers, queues `jobs` in one transaction once they idle, and answers
+/// jobs per second from that commit until the last job completed.
+async fn run_burn_down(
+    db: &TestDatabase,
+    jobs: i64,
+    workers: usize,
+    concurrency: usize,
+    spawn: bool,
+) -> anyhow::Result<f64> {
+    let mut env = vec![("CAPY_WORKER_CONCURRENCY", concurrency.to_string())];
+    if spawn {
+        env.push(("CAPY_STEP_COMMANDS", format!("{SPAWN_TYPE}=true")));
+    }
+    let _stack = ProcessStack::start(&db.url, workers, &env).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kind = if spawn { SPAWN_TYPE } else { job_type::NOOP };
+    insert_jobs(&db.pool, jobs, kind).await?;
+    let started = Instant::now();
+    wait_until_done(&db.pool, Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed();
+    let completed: i64 = sqlx::query_scalar("select count(*) from jobs where state = 'completed'")
+        .fetch_one(&db.pool)
+        .await?;
+    anyhow::ensure!(completed == jobs, "{completed} of {jobs} jobs completed");
+    Ok(jobs as f64 / elapsed.as_secs_f64())
+}
+
+async fn insert_jobs(pool: &PgPool, count: i64, kind: &str) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "insert into jobs (id, type, max_attempts)
+         select gen_random_uuid(), $1, 3 from generate_series(1, $2)",
+    )
+    .bind(kind)
+    .bind(count)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("select pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn wait_until_done(pool: &PgPool, limit: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let busy: bool = sqlx::query_scalar(
+            "select exists (select 1 from jobs where state in ('pending', 'claimed'))",
+        )
+        .fetch_one(pool)
+        .await?;
+        if !busy {
+            return Ok(());
+        }
+        anyhow::ensure!(started.elapsed() < limit, "jobs still running after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `rows` finished jobs, each with its attempt, as months of use would leave them.
+async fn add_history(pool: &PgPool, rows: i64) -> anyhow::Result<()> {
+    sqlx::query(
+        "insert into jobs (id, type, state, attempts, max_attempts, claimed_by, claimed_at,
+                           started_at, completed_at, last_exit_code, last_stdout, last_stderr)
+         select gen_random_uuid(), 'capy.noop', 'completed', 1, 3, 'history',
+                now() - interval '1 hour', now() - interval '1 hour', now() - interval '1 hour',
+                0, '', ''
+         from generate_series(1, $1)",
+    )
+    .bind(rows)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "insert into job_attempts (job_id, attempt, worker, started_at, finished_at, exit_code)
+         select id, 1, 'history', started_at, completed_at, 0 from jobs where claimed_by = 'history'",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query("vacuum analyze jobs").execute(pool).await?;
+    sqlx::query("vacuum analyze job_attempts").execute(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! Figures: medians and rounding.
+
+use std::time::Duration;
+
+/// Sorts `samples` and answers their median in milliseconds.
+pub fn median_ms(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    let mid = samples.len() / 2;
+    if samples.len().is_multiple_of(2) {
+        round2((ms(samples[mid - 1]) + ms(samples[mid])) / 2.0)
+    } else {
+        ms(samples[mid])
+    }
+}
+
+pub fn ms(duration: Duration) -> f64 {
+    round2(duration.as_secs_f64() * 1000.0)
+}
+
+pub fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+/// The median of `values` (sorted in place).
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.is_empty() {
+        f64::NAN
+    } else if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
