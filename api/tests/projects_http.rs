@@ -333,3 +333,25 @@ async fn malformed_ids_and_unknown_routes() {
     let (status, _) = app.call("PUT", "/v1/projects", Some(&app.key), None).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 }
+
+#[tokio::test]
+async fn oversized_bodies_and_out_of_range_timeouts_are_refused() {
+    let app = TestApp::new().await;
+    let huge = format!(
+        r#"{{"name":"big","environment":"{}"}}"#,
+        "x".repeat(100_000)
+    );
+    let (status, answer) = app
+        .call("POST", "/v1/projects", Some(&app.key), Some(&huge))
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("larger than"));
+
+    for timeout in ["25d", "2147483648", "9999999999s"] {
+        let body = format!(r#"{{"name":"t","idle_transaction_timeout":"{timeout}"}}"#);
+        let (status, answer) = app
+            .call("POST", "/v1/projects", Some(&app.key), Some(&body))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{timeout}: {answer}");
+    }
+}

@@ -9,10 +9,18 @@ mod stats;
 use clap::Parser as _;
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "capy-bench", about = "capy's benchmarks (figures as JSON lines)")]
+#[command(
+    name = "capy-bench",
+    about = "capy's benchmarks (figures as JSON lines)"
+)]
 struct Cli {
     /// A PostgreSQL superuser URL to run against (default: a private cluster).
-    #[arg(long, env = "CAPY_BENCH_DATABASE_URL", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "CAPY_BENCH_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
     database_url: Option<String>,
     #[command(subcommand)]
     bench: Bench,

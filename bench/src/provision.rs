@@ -142,4 +142,3 @@ fn project_sql(name: &str) -> String {
         pw = quote_literal(&verifier),
     )
 }
-

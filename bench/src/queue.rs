@@ -56,7 +56,9 @@ pub struct HistoryArgs {
 }
 
 pub async fn burn_down(args: &BurnDownArgs) -> anyhow::Result<()> {
-    let concurrency = args.concurrency.unwrap_or(if args.spawn { 8 } else { 1000 });
+    let concurrency = args
+        .concurrency
+        .unwrap_or(if args.spawn { 8 } else { 1000 });
     let mut rates = Vec::new();
     for _ in 0..args.repeat {
         let db = fresh_database().await?;
@@ -193,7 +195,10 @@ async fn wait_until_done(pool: &PgPool, limit: Duration) -> anyhow::Result<()> {
         if !busy {
             return Ok(());
         }
-        anyhow::ensure!(started.elapsed() < limit, "jobs still running after {limit:?}");
+        anyhow::ensure!(
+            started.elapsed() < limit,
+            "jobs still running after {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -218,6 +223,8 @@ async fn add_history(pool: &PgPool, rows: i64) -> anyhow::Result<()> {
     .execute(pool)
     .await?;
     sqlx::query("vacuum analyze jobs").execute(pool).await?;
-    sqlx::query("vacuum analyze job_attempts").execute(pool).await?;
+    sqlx::query("vacuum analyze job_attempts")
+        .execute(pool)
+        .await?;
     Ok(())
 }

@@ -22,11 +22,27 @@ pub fn quote_literal(text: &str) -> String {
 }
 
 /// Whether `value` is a PostgreSQL duration capy accepts for timeouts: an integer
-/// followed by an optional unit (`ms`, `s`, `min`, `h`, `d`), e.g. `30s` or `0`.
+/// followed by an optional unit (`ms`, `s`, `min`, `h`, `d`; none means ms), e.g.
+/// `30s` or `0`, of at most 2147483647 ms (PostgreSQL's limit, about 24.8 days).
 pub fn is_valid_duration(value: &str) -> bool {
+    duration_millis(value).is_some_and(|ms| ms <= i64::from(i32::MAX))
+}
+
+fn duration_millis(value: &str) -> Option<i64> {
     let digits = value.bytes().take_while(u8::is_ascii_digit).count();
-    let unit = &value[digits..];
-    (1..=9).contains(&digits) && matches!(unit, "" | "ms" | "s" | "min" | "h" | "d")
+    if !(1..=10).contains(&digits) {
+        return None;
+    }
+    let number: i64 = value[..digits].parse().ok()?;
+    let unit_ms = match &value[digits..] {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    number.checked_mul(unit_ms)
 }
 
 #[cfg(test)]
@@ -47,10 +63,30 @@ mod tests {
 
     #[test]
     fn durations() {
-        for ok in ["0", "30s", "500ms", "5min", "1h", "2d", "123456789"] {
+        for ok in [
+            "0",
+            "30s",
+            "500ms",
+            "5min",
+            "1h",
+            "24d",
+            "2147483647",
+            "2147483s",
+        ] {
             assert!(is_valid_duration(ok), "{ok}");
         }
-        for bad in ["", "s", "30 s", "-1", "1.5s", "1w", "30s'", "1234567890"] {
+        for bad in [
+            "",
+            "s",
+            "30 s",
+            "-1",
+            "1.5s",
+            "1w",
+            "30s'",
+            "2147483648",
+            "25d",
+            "99999999999",
+        ] {
             assert!(!is_valid_duration(bad), "{bad}");
         }
     }

@@ -97,21 +97,26 @@ pub async fn claim(
         .await
 }
 
-/// Extends the leases `worker` holds on `job_ids`; answers the ids it still holds.
-/// A job missing from the answer was taken over or cancelled: its step must stop.
+/// Extends the leases `worker` holds on attempt `attempts[i]` of job `job_ids[i]`;
+/// answers the ids it still holds. A job missing from the answer was cancelled or
+/// taken over (maybe re-claimed as a later attempt): that step must stop.
 pub async fn heartbeat(
     pool: &PgPool,
     worker: &str,
     job_ids: &[Uuid],
+    attempts: &[i32],
     lease: Duration,
 ) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar(
-        "update jobs set lease_expires_at = now() + $3 * interval '1 millisecond'
-         where id = any($2) and claimed_by = $1 and state = 'claimed'
-         returning id",
+        "update jobs j set lease_expires_at = now() + $4 * interval '1 millisecond'
+         from unnest($2::uuid[], $3::int[]) as held(id, attempt)
+         where j.id = held.id and j.attempts = held.attempt
+           and j.claimed_by = $1 and j.state = 'claimed'
+         returning j.id",
     )
     .bind(worker)
     .bind(job_ids)
+    .bind(attempts)
     .bind(millis(lease))
     .fetch_all(pool)
     .await

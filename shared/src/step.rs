@@ -52,6 +52,10 @@ impl StepInput {
         }
         if let Some(cluster) = &self.cluster {
             secrets.push(cluster.admin_url.clone());
+            // The password as written in the URL (percent-encoded) and as decoded.
+            if let Ok(url) = url::Url::parse(&cluster.admin_url) {
+                secrets.extend(url.password().map(str::to_string));
+            }
             secrets.extend(crate::redact::url_password(&cluster.admin_url));
         }
         secrets

@@ -75,7 +75,8 @@ impl TestCluster {
         }
         let bin_dir = postgres_bin_dir()?;
         let owner = ClusterOwner::current()?;
-        let root = std::env::temp_dir().join("capy-testkit");
+        let root =
+            std::env::temp_dir().join(format!("capy-testkit-{}", nix::unistd::Uid::current()));
         remove_stale_clusters(&root);
         let dir = root.join(std::process::id().to_string());
         let _ = std::fs::remove_dir_all(&dir);

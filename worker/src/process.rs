@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -22,6 +23,8 @@ pub struct StepCommand {
     /// control database URL and the secret key).
     pub env: Vec<(String, String)>,
     pub stdin: Vec<u8>,
+    /// Scrubbed from the captured output as it streams, before it is cut.
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,12 +77,12 @@ pub async fn run_step(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting step {}", step.program))?;
-    let pgid = Pid::from_raw(
-        child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .unwrap_or(0),
-    );
+    // The step leads its own process group, whose id is its pid.
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+        .context("the step exited before it could be watched")?;
 
     let mut stdin = child.stdin.take().context("step stdin")?;
     let input = step.stdin;
@@ -87,8 +90,8 @@ pub async fn run_step(
     let writer = tokio::spawn(async move {
         let _ = stdin.write_all(&input).await;
     });
-    let stdout = tokio::spawn(capture(child.stdout.take(), limits.output_limit));
-    let stderr = tokio::spawn(capture(child.stderr.take(), limits.output_limit));
+    let stdout = Capture::start(child.stdout.take(), limits.output_limit, &step.secrets);
+    let stderr = Capture::start(child.stderr.take(), limits.output_limit, &step.secrets);
 
     let end = tokio::select! {
         status = child.wait() => {
@@ -111,21 +114,129 @@ pub async fn run_step(
             let _ = child.wait().await;
         }
     }
-    // Whatever the step left behind in its group goes too, so its pipes close.
+    // Whatever the step left behind in its group goes too, so its pipes close. The
+    // leader is reaped, but the kernel does not hand out a pid that is still the id of
+    // a live process group, so this reaches only the step's leftovers (if any).
     let _ = killpg(pgid, Signal::SIGKILL);
     writer.abort();
-    let collect = |task: tokio::task::JoinHandle<String>| async move {
-        // A grandchild that left the group could hold the pipe open: don't wait forever.
-        match tokio::time::timeout(Duration::from_secs(2), task).await {
-            Ok(Ok(text)) => text,
-            _ => String::from("[output unavailable: the pipe was held open]"),
-        }
-    };
     Ok(StepRun {
         end,
-        stdout: collect(stdout).await,
-        stderr: collect(stderr).await,
+        stdout: stdout.finish().await,
+        stderr: stderr.finish().await,
     })
+}
+
+/// A stream being read into a [`BoundedOutput`], secrets scrubbed on the way in.
+struct Capture {
+    output: Arc<Mutex<BoundedOutput>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Capture {
+    fn start(
+        stream: Option<impl AsyncRead + Unpin + Send + 'static>,
+        limit: usize,
+        secrets: &[String],
+    ) -> Self {
+        let output = Arc::new(Mutex::new(BoundedOutput::new(limit)));
+        let mut redactor = StreamRedactor::new(secrets);
+        let sink = output.clone();
+        let reader = tokio::spawn(async move {
+            let Some(mut stream) = stream else { return };
+            let mut buffer = vec![0u8; 16 * 1024];
+            while let Ok(n) = stream.read(&mut buffer).await {
+                if n == 0 {
+                    break;
+                }
+                let clean = redactor.feed(&buffer[..n]);
+                lock(&sink).push(&clean);
+            }
+            let rest = redactor.finish();
+            lock(&sink).push(&rest);
+        });
+        Self { output, reader }
+    }
+
+    /// What was captured; a grandchild that left the group could hold the pipe open,
+    /// so this waits at most two seconds for the end of the stream.
+    async fn finish(mut self) -> String {
+        let ended = tokio::time::timeout(Duration::from_secs(2), &mut self.reader)
+            .await
+            .is_ok();
+        self.reader.abort();
+        let mut output = std::mem::replace(&mut *lock(&self.output), BoundedOutput::new(0));
+        if !ended {
+            output.push(b"\n[output truncated: the pipe was held open after the step ended]\n");
+        }
+        output.finish()
+    }
+}
+
+fn lock(output: &Mutex<BoundedOutput>) -> std::sync::MutexGuard<'_, BoundedOutput> {
+    output.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Replaces secrets in a byte stream, also those split across reads: the last
+/// (longest secret − 1) bytes are held back until the next read.
+pub struct StreamRedactor {
+    secrets: Vec<Vec<u8>>,
+    carry: Vec<u8>,
+    keep: usize,
+}
+
+const REDACTED: &[u8] = b"[redacted]";
+
+impl StreamRedactor {
+    pub fn new(secrets: &[String]) -> Self {
+        let secrets: Vec<Vec<u8>> = secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        let keep = secrets.iter().map(Vec::len).max().unwrap_or(1) - 1;
+        Self {
+            secrets,
+            carry: Vec::new(),
+            keep,
+        }
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.carry.extend_from_slice(bytes);
+        let mut text = std::mem::take(&mut self.carry);
+        for secret in &self.secrets {
+            text = replace_all(&text, secret);
+        }
+        let split = text.len().saturating_sub(self.keep);
+        self.carry = text.split_off(split);
+        text
+    }
+
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut text = std::mem::take(&mut self.carry);
+        for secret in &self.secrets {
+            text = replace_all(&text, secret);
+        }
+        text
+    }
+}
+
+fn replace_all(haystack: &[u8], needle: &[u8]) -> Vec<u8> {
+    if needle.is_empty() || haystack.len() < needle.len() {
+        return haystack.to_vec();
+    }
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut i = 0;
+    while i < haystack.len() {
+        if haystack[i..].starts_with(needle) {
+            out.extend_from_slice(REDACTED);
+            i += needle.len();
+        } else {
+            out.push(haystack[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 async fn stopped(stop: &mut watch::Receiver<Option<StopReason>>) -> StopReason {
@@ -138,22 +249,6 @@ async fn stopped(stop: &mut watch::Receiver<Option<StopReason>>) -> StopReason {
             return std::future::pending().await;
         }
     }
-}
-
-/// Reads a stream to its end, keeping the first and last `limit / 2` bytes.
-async fn capture(stream: Option<impl AsyncRead + Unpin>, limit: usize) -> String {
-    let Some(mut stream) = stream else {
-        return String::new();
-    };
-    let mut output = BoundedOutput::new(limit);
-    let mut buffer = vec![0u8; 16 * 1024];
-    while let Ok(n) = stream.read(&mut buffer).await {
-        if n == 0 {
-            break;
-        }
-        output.push(&buffer[..n]);
-    }
-    output.finish()
 }
 
 /// Head and tail of a stream, with how much was cut between them.
@@ -205,6 +300,25 @@ impl BoundedOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_split_across_reads_are_redacted() {
+        let mut redactor = StreamRedactor::new(&["s3cretpassword".to_string(), String::new()]);
+        let mut out = Vec::new();
+        for chunk in [
+            &b"pw=s3cr"[..],
+            b"etpass",
+            b"word and again s3cretpassword",
+            b"!",
+        ] {
+            out.extend(redactor.feed(chunk));
+        }
+        out.extend(redactor.finish());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "pw=[redacted] and again [redacted]!"
+        );
+    }
 
     #[test]
     fn short_output_is_kept_whole() {

@@ -49,8 +49,35 @@ pub struct Worker {
     pool: PgPool,
     secrets: SecretBox,
     settings: WorkerSettings,
-    /// Stop switches of the running attempts, by job id.
-    running: Mutex<HashMap<Uuid, watch::Sender<Option<StopReason>>>>,
+    /// The running attempts, by job id.
+    running: Mutex<HashMap<Uuid, Running>>,
+}
+
+/// A running attempt: its number (leases and fencing are per attempt) and the switch
+/// that stops its step.
+struct Running {
+    attempt: i32,
+    stop: watch::Sender<Option<StopReason>>,
+}
+
+/// Removes an attempt from the running map when it ends, panics included, so no lease
+/// is renewed for a step that is gone.
+struct RunningEntry<'a> {
+    worker: &'a Worker,
+    job_id: Uuid,
+    attempt: i32,
+}
+
+impl Drop for RunningEntry<'_> {
+    fn drop(&mut self) {
+        let mut running = self.worker.running();
+        if running
+            .get(&self.job_id)
+            .is_some_and(|r| r.attempt == self.attempt)
+        {
+            running.remove(&self.job_id);
+        }
+    }
 }
 
 impl Worker {
@@ -153,15 +180,31 @@ impl Worker {
     }
 
     fn stop_all(&self, reason: StopReason) {
-        for stop in self.running().values() {
-            let _ = stop.send(Some(reason));
+        for running in self.running().values() {
+            let _ = running.stop.send(Some(reason));
         }
     }
 
-    fn running(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<Option<StopReason>>>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a running attempt. An older attempt of the same job still running
+    /// here (this worker rescued its own job after an outage, then claimed it again)
+    /// is no longer ours: it is stopped.
+    fn register(&self, job: &Job, stop: watch::Sender<Option<StopReason>>) -> RunningEntry<'_> {
+        let entry = Running {
+            attempt: job.attempts,
+            stop,
+        };
+        if let Some(older) = self.running().insert(job.id, entry) {
+            let _ = older.stop.send(Some(StopReason::LeaseLost));
+        }
+        RunningEntry {
+            worker: self,
+            job_id: job.id,
+            attempt: job.attempts,
+        }
     }
 
     /// One attempt of one claimed job, from its step to its outcome's hand-off.
@@ -169,7 +212,7 @@ impl Worker {
         let span = tracing::info_span!("attempt", job_id = %job.id, attempt = job.attempts, job_type = %job.job_type);
         async {
             let (stop_tx, stop_rx) = watch::channel(None);
-            self.running().insert(job.id, stop_tx);
+            let _entry = self.register(&job, stop_tx);
             tracing::info!("attempt started");
             let outcome = self.execute(&job, stop_rx).await;
             match outcome {
@@ -189,7 +232,6 @@ impl Worker {
                     tracing::warn!("the job was cancelled or taken from this worker; its outcome is not recorded");
                 }
             }
-            self.running().remove(&job.id);
         }
         .instrument(span)
         .await
@@ -224,17 +266,16 @@ impl Worker {
                 .unwrap_or(self.settings.step_limits.timeout),
             ..self.settings.step_limits
         };
-        let run = process::run_step(self.step_command(job, stdin), limits, stop).await;
-        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-        let run = match run {
+        let command = self.step_command(job, stdin, secrets.clone());
+        let run = match process::run_step(command, limits, stop).await {
             Ok(run) => run,
             Err(error) => {
+                let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
                 let message = redact::redact_all(&format!("{error:#}"), &secrets);
                 return Ok(failure(RetryClassification::Permanent, message));
             }
         };
-        let stdout = redact::redact_all(&run.stdout, &secrets);
-        let stderr = redact::redact_all(&run.stderr, &secrets);
+        let (stdout, stderr) = (run.stdout, run.stderr);
         let last_line = stderr
             .lines()
             .rev()
@@ -280,7 +321,7 @@ impl Worker {
         })
     }
 
-    fn step_command(&self, job: &Job, stdin: Vec<u8>) -> StepCommand {
+    fn step_command(&self, job: &Job, stdin: Vec<u8>, secrets: Vec<String>) -> StepCommand {
         let (program, args) = match self.settings.step_commands.get(&job.job_type) {
             Some(command) => (
                 "/bin/sh".to_string(),
@@ -300,6 +341,7 @@ impl Worker {
             args,
             env,
             stdin,
+            secrets,
         }
     }
 
@@ -362,7 +404,11 @@ impl Worker {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            let ids: Vec<Uuid> = self.running().keys().copied().collect();
+            let (ids, attempts): (Vec<Uuid>, Vec<i32>) = self
+                .running()
+                .iter()
+                .map(|(id, r)| (*id, r.attempt))
+                .unzip();
             if ids.is_empty() {
                 continue;
             }
@@ -370,6 +416,7 @@ impl Worker {
                 &self.pool,
                 &self.settings.worker_id,
                 &ids,
+                &attempts,
                 self.settings.lease,
             )
             .await
@@ -386,8 +433,8 @@ impl Worker {
     }
 
     fn stop(&self, job_id: Uuid, reason: StopReason) {
-        if let Some(stop) = self.running().get(&job_id) {
-            let _ = stop.send(Some(reason));
+        if let Some(running) = self.running().get(&job_id) {
+            let _ = running.stop.send(Some(reason));
         }
     }
 

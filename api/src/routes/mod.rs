@@ -2,12 +2,12 @@ mod health;
 mod jobs;
 mod projects;
 
+use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, BODY_LIMIT_BYTES};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -25,6 +25,6 @@ pub fn router() -> Router<AppState> {
                 axum::Json(serde_json::json!({"error": "method not allowed"})),
             )
         })
-        .layer(RequestBodyLimitLayer::new(64 * 1024))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .layer(TraceLayer::new_for_http())
 }
