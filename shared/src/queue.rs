@@ -331,6 +331,93 @@ pub async fn rescue_expired(
         .await
 }
 
+/// What a cancel or retry request found.
+#[derive(Debug)]
+pub enum Transition {
+    /// The job moved; here it is as it is now.
+    Done(Job),
+    /// The job is in a state the request does not apply to.
+    Refused(Job),
+    NotFound,
+}
+
+/// Cancels a pending or claimed job. A claimed job's attempt is recorded as stopped
+/// and its worker told (NOTIFY) to stop the step; its late outcome is fenced out.
+pub async fn cancel(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Transition> {
+    let Some(job) = lock_job(conn, job_id).await? else {
+        return Ok(Transition::NotFound);
+    };
+    if job.state != "pending" && job.state != "claimed" {
+        return Ok(Transition::Refused(job));
+    }
+    if job.state == "claimed" {
+        sqlx::query(
+            "insert into job_attempts (job_id, attempt, worker, started_at, finished_at, error)
+             select id, attempts, coalesce(claimed_by, '?'), coalesce(claimed_at, now()), now(),
+                    'cancelled while running'
+             from jobs where id = $1
+             on conflict (job_id, attempt) do nothing",
+        )
+        .bind(job_id)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(CANCEL_CHANNEL)
+            .bind(job_id.to_string())
+            .execute(&mut *conn)
+            .await?;
+    }
+    let sql = format!(
+        "update jobs set state = 'cancelled', completed_at = now(), lease_expires_at = null,
+                error = 'cancelled by request', updated_at = now()
+         where id = $1 returning {JOB_COLUMNS}"
+    );
+    let job = sqlx::query_as(&sql)
+        .bind(job_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(Transition::Done(job))
+}
+
+/// Queues a failed or cancelled job again, with `extra_attempts` more attempts.
+pub async fn retry(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    extra_attempts: i32,
+) -> sqlx::Result<Transition> {
+    let Some(job) = lock_job(conn, job_id).await? else {
+        return Ok(Transition::NotFound);
+    };
+    if job.state != "failed" && job.state != "cancelled" {
+        return Ok(Transition::Refused(job));
+    }
+    let sql = format!(
+        "update jobs set state = 'pending', run_at = now(), completed_at = null,
+                max_attempts = attempts + $2, error = null, retry_classification = null,
+                updated_at = now()
+         where id = $1 returning {JOB_COLUMNS}"
+    );
+    let job = sqlx::query_as(&sql)
+        .bind(job_id)
+        .bind(extra_attempts)
+        .fetch_one(&mut *conn)
+        .await?;
+    sqlx::query("select pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Transition::Done(job))
+}
+
+async fn lock_job(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(&format!(
+        "select {JOB_COLUMNS} from jobs where id = $1 for update"
+    ))
+    .bind(job_id)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
 /// Deletes up to `batch` finished jobs older than `older_than`; answers how many.
 pub async fn delete_finished_before(
     pool: &PgPool,

@@ -1,10 +1,12 @@
 use axum::extract::State;
 use axum::Json;
+use capy_shared::effects;
 use capy_shared::model::{Job, JOB_COLUMNS};
+use capy_shared::queue::{self, Transition};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::auth::{Principal, SCOPE_READ};
+use crate::auth::{Principal, SCOPE_READ, SCOPE_WRITE};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Path;
 use crate::AppState;
@@ -23,4 +25,67 @@ pub async fn show(
         .filter(|job| principal.can_see(job.organization_id, job.project_id))
         .ok_or(ApiError::NotFound("job"))?;
     Ok(Json(json!({ "job": job })))
+}
+
+/// Cancels a pending job at once, or stops a running job's step.
+pub async fn cancel(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<Value>> {
+    principal.require_scope(SCOPE_WRITE)?;
+    transition(&state, &principal, id, "cancelled", |conn| {
+        Box::pin(queue::cancel(conn, id))
+    })
+    .await
+}
+
+/// Queues a failed or cancelled job again.
+pub async fn retry(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<Value>> {
+    principal.require_scope(SCOPE_WRITE)?;
+    let extra = state.settings.job_max_attempts;
+    transition(&state, &principal, id, "retried", move |conn| {
+        Box::pin(queue::retry(conn, id, extra))
+    })
+    .await
+}
+
+type TransitionFuture<'c> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = sqlx::Result<Transition>> + Send + 'c>>;
+
+/// Runs a cancel or retry in a transaction with its effect on the project.
+async fn transition(
+    state: &AppState,
+    principal: &Principal,
+    id: Uuid,
+    verb: &str,
+    change: impl for<'c> FnOnce(&'c mut sqlx::PgConnection) -> TransitionFuture<'c>,
+) -> ApiResult<Json<Value>> {
+    let mut tx = state.pool.begin().await?;
+    // Visibility first, so another organization's job id reveals nothing.
+    let owner: Option<(Option<Uuid>, Option<Uuid>)> =
+        sqlx::query_as("select organization_id, project_id from jobs where id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match owner {
+        Some((org, project)) if principal.can_see(org, project) => {}
+        _ => return Err(ApiError::NotFound("job")),
+    }
+    match change(&mut tx).await? {
+        Transition::Done(job) => {
+            effects::apply(&mut tx, &job).await?;
+            tx.commit().await?;
+            Ok(Json(json!({ "job": job })))
+        }
+        Transition::Refused(job) => Err(ApiError::Conflict(format!(
+            "a {} job cannot be {verb}",
+            job.state
+        ))),
+        Transition::NotFound => Err(ApiError::NotFound("job")),
+    }
 }

@@ -3,7 +3,7 @@ mod jobs;
 mod projects;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
@@ -18,6 +18,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/projects/{id}", get(projects::show))
         .route("/v1/projects/{id}/connections", get(projects::connections))
         .route("/v1/jobs/{id}", get(jobs::show))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
             (
