@@ -1,0 +1,102 @@
+//! Queue tests' set-up: a fresh control database, jobs queued straight into it, and
+//! workers as real processes.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use capy_shared::queue::NOTIFY_CHANNEL;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Queues `count` jobs of `job_type`; job `i` gets `resource(i)` as its locked
+/// resource. Answers their ids in submission order.
+pub async fn queue_jobs(
+    pool: &PgPool,
+    job_type: &str,
+    count: usize,
+    max_attempts: i32,
+    resource: impl Fn(usize) -> Option<String>,
+) -> Vec<Uuid> {
+    let ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
+    let resources: Vec<Option<String>> = (0..count).map(resource).collect();
+    let mut tx = pool.begin().await.unwrap();
+    // unnest … with ordinality keeps the arrays' order, so seq follows submission.
+    sqlx::query(
+        "insert into jobs (id, type, max_attempts, locked_resource)
+         select id, $3, $4, resource
+         from unnest($1::uuid[], $2::text[]) with ordinality as t(id, resource, n)
+         order by n",
+    )
+    .bind(&ids)
+    .bind(&resources)
+    .bind(job_type)
+    .bind(max_attempts)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("select pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    ids
+}
+
+/// Waits until no job is pending or claimed.
+pub async fn wait_until_idle(pool: &PgPool, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let busy: i64 = sqlx::query_scalar("select count(*) from jobs where state in ('pending', 'claimed')")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(1);
+        if busy == 0 {
+            return;
+        }
+        assert!(started.elapsed() < limit, "{busy} jobs still pending or claimed after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until job `id` is in `state`; answers how long that took.
+pub async fn wait_for_state(pool: &PgPool, id: Uuid, state: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let now: Option<String> = sqlx::query_scalar("select state from jobs where id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .unwrap_or(None);
+        if now.as_deref() == Some(state) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "job {id} is {now:?}, not {state}, after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Attempts of one job whose run times overlap another attempt of the same job.
+pub async fn overlapping_attempts(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from job_attempts a join job_attempts b
+           on a.job_id = b.job_id and a.attempt < b.attempt
+         where b.started_at < a.finished_at",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Whether a process whose command line contains `marker` is alive.
+pub fn process_alive(marker: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline"))
+            .map(|cmdline| {
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                cmdline.contains(marker)
+            })
+            .unwrap_or(false)
+    })
+}
