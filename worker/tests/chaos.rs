@@ -32,16 +32,18 @@ async fn killed_workers_lose_no_job_and_no_job_runs_twice_at_once() {
         victim.0.wait().unwrap();
         killed += 1;
     }
-    let pending_at_last_kill: i64 = sqlx::query_scalar("select count(*) from jobs where state <> 'completed'")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let pending_at_last_kill: i64 =
+        sqlx::query_scalar("select count(*) from jobs where state <> 'completed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     common::wait_until_idle(&db.pool, Duration::from_secs(120)).await;
 
-    let states: Vec<(String, i64)> = sqlx::query_as("select state, count(*) from jobs group by state")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("select state, count(*) from jobs group by state")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(states, vec![("completed".to_string(), JOBS as i64)]);
 
     // Exactly one successful attempt per job.
@@ -54,11 +56,12 @@ async fn killed_workers_lose_no_job_and_no_job_runs_twice_at_once() {
     assert_eq!(successes, vec![(JOBS as i64, JOBS as i64)]);
     assert_eq!(common::overlapping_attempts(&db.pool).await, 0);
 
-    let lost: i64 =
-        sqlx::query_scalar("select count(*) from job_attempts where classification = 'worker_lost'")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let lost: i64 = sqlx::query_scalar(
+        "select count(*) from job_attempts where classification = 'worker_lost'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert!(
         pending_at_last_kill == 0 || lost > 0,
         "workers were killed mid-run, yet no attempt was recorded as worker_lost"
@@ -70,5 +73,8 @@ async fn killed_workers_lose_no_job_and_no_job_runs_twice_at_once() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert!(lost_workers <= 3, "only the three killed workers can lose jobs");
+    assert!(
+        lost_workers <= 3,
+        "only the three killed workers can lose jobs"
+    );
 }

@@ -17,7 +17,10 @@ async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
         ("CAPY_WORKER_CONCURRENCY", "4".to_string()),
     ];
     let _stack = ProcessStack::start(&db.url, 6, &env).await.unwrap();
-    let ids = common::queue_jobs(&db.pool, "test.short", 200, 3, |i| Some(format!("resource:{}", i % 10))).await;
+    let ids = common::queue_jobs(&db.pool, "test.short", 200, 3, |i| {
+        Some(format!("resource:{}", i % 10))
+    })
+    .await;
     common::wait_until_idle(&db.pool, Duration::from_secs(180)).await;
 
     let attempts: Vec<(Uuid, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
@@ -32,16 +35,26 @@ async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
     assert_eq!(attempts.len(), 200, "every job completed in one attempt");
 
     let submitted: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(n, id)| (*id, n)).collect();
-    let mut by_resource: HashMap<String, Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    let mut by_resource: HashMap<String, Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)>> =
+        HashMap::new();
     for (job, resource, started, finished) in attempts {
-        by_resource.entry(resource).or_default().push((job, started, finished));
+        by_resource
+            .entry(resource)
+            .or_default()
+            .push((job, started, finished));
     }
     assert_eq!(by_resource.len(), 10);
     for (resource, runs) in &by_resource {
         for pair in runs.windows(2) {
             let ((before, _, before_end), (after, after_start, _)) = (pair[0], pair[1]);
-            assert!(after_start >= before_end, "{resource}: {after} started before {before} finished");
-            assert!(submitted[&after] > submitted[&before], "{resource}: {after} ran before {before}, submitted earlier");
+            assert!(
+                after_start >= before_end,
+                "{resource}: {after} started before {before} finished"
+            );
+            assert!(
+                submitted[&after] > submitted[&before],
+                "{resource}: {after} ran before {before}, submitted earlier"
+            );
         }
     }
     // Resources ran side by side: the whole took far less than 200 jobs in a row would.
@@ -52,5 +65,8 @@ async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert!(concurrent > 0, "a busy resource must not hold up the others");
+    assert!(
+        concurrent > 0,
+        "a busy resource must not hold up the others"
+    );
 }

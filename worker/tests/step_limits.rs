@@ -18,7 +18,10 @@ fn worker_pid(stack: &ProcessStack, n: usize) -> Pid {
 async fn a_hanging_step_times_out_and_is_retried_then_failed() {
     let db = fresh_database().await.unwrap();
     let env = [
-        ("CAPY_STEP_COMMANDS", "test.hang=echo starting; exec sleep 301.17".to_string()),
+        (
+            "CAPY_STEP_COMMANDS",
+            "test.hang=echo starting; exec sleep 301.17".to_string(),
+        ),
         ("CAPY_STEP_TIMEOUTS", "test.hang=1".to_string()),
         ("CAPY_RETRY_BASE_DELAY_MS", "10".to_string()),
     ];
@@ -34,12 +37,16 @@ async fn a_hanging_step_times_out_and_is_retried_then_failed() {
     assert_eq!(class, "timeout");
     assert!(error.contains("time limit"), "{error}");
     assert_eq!(stdout, "starting\n");
-    let classes: Vec<String> = sqlx::query_scalar("select classification from job_attempts order by attempt")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
+    let classes: Vec<String> =
+        sqlx::query_scalar("select classification from job_attempts order by attempt")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(classes, ["timeout", "timeout"]);
-    assert!(!common::process_alive("sleep 301.17"), "the timed-out step's process survived");
+    assert!(
+        !common::process_alive("sleep 301.17"),
+        "the timed-out step's process survived"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,29 +67,44 @@ async fn an_output_bomb_is_cut_and_leftover_children_are_killed() {
             .await
             .unwrap();
     assert!(stdout.len() < 11_000, "stdout kept {} bytes", stdout.len());
-    assert!(stdout.starts_with("xxxxx") && stdout.contains("bytes cut"), "{}", &stdout[..200]);
+    assert!(
+        stdout.starts_with("xxxxx") && stdout.contains("bytes cut"),
+        "{}",
+        &stdout[..200]
+    );
     assert_eq!(stderr, "the end\n");
-    let stored: i32 = sqlx::query_scalar("select octet_length(stdout) from job_attempts where job_id = $1")
-        .bind(ids[0])
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let stored: i32 =
+        sqlx::query_scalar("select octet_length(stdout) from job_attempts where job_id = $1")
+            .bind(ids[0])
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert!(stored < 11_000);
-    assert!(!common::process_alive("sleep 302.42"), "the step's background child was left running");
+    assert!(
+        !common::process_alive("sleep 302.42"),
+        "the step's background child was left running"
+    );
     // The worker's memory stayed small while a gigabyte went through it.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", stack.workers[0].id())).unwrap();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", stack.workers[0].id())).unwrap();
     let high_water_kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap();
-    assert!(high_water_kb < 200 * 1024, "worker peaked at {high_water_kb} kB");
+    assert!(
+        high_water_kb < 200 * 1024,
+        "worker peaked at {high_water_kb} kB"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_running_job_stops_its_step_within_a_second() {
     let db = fresh_database().await.unwrap();
-    let env = [("CAPY_STEP_COMMANDS", "test.long=exec sleep 303.91".to_string())];
+    let env = [(
+        "CAPY_STEP_COMMANDS",
+        "test.long=exec sleep 303.91".to_string(),
+    )];
     let stack = ProcessStack::start(&db.url, 1, &env).await.unwrap();
     let grant = KeyGrant {
         name: "admin".into(),
@@ -124,7 +146,10 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
             .count()
     };
     while count_steps() > 1 {
-        assert!(cancelled_at.elapsed() < Duration::from_secs(1), "the cancelled step still runs after 1 s");
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(1),
+            "the cancelled step still runs after 1 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -133,12 +158,16 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(state, "cancelled", "the worker's late outcome must not overwrite the cancel");
-    let attempt_error: String = sqlx::query_scalar("select error from job_attempts where job_id = $1")
-        .bind(ids[0])
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    assert_eq!(
+        state, "cancelled",
+        "the worker's late outcome must not overwrite the cancel"
+    );
+    let attempt_error: String =
+        sqlx::query_scalar("select error from job_attempts where job_id = $1")
+            .bind(ids[0])
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert!(attempt_error.contains("cancelled"));
 
     // Cancelling again is a conflict; a pending job cancels at once; retry re-queues.
@@ -163,7 +192,10 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
 async fn sigterm_lets_running_steps_finish_then_hands_back_the_rest() {
     let db = fresh_database().await.unwrap();
     let env = [
-        ("CAPY_STEP_COMMANDS", "test.quick=sleep 1; echo finished,test.slow=exec sleep 304.5".to_string()),
+        (
+            "CAPY_STEP_COMMANDS",
+            "test.quick=sleep 1; echo finished,test.slow=exec sleep 304.5".to_string(),
+        ),
         ("CAPY_SHUTDOWN_GRACE_SECONDS", "3".to_string()),
     ];
     let mut stack = ProcessStack::start(&db.url, 1, &env).await.unwrap();
@@ -182,7 +214,10 @@ async fn sigterm_lets_running_steps_finish_then_hands_back_the_rest() {
     .await
     .unwrap()
     .0;
-    assert!(status.success(), "the worker must exit 0 after draining: {status}");
+    assert!(
+        status.success(),
+        "the worker must exit 0 after draining: {status}"
+    );
 
     let row = |id| {
         let pool = db.pool.clone();
@@ -196,7 +231,10 @@ async fn sigterm_lets_running_steps_finish_then_hands_back_the_rest() {
             .unwrap()
         }
     };
-    assert_eq!(row(quick).await, ("completed".into(), 1, Some("finished\n".into())));
+    assert_eq!(
+        row(quick).await,
+        ("completed".into(), 1, Some("finished\n".into()))
+    );
     // The slow step was stopped after the grace period and its job handed back
     // without spending an attempt.
     assert_eq!(row(slow).await, ("pending".into(), 0, None));

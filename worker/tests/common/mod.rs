@@ -48,14 +48,18 @@ pub async fn queue_jobs(
 pub async fn wait_until_idle(pool: &PgPool, limit: Duration) {
     let started = Instant::now();
     loop {
-        let busy: i64 = sqlx::query_scalar("select count(*) from jobs where state in ('pending', 'claimed')")
-            .fetch_one(pool)
-            .await
-            .unwrap_or(1);
+        let busy: i64 =
+            sqlx::query_scalar("select count(*) from jobs where state in ('pending', 'claimed')")
+                .fetch_one(pool)
+                .await
+                .unwrap_or(1);
         if busy == 0 {
             return;
         }
-        assert!(started.elapsed() < limit, "{busy} jobs still pending or claimed after {limit:?}");
+        assert!(
+            started.elapsed() < limit,
+            "{busy} jobs still pending or claimed after {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -72,7 +76,10 @@ pub async fn wait_for_state(pool: &PgPool, id: Uuid, state: &str, limit: Duratio
         if now.as_deref() == Some(state) {
             return started.elapsed();
         }
-        assert!(started.elapsed() < limit, "job {id} is {now:?}, not {state}, after {limit:?}");
+        assert!(
+            started.elapsed() < limit,
+            "job {id} is {now:?}, not {state}, after {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
