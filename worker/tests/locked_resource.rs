@@ -9,6 +9,9 @@ use capy_testkit::{fresh_database, ProcessStack};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+/// One attempt: job, start, end.
+type Run = (Uuid, DateTime<Utc>, DateTime<Utc>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
     let db = fresh_database().await.unwrap();
@@ -35,8 +38,7 @@ async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
     assert_eq!(attempts.len(), 200, "every job completed in one attempt");
 
     let submitted: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(n, id)| (*id, n)).collect();
-    let mut by_resource: HashMap<String, Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)>> =
-        HashMap::new();
+    let mut by_resource: HashMap<String, Vec<Run>> = HashMap::new();
     for (job, resource, started, finished) in attempts {
         by_resource
             .entry(resource)
