@@ -113,16 +113,20 @@ create index jobs_locked_resource on jobs (locked_resource, seq)
     where locked_resource is not null and state in ('pending', 'claimed');
 -- Retention deletes finished jobs oldest first.
 create index jobs_finished on jobs (completed_at) where state in ('completed', 'failed', 'cancelled');
-create index jobs_project on jobs (project_id, created_at desc);
-create index jobs_org_created on jobs (organization_id, created_at desc, id desc);
+-- Listing a project's or an organization's jobs. Partial, so internal jobs (no
+-- project, no organization) cost these indexes nothing on every state change.
+create index jobs_project on jobs (project_id, created_at desc) where project_id is not null;
+create index jobs_org_created on jobs (organization_id, created_at desc, id desc)
+    where organization_id is not null;
 
 -- Jobs churn: every job is inserted, updated a few times and later deleted. Vacuum the
 -- table after 2% of its rows change instead of the default 20%, so dead tuples do not
 -- pile up in the hot partial indexes between runs.
 alter table jobs set (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
 
+-- One row per attempt, written when the attempt ends (while it runs, the job row
+-- describes it). Keyed by (job, attempt): one index to maintain per insert.
 create table job_attempts (
-    id              bigint generated always as identity primary key,
     job_id          uuid not null references jobs (id) on delete cascade,
     attempt         integer not null,
     worker          text not null,
@@ -133,7 +137,7 @@ create table job_attempts (
     error           text,
     stdout          text not null default '',
     stderr          text not null default '',
-    unique (job_id, attempt),
+    primary key (job_id, attempt),
     constraint job_attempts_classification check (
         classification in ('transient', 'permanent', 'timeout', 'worker_lost'))
 );

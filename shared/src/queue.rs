@@ -84,7 +84,9 @@ pub async fn claim(
              update jobs set state = 'claimed', claimed_by = $1, claimed_at = now(),
                     started_at = coalesce(started_at, now()), attempts = attempts + 1,
                     lease_expires_at = now() + $3 * interval '1 millisecond', updated_at = now()
-             from candidates where jobs.id = candidates.id
+             -- An array probe of the primary key: a join here gets planned as a hash
+             -- join over the whole table.
+             where jobs.id = any(array(select id from candidates))
              returning jobs.*
          )
          select {JOB_COLUMNS} from claimed order by run_at"

@@ -15,8 +15,18 @@ type Run = (Uuid, DateTime<Utc>, DateTime<Utc>);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
     let db = fresh_database().await.unwrap();
+    // Each step holds a lock folder named after its resource while it runs: a second
+    // step of the same resource running at the same time finds it taken and fails.
+    let locks = std::env::temp_dir().join(format!("capy-locks-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&locks).unwrap();
+    let step = format!(
+        "r=$(grep -o '\"locked_resource\":\"[^\"]*\"' | cut -d'\"' -f4); \
+         mkdir '{dir}/'\"$r\" || {{ echo \"$r: another step holds it\" >&2; exit 3; }}; \
+         sleep 0.01; rmdir '{dir}/'\"$r\"",
+        dir = locks.display()
+    );
     let env = [
-        ("CAPY_STEP_COMMANDS", "test.short=sleep 0.01".to_string()),
+        ("CAPY_STEP_COMMANDS", format!("test.short={step}")),
         ("CAPY_WORKER_CONCURRENCY", "4".to_string()),
     ];
     let _stack = ProcessStack::start(&db.url, 6, &env).await.unwrap();
@@ -35,6 +45,15 @@ async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
+    let failed: Vec<(Option<String>,)> =
+        sqlx::query_as("select error from jobs where state <> 'completed'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        failed.is_empty(),
+        "two steps of one resource ran at once: {failed:?}"
+    );
     assert_eq!(attempts.len(), 200, "every job completed in one attempt");
 
     let submitted: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(n, id)| (*id, n)).collect();
@@ -51,7 +70,7 @@ async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
             let ((before, _, before_end), (after, after_start, _)) = (pair[0], pair[1]);
             assert!(
                 after_start >= before_end,
-                "{resource}: {after} started before {before} finished"
+                "{resource}: {after} started at {after_start} before {before} finished at {before_end}"
             );
             assert!(
                 submitted[&after] > submitted[&before],
