@@ -106,7 +106,8 @@ create table jobs (
 -- The claim reads pending jobs in run_at order; a partial index keeps that scan small
 -- however many finished jobs the table holds.
 create index jobs_claimable on jobs (run_at, seq) where state = 'pending';
--- Lease expiry scan for rescuing jobs of lost workers.
+-- The claimed jobs: few at any time (at most the fleet's slots), however long the
+-- history. Recording outcomes joins them with a batch; rescue scans their leases.
 create index jobs_claimed_lease on jobs (lease_expires_at) where state = 'claimed';
 -- The per-resource serialisation check reads live jobs of one resource.
 create index jobs_locked_resource on jobs (locked_resource, seq)

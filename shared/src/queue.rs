@@ -71,7 +71,7 @@ pub async fn claim(
 ) -> sqlx::Result<Vec<Job>> {
     let sql = format!(
         "with candidates as (
-             select j.id from jobs j
+             select j.ctid from jobs j
              where j.state = 'pending' and j.run_at <= now()
                and (j.locked_resource is null or not exists (
                      select 1 from jobs o
@@ -84,9 +84,9 @@ pub async fn claim(
              update jobs set state = 'claimed', claimed_by = $1, claimed_at = now(),
                     started_at = coalesce(started_at, now()), attempts = attempts + 1,
                     lease_expires_at = now() + $3 * interval '1 millisecond', updated_at = now()
-             -- An array probe of the primary key: a join here gets planned as a hash
-             -- join over the whole table.
-             where jobs.id = any(array(select id from candidates))
+             -- The rows just locked, by their physical address: a TID scan whatever
+             -- the statistics say (a join here may be planned as a scan of the table).
+             where jobs.ctid = any(array(select ctid from candidates))
              returning jobs.*
          )
          select {JOB_COLUMNS} from claimed order by run_at"
@@ -179,7 +179,7 @@ pub struct FinishedAttempt {
 /// attempt record is written.
 ///
 /// Fenced: an attempt whose job `worker` no longer holds (lease lost, job cancelled)
-/// writes nothing. Answers the jobs that were updated.
+/// writes nothing. Answers the jobs that were updated. Call it inside a transaction.
 pub async fn finish(
     conn: &mut PgConnection,
     worker: &str,
@@ -244,7 +244,19 @@ pub async fn finish(
          )
          select {JOB_COLUMNS} from updated"
     );
-    sqlx::query_as(&sql)
+    // The right plan hashes the batch against the claimed jobs, read from their
+    // partial index: few rows, however long the history. A queue's statistics are
+    // always stale (what was pending a moment ago is claimed now), and have led the
+    // planner to loop over every claimed row for each outcome, or to scan the whole
+    // table; so this transaction plans without nested loops, merge joins or
+    // sequential scans (until it ends: what follows in it are primary-key updates).
+    sqlx::query(
+        "select set_config('enable_nestloop', 'off', true), set_config('enable_mergejoin', 'off', true),
+                set_config('enable_seqscan', 'off', true)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let jobs: Vec<Job> = sqlx::query_as(&sql)
         .bind(worker)
         .bind(ids)
         .bind(numbers)
@@ -256,7 +268,8 @@ pub async fn finish(
         .bind(stderrs)
         .bind(delays)
         .fetch_all(&mut *conn)
-        .await
+        .await?;
+    Ok(jobs)
 }
 
 /// Hands a claimed job back without spending an attempt (the worker is shutting
