@@ -168,16 +168,18 @@ async fn run_burn_down(
     Ok(jobs as f64 / elapsed.as_secs_f64())
 }
 
+/// Time-ordered ids, as the API makes them (their index grows at one end).
+fn new_ids(count: i64) -> Vec<uuid::Uuid> {
+    (0..count).map(|_| uuid::Uuid::now_v7()).collect()
+}
+
 async fn insert_jobs(pool: &PgPool, count: i64, kind: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "insert into jobs (id, type, max_attempts)
-         select gen_random_uuid(), $1, 3 from generate_series(1, $2)",
-    )
-    .bind(kind)
-    .bind(count)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("insert into jobs (id, type, max_attempts) select id, $1, 3 from unnest($2::uuid[]) as id")
+        .bind(kind)
+        .bind(new_ids(count))
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("select pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
         .execute(&mut *tx)
@@ -210,12 +212,12 @@ async fn add_history(pool: &PgPool, rows: i64) -> anyhow::Result<()> {
     sqlx::query(
         "insert into jobs (id, type, state, attempts, max_attempts, claimed_by, claimed_at,
                            started_at, completed_at, last_exit_code, last_stdout, last_stderr)
-         select gen_random_uuid(), 'capy.noop', 'completed', 1, 3, 'history',
+         select id, 'capy.noop', 'completed', 1, 3, 'history',
                 now() - interval '1 hour', now() - interval '1 hour', now() - interval '1 hour',
                 0, '', ''
-         from generate_series(1, $1)",
+         from unnest($1::uuid[]) as id",
     )
-    .bind(rows)
+    .bind(new_ids(rows))
     .execute(pool)
     .await?;
     sqlx::query(
