@@ -23,7 +23,7 @@ pub struct BurnDownArgs {
     /// Jobs run a trivial child process (`true`) instead of the in-process no-op.
     #[arg(long)]
     spawn: bool,
-    /// Slots per worker (default: 1000 for no-ops, 8 with --spawn).
+    /// Slots per worker (default: 2000 for no-ops, 8 with --spawn).
     #[arg(long)]
     concurrency: Option<usize>,
     /// Runs; the median is reported.
@@ -58,7 +58,7 @@ pub struct HistoryArgs {
 pub async fn burn_down(args: &BurnDownArgs) -> anyhow::Result<()> {
     let concurrency = args
         .concurrency
-        .unwrap_or(if args.spawn { 8 } else { 1000 });
+        .unwrap_or(if args.spawn { 8 } else { 2000 });
     let mut rates = Vec::new();
     for _ in 0..args.repeat {
         let db = fresh_database().await?;
@@ -83,10 +83,10 @@ pub async fn history(args: &HistoryArgs) -> anyhow::Result<()> {
     for _ in 0..args.repeat {
         // Baseline and history runs alternate, so drift on a noisy machine hits both.
         let db = fresh_database().await?;
-        empty.push(run_burn_down(&db, args.jobs, args.workers, 1000, false).await?);
+        empty.push(run_burn_down(&db, args.jobs, args.workers, 2000, false).await?);
         let db = fresh_database().await?;
         add_history(&db.pool, args.history).await?;
-        full.push(run_burn_down(&db, args.jobs, args.workers, 1000, false).await?);
+        full.push(run_burn_down(&db, args.jobs, args.workers, 2000, false).await?);
     }
     let (empty_p50, full_p50) = (median(&mut empty.clone()), median(&mut full.clone()));
     println!(
@@ -175,11 +175,13 @@ fn new_ids(count: i64) -> Vec<uuid::Uuid> {
 
 async fn insert_jobs(pool: &PgPool, count: i64, kind: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query("insert into jobs (id, type, max_attempts) select id, $1, 3 from unnest($2::uuid[]) as id")
-        .bind(kind)
-        .bind(new_ids(count))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "insert into jobs (id, type, max_attempts) select id, $1, 3 from unnest($2::uuid[]) as id",
+    )
+    .bind(kind)
+    .bind(new_ids(count))
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("select pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
         .execute(&mut *tx)

@@ -31,7 +31,7 @@ pub struct Cli {
     #[arg(long, env = "CAPY_WORKER_ID")]
     pub worker_id: Option<String>,
     /// Steps run at once.
-    #[arg(long, env = "CAPY_WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "CAPY_WORKER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     pub concurrency: u16,
     /// A claim's lease; heartbeats renew it every third of it.
     #[arg(long, env = "CAPY_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]

@@ -22,9 +22,9 @@ use crate::handlers;
 use crate::process::{self, StepCommand, StepEnd, StepLimits, StopReason};
 
 /// Outcomes recorded in one statement, at most.
-const FINISH_BATCH: usize = 1000;
+const FINISH_BATCH: usize = 2000;
 /// Jobs claimed in one statement, at most.
-const CLAIM_BATCH: usize = 1000;
+const CLAIM_BATCH: usize = 2000;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
