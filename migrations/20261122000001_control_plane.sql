@@ -112,6 +112,9 @@ create index jobs_claimed_lease on jobs (lease_expires_at) where state = 'claime
 -- The per-resource serialisation check reads live jobs of one resource.
 create index jobs_locked_resource on jobs (locked_resource, seq)
     where locked_resource is not null and state in ('pending', 'claimed');
+-- The rule itself, as a backstop: at most one claimed job per resource.
+create unique index jobs_one_claimed_per_resource on jobs (locked_resource)
+    where locked_resource is not null and state = 'claimed';
 -- Retention deletes finished jobs oldest first.
 create index jobs_finished on jobs (completed_at) where state in ('completed', 'failed', 'cancelled');
 -- Listing a project's or an organization's jobs. Partial, so internal jobs (no

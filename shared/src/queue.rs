@@ -34,6 +34,9 @@ pub struct NewJob {
 
 /// Queues a job inside the caller's transaction; idle workers are woken when it commits.
 pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job> {
+    if let Some(resource) = &job.locked_resource {
+        lock_resource(conn, resource).await?;
+    }
     let sql = format!(
         "insert into jobs (id, type, organization_id, project_id, cluster_id, locked_resource, max_attempts)
          values ($1, $2, $3, $4, $5, $6, $7)
@@ -54,6 +57,17 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
         .execute(&mut *conn)
         .await?;
     Ok(inserted)
+}
+
+/// Serialises the transactions that queue jobs of `resource` until they end, so the
+/// resource's jobs become visible in `seq` order: a claim never sees a later job of a
+/// resource without the earlier ones.
+async fn lock_resource(conn: &mut PgConnection, resource: &str) -> sqlx::Result<()> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(resource)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Claims up to `limit` runnable jobs for `worker` in one statement. (The attempt's
@@ -240,7 +254,7 @@ pub async fn finish(
                                        exit_code, classification, error, stdout, stderr)
              select u.id, u.attempts, u.claimed_by, u.claimed_at, now(),
                     i.exit_code, i.class, i.error, i.stdout, i.stderr
-             from updated u join input i on i.id = u.id
+             from updated u join input i on i.id = u.id and i.attempt = u.attempts
          )
          select {JOB_COLUMNS} from updated"
     );
@@ -406,8 +420,13 @@ pub async fn retry(
     if job.state != "failed" && job.state != "cancelled" {
         return Ok(Transition::Refused(job));
     }
+    if let Some(resource) = &job.locked_resource {
+        lock_resource(conn, resource).await?;
+    }
+    // A new seq: the retried job queues behind its resource's later jobs, which may
+    // already be running, instead of jumping ahead of them.
     let sql = format!(
-        "update jobs set state = 'pending', run_at = now(), completed_at = null,
+        "update jobs set state = 'pending', run_at = now(), completed_at = null, seq = default,
                 max_attempts = attempts + $2, error = null, retry_classification = null,
                 updated_at = now()
          where id = $1 returning {JOB_COLUMNS}"
