@@ -95,6 +95,9 @@ create table jobs (
     last_stderr           text,
     locked_resource       text,
     retry_classification  text,
+    -- Set when a running job is cancelled: its worker stops the step and records the
+    -- job as cancelled (or rescue does, if the worker is gone).
+    cancel_requested_at   timestamptz,
     created_at            timestamptz not null default now(),
     updated_at            timestamptz not null default now(),
     constraint jobs_state check (state in ('pending', 'claimed', 'completed', 'failed', 'cancelled')),

@@ -95,8 +95,11 @@ pub async fn claim(
              limit $2
              for update of j skip locked
          ), claimed as (
-             update jobs set state = 'claimed', claimed_by = $1, claimed_at = now(),
-                    started_at = coalesce(started_at, now()), attempts = attempts + 1,
+             -- clock_timestamp(), not now(): the transaction may start a moment before
+             -- the statement's snapshot, and an attempt must not seem to start before
+             -- the one it waited for (same resource) ended.
+             update jobs set state = 'claimed', claimed_by = $1, claimed_at = clock_timestamp(),
+                    started_at = coalesce(started_at, clock_timestamp()), attempts = attempts + 1,
                     lease_expires_at = now() + $3 * interval '1 millisecond', updated_at = now()
              -- The rows just locked, by their physical address: a TID scan whatever
              -- the statistics say (a join here may be planned as a scan of the table).
@@ -114,21 +117,22 @@ pub async fn claim(
 }
 
 /// Extends the leases `worker` holds on attempt `attempts[i]` of job `job_ids[i]`;
-/// answers the ids it still holds. A job missing from the answer was cancelled or
-/// taken over (maybe re-claimed as a later attempt): that step must stop.
+/// answers the ids it still holds, each with whether a cancel was asked of it. A job
+/// missing from the answer was taken over (maybe re-claimed as a later attempt): that
+/// step must stop.
 pub async fn heartbeat(
     pool: &PgPool,
     worker: &str,
     job_ids: &[Uuid],
     attempts: &[i32],
     lease: Duration,
-) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
+) -> sqlx::Result<Vec<(Uuid, bool)>> {
+    sqlx::query_as(
         "update jobs j set lease_expires_at = now() + $4 * interval '1 millisecond'
          from unnest($2::uuid[], $3::int[]) as held(id, attempt)
          where j.id = held.id and j.attempts = held.attempt
            and j.claimed_by = $1 and j.state = 'claimed'
-         returning j.id",
+         returning j.id, j.cancel_requested_at is not null",
     )
     .bind(worker)
     .bind(job_ids)
@@ -170,6 +174,8 @@ impl RetryPolicy {
 /// How an attempt ended, as the worker observed it.
 #[derive(Debug, Clone)]
 pub struct AttemptOutcome {
+    /// The step was stopped because the job was cancelled: the job ends `cancelled`.
+    pub cancelled: bool,
     pub exit_code: Option<i32>,
     /// `None` when the attempt succeeded.
     pub classification: Option<RetryClassification>,
@@ -211,6 +217,7 @@ pub async fn finish(
     for finished in attempts {
         let outcome = &finished.outcome;
         let (state, class) = match outcome.classification {
+            None if outcome.cancelled => ("cancelled", None),
             None => ("completed", None),
             Some(class) if class.is_retryable() => ("retry", Some(class.as_str())),
             Some(class) => ("failed", Some(class.as_str())),
@@ -297,8 +304,10 @@ pub async fn release(
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
     let released = sqlx::query(
-        "update jobs set state = 'pending', attempts = attempts - 1, run_at = now(),
-                lease_expires_at = null, updated_at = now()
+        "update jobs set
+                state = case when cancel_requested_at is null then 'pending' else 'cancelled' end,
+                completed_at = case when cancel_requested_at is null then null else now() end,
+                attempts = attempts - 1, run_at = now(), lease_expires_at = null, updated_at = now()
          where id = $1 and state = 'claimed' and claimed_by = $3 and attempts = $2",
     )
     .bind(job_id)
@@ -335,9 +344,11 @@ pub async fn rescue_expired(
              for update skip locked
          ), moved as (
              update jobs set
-                 state = case when attempts < max_attempts then 'pending' else 'failed' end,
+                 state = case when cancel_requested_at is not null then 'cancelled'
+                              when attempts < max_attempts then 'pending' else 'failed' end,
                  run_at = now() + $2 * interval '1 millisecond',
-                 completed_at = case when attempts < max_attempts then null else now() end,
+                 completed_at = case when cancel_requested_at is null and attempts < max_attempts
+                                     then null else now() end,
                  lease_expires_at = null,
                  retry_classification = 'worker_lost',
                  error = 'worker ' || coalesce(claimed_by, '?') || ' was lost (its lease expired)',
@@ -370,31 +381,32 @@ pub enum Transition {
     NotFound,
 }
 
-/// Cancels a pending or claimed job. A claimed job's attempt is recorded as stopped
-/// and its worker told (NOTIFY) to stop the step; its late outcome is fenced out.
+/// Cancels a job. A pending job is cancelled at once. A claimed job stays claimed
+/// (its resource stays held) until its step has stopped: its worker, told by NOTIFY or
+/// at its next heartbeat, stops the step and records the job `cancelled`; if that
+/// worker is gone, rescue does.
 pub async fn cancel(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Transition> {
     let Some(job) = lock_job(conn, job_id).await? else {
         return Ok(Transition::NotFound);
     };
-    if job.state != "pending" && job.state != "claimed" {
-        return Ok(Transition::Refused(job));
-    }
-    if job.state == "claimed" {
-        sqlx::query(
-            "insert into job_attempts (job_id, attempt, worker, started_at, finished_at, error)
-             select id, attempts, coalesce(claimed_by, '?'), coalesce(claimed_at, now()), now(),
-                    'cancelled while running'
-             from jobs where id = $1
-             on conflict (job_id, attempt) do nothing",
-        )
-        .bind(job_id)
-        .execute(&mut *conn)
-        .await?;
+    if job.state == "claimed" && job.cancel_requested_at.is_none() {
         sqlx::query("select pg_notify($1, $2)")
             .bind(CANCEL_CHANNEL)
             .bind(job_id.to_string())
             .execute(&mut *conn)
             .await?;
+        let sql = format!(
+            "update jobs set cancel_requested_at = now(), updated_at = now()
+             where id = $1 returning {JOB_COLUMNS}"
+        );
+        let job = sqlx::query_as(&sql)
+            .bind(job_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        return Ok(Transition::Done(job));
+    }
+    if job.state != "pending" {
+        return Ok(Transition::Refused(job));
     }
     let sql = format!(
         "update jobs set state = 'cancelled', completed_at = now(), lease_expires_at = null,
@@ -427,6 +439,7 @@ pub async fn retry(
     // already be running, instead of jumping ahead of them.
     let sql = format!(
         "update jobs set state = 'pending', run_at = now(), completed_at = null, seq = default,
+                cancel_requested_at = null,
                 max_attempts = attempts + $2, error = null, retry_classification = null,
                 updated_at = now()
          where id = $1 returning {JOB_COLUMNS}"

@@ -39,8 +39,10 @@ pub struct StepLimits {
 /// Why the worker stops a step early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
-    /// The job was cancelled or its lease taken over: the outcome is no longer ours.
+    /// The job's lease was taken over: the outcome is no longer ours.
     LeaseLost,
+    /// The job was cancelled: record it so.
+    Cancelled,
     /// The worker is shutting down: hand the job back.
     Shutdown,
 }
@@ -66,7 +68,8 @@ pub async fn run_step(
     limits: StepLimits,
     mut stop: watch::Receiver<Option<StopReason>>,
 ) -> anyhow::Result<StepRun> {
-    let mut child = Command::new(&step.program)
+    let mut command = Command::new(&step.program);
+    command
         .args(&step.args)
         .env_clear()
         .envs(step.env.iter().map(|(k, v)| (k, v)))
@@ -74,7 +77,9 @@ pub async fn run_step(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    die_with_worker(&mut command);
+    let mut child = command
         .spawn()
         .with_context(|| format!("starting step {}", step.program))?;
     // The step leads its own process group, whose id is its pid.
@@ -124,6 +129,20 @@ pub async fn run_step(
         stdout: stdout.finish().await,
         stderr: stderr.finish().await,
     })
+}
+
+/// The step gets SIGKILL if the worker dies (SIGKILL, OOM), so it cannot run on while
+/// its job is rescued and run again elsewhere. (The kernel sends it when the thread
+/// that spawned the step ends: a runtime thread, which lives as long as the worker.)
+#[allow(unsafe_code)]
+fn die_with_worker(command: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+    // parent; it runs in the child between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
 }
 
 /// A stream being read into a [`BoundedOutput`], secrets scrubbed on the way in.

@@ -2,7 +2,7 @@
 //! step, record outcomes in batches, keep leases alive, rescue jobs of lost workers,
 //! prune old jobs, and drain on shutdown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,15 +60,22 @@ struct Running {
     stop: watch::Sender<Option<StopReason>>,
 }
 
-/// Removes an attempt from the running map when it ends, panics included, so no lease
-/// is renewed for a step that is gone.
-struct RunningEntry<'a> {
-    worker: &'a Worker,
+/// Removes an attempt from the running map once its outcome is recorded (or it ends
+/// otherwise, panics included): its lease is renewed until then, and not after.
+struct RunningEntry {
+    worker: Arc<Worker>,
     job_id: Uuid,
     attempt: i32,
 }
 
-impl Drop for RunningEntry<'_> {
+/// An attempt's outcome on its way to the completer, with the entry that keeps its
+/// lease renewed until it is written.
+struct Outcome {
+    finished: FinishedAttempt,
+    _entry: Option<RunningEntry>,
+}
+
+impl Drop for RunningEntry {
     fn drop(&mut self) {
         let mut running = self.worker.running();
         if running
@@ -130,7 +137,11 @@ impl Worker {
                         for job in jobs {
                             if job.job_type == job_type::NOOP {
                                 let done = succeeded(&job, String::new());
-                                if finished_tx.send(done).await.is_err() {
+                                let outcome = Outcome {
+                                    finished: done,
+                                    _entry: None,
+                                };
+                                if finished_tx.send(outcome).await.is_err() {
                                     break;
                                 }
                             } else {
@@ -192,7 +203,11 @@ impl Worker {
     /// Registers a running attempt. An older attempt of the same job still running
     /// here (this worker rescued its own job after an outage, then claimed it again)
     /// is no longer ours: it is stopped.
-    fn register(&self, job: &Job, stop: watch::Sender<Option<StopReason>>) -> RunningEntry<'_> {
+    fn register(
+        self: &Arc<Self>,
+        job: &Job,
+        stop: watch::Sender<Option<StopReason>>,
+    ) -> RunningEntry {
         let entry = Running {
             attempt: job.attempts,
             stop,
@@ -201,18 +216,18 @@ impl Worker {
             let _ = older.stop.send(Some(StopReason::LeaseLost));
         }
         RunningEntry {
-            worker: self,
+            worker: self.clone(),
             job_id: job.id,
             attempt: job.attempts,
         }
     }
 
     /// One attempt of one claimed job, from its step to its outcome's hand-off.
-    async fn attempt(self: Arc<Self>, job: Job, finished: mpsc::Sender<FinishedAttempt>) {
+    async fn attempt(self: Arc<Self>, job: Job, finished: mpsc::Sender<Outcome>) {
         let span = tracing::info_span!("attempt", job_id = %job.id, attempt = job.attempts, job_type = %job.job_type);
         async {
             let (stop_tx, stop_rx) = watch::channel(None);
-            let _entry = self.register(&job, stop_tx);
+            let entry = self.register(&job, stop_tx);
             tracing::info!("attempt started");
             let outcome = self.execute(&job, stop_rx).await;
             match outcome {
@@ -224,12 +239,19 @@ impl Worker {
                         outcome,
                         retry_delay: delay,
                     };
-                    // Leases stay renewed until the completer has the outcome.
-                    let _ = finished.send(done).await;
+                    // The lease stays renewed until the completer has written it.
+                    let outcome = Outcome {
+                        finished: done,
+                        _entry: Some(entry),
+                    };
+                    let _ = finished.send(outcome).await;
                 }
                 Err(StopReason::Shutdown) => self.hand_back(&job).await,
-                Err(StopReason::LeaseLost) => {
-                    tracing::warn!("the job was cancelled or taken from this worker; its outcome is not recorded");
+                // (A cancelled step's outcome is recorded: `execute` answers it as Ok.)
+                Err(StopReason::LeaseLost | StopReason::Cancelled) => {
+                    tracing::warn!(
+                        "the job was taken from this worker; its outcome is not recorded"
+                    );
                 }
             }
         }
@@ -305,6 +327,17 @@ impl Worker {
                     limits.timeout.as_secs_f64()
                 )),
             ),
+            StepEnd::Stopped(StopReason::Cancelled) => {
+                tracing::info!("step stopped: the job was cancelled");
+                return Ok(AttemptOutcome {
+                    cancelled: true,
+                    exit_code: None,
+                    classification: None,
+                    error: Some("cancelled by request".into()),
+                    stdout,
+                    stderr,
+                });
+            }
             StepEnd::Stopped(reason) => return Err(reason),
         };
         tracing::info!(
@@ -313,6 +346,7 @@ impl Worker {
             "attempt ended"
         );
         Ok(AttemptOutcome {
+            cancelled: false,
             exit_code,
             classification,
             error,
@@ -347,9 +381,12 @@ impl Worker {
 
     /// Records outcomes in batches, retrying while the control database is
     /// unreachable; returns when every sender is gone and all is written.
-    async fn complete(self: Arc<Self>, mut finished: mpsc::Receiver<FinishedAttempt>) {
-        let mut batch = Vec::with_capacity(FINISH_BATCH);
-        while finished.recv_many(&mut batch, FINISH_BATCH).await > 0 {
+    async fn complete(self: Arc<Self>, mut outcomes: mpsc::Receiver<Outcome>) {
+        let mut received = Vec::with_capacity(FINISH_BATCH);
+        while outcomes.recv_many(&mut received, FINISH_BATCH).await > 0 {
+            // The entries go (and their leases stop being renewed) once this is written.
+            let (batch, _entries): (Vec<FinishedAttempt>, Vec<Option<RunningEntry>>) =
+                received.drain(..).map(|o| (o.finished, o._entry)).unzip();
             let mut failures = 0;
             loop {
                 match self.record(&batch).await {
@@ -373,7 +410,6 @@ impl Worker {
                     }
                 }
             }
-            batch.clear();
         }
     }
 
@@ -398,43 +434,55 @@ impl Worker {
         }
     }
 
-    /// Renews the leases of running attempts; stops the steps of jobs no longer ours.
+    /// Renews the leases of running attempts; stops the steps of jobs no longer ours
+    /// or cancelled. A worker that cannot renew for two thirds of a lease stops its
+    /// steps itself, before any other worker may rescue their jobs.
     async fn heartbeats(self: Arc<Self>) {
-        let mut interval = tokio::time::interval(self.settings.lease / 3);
+        let lease = self.settings.lease;
+        let mut interval = tokio::time::interval(lease / 3);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewed = Instant::now();
         loop {
             interval.tick().await;
+            if renewed.elapsed() > lease * 2 / 3 {
+                tracing::warn!("leases could not be renewed for two thirds of a lease: stopping this worker's steps");
+                self.stop_all(StopReason::LeaseLost);
+            }
             let (ids, attempts): (Vec<Uuid>, Vec<i32>) = self
                 .running()
                 .iter()
                 .map(|(id, r)| (*id, r.attempt))
                 .unzip();
             if ids.is_empty() {
+                renewed = Instant::now();
                 continue;
             }
-            match queue::heartbeat(
-                &self.pool,
-                &self.settings.worker_id,
-                &ids,
-                &attempts,
-                self.settings.lease,
-            )
-            .await
-            {
-                Ok(held) => {
-                    let held: HashSet<Uuid> = held.into_iter().collect();
-                    for id in ids.iter().filter(|id| !held.contains(id)) {
-                        self.stop(*id, StopReason::LeaseLost);
+            let beat =
+                queue::heartbeat(&self.pool, &self.settings.worker_id, &ids, &attempts, lease);
+            match tokio::time::timeout(lease / 3, beat).await {
+                Ok(Ok(held)) => {
+                    renewed = Instant::now();
+                    let held: HashMap<Uuid, bool> = held.into_iter().collect();
+                    for (id, attempt) in ids.iter().zip(&attempts) {
+                        match held.get(id) {
+                            None => self.stop(*id, Some(*attempt), StopReason::LeaseLost),
+                            Some(true) => self.stop(*id, Some(*attempt), StopReason::Cancelled),
+                            Some(false) => {}
+                        }
                     }
                 }
-                Err(error) => tracing::warn!(error = %error, "heartbeat failed"),
+                Ok(Err(error)) => tracing::warn!(error = %error, "heartbeat failed"),
+                Err(_) => tracing::warn!("heartbeat timed out"),
             }
         }
     }
 
-    fn stop(&self, job_id: Uuid, reason: StopReason) {
+    /// Stops the running attempt of `job_id` (only attempt `attempt`, when given).
+    fn stop(&self, job_id: Uuid, attempt: Option<i32>, reason: StopReason) {
         if let Some(running) = self.running().get(&job_id) {
-            let _ = running.stop.send(Some(reason));
+            if attempt.is_none_or(|a| a == running.attempt) {
+                let _ = running.stop.send(Some(reason));
+            }
         }
     }
 
@@ -512,7 +560,7 @@ impl Worker {
                     while let Ok(notification) = listener.recv().await {
                         if notification.channel() == queue::CANCEL_CHANNEL {
                             if let Ok(job_id) = notification.payload().parse() {
-                                self.stop(job_id, StopReason::LeaseLost);
+                                self.stop(job_id, None, StopReason::Cancelled);
                             }
                         } else {
                             wake.notify_one();
@@ -534,6 +582,7 @@ fn succeeded(job: &Job, stdout: String) -> FinishedAttempt {
         job_id: job.id,
         attempt: job.attempts,
         outcome: AttemptOutcome {
+            cancelled: false,
             exit_code: Some(0),
             classification: None,
             error: None,
@@ -546,6 +595,7 @@ fn succeeded(job: &Job, stdout: String) -> FinishedAttempt {
 
 fn failure(class: RetryClassification, error: String) -> AttemptOutcome {
     AttemptOutcome {
+        cancelled: false,
         exit_code: None,
         classification: Some(class),
         error: Some(error),

@@ -10,17 +10,28 @@ use capy_testkit::{fresh_database, ProcessStack};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// A `sleep` argument no other process on the machine has: tests find their steps'
+/// processes by it.
+fn marker() -> String {
+    format!(
+        "{}.{}",
+        rand::random::<u16>() as u32 + 1000,
+        rand::random::<u16>()
+    )
+}
+
 fn worker_pid(stack: &ProcessStack, n: usize) -> Pid {
     Pid::from_raw(stack.workers[n].id() as i32)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_step_times_out_and_is_retried_then_failed() {
+    let sleep = marker();
     let db = fresh_database().await.unwrap();
     let env = [
         (
             "CAPY_STEP_COMMANDS",
-            "test.hang=echo starting; exec sleep 301.17".to_string(),
+            format!("test.hang=echo starting; exec sleep {sleep}"),
         ),
         ("CAPY_STEP_TIMEOUTS", "test.hang=1".to_string()),
         ("CAPY_RETRY_BASE_DELAY_MS", "10".to_string()),
@@ -44,15 +55,18 @@ async fn a_hanging_step_times_out_and_is_retried_then_failed() {
             .unwrap();
     assert_eq!(classes, ["timeout", "timeout"]);
     assert!(
-        !common::process_alive("sleep 301.17"),
+        !common::process_alive(&format!("sleep {sleep}")),
         "the timed-out step's process survived"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_bomb_is_cut_and_leftover_children_are_killed() {
+    let sleep = marker();
     let db = fresh_database().await.unwrap();
-    let bomb = "sleep 302.42 & head -c 1000000000 /dev/zero | tr '\\0' x; echo; echo the end >&2";
+    let bomb = format!(
+        "sleep {sleep} & head -c 1000000000 /dev/zero | tr '\\0' x; echo; echo the end >&2"
+    );
     let env = [
         ("CAPY_STEP_COMMANDS", format!("test.bomb={bomb}")),
         ("CAPY_STEP_OUTPUT_LIMIT_BYTES", "10000".to_string()),
@@ -81,7 +95,7 @@ async fn an_output_bomb_is_cut_and_leftover_children_are_killed() {
             .unwrap();
     assert!(stored < 11_000);
     assert!(
-        !common::process_alive("sleep 302.42"),
+        !common::process_alive(&format!("sleep {sleep}")),
         "the step's background child was left running"
     );
     // The worker's memory stayed small while a gigabyte went through it.
@@ -100,10 +114,11 @@ async fn an_output_bomb_is_cut_and_leftover_children_are_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_running_job_stops_its_step_within_a_second() {
+    let sleep = marker();
     let db = fresh_database().await.unwrap();
     let env = [(
         "CAPY_STEP_COMMANDS",
-        "test.long=exec sleep 303.91".to_string(),
+        format!("test.long=exec sleep {sleep}"),
     )];
     let stack = ProcessStack::start(&db.url, 1, &env).await.unwrap();
     let grant = KeyGrant {
@@ -118,7 +133,7 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
     // Both jobs run (4 slots); cancel the first.
     common::wait_for_state(&db.pool, ids[0], "claimed", Duration::from_secs(10)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !common::process_alive("sleep 303.91") {
+    while !common::process_alive(&format!("sleep {sleep}")) {
         assert!(Instant::now() < deadline, "the step never started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -129,9 +144,14 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.status(),
+        202,
+        "a running job is cancelled once its step stops"
+    );
     let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(body["job"]["state"], "cancelled");
+    assert_eq!(body["job"]["state"], "claimed");
+    assert!(body["job"]["cancel_requested_at"].is_string());
 
     // The other job's step keeps running; the cancelled one's is gone within a second.
     let count_steps = || {
@@ -140,7 +160,7 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
             .flatten()
             .filter(|e| {
                 std::fs::read(e.path().join("cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains("303.91"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&format!("sleep\0{sleep}")))
                     .unwrap_or(false)
             })
             .count()
@@ -152,15 +172,10 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let state: String = sqlx::query_scalar("select state from jobs where id = $1")
-        .bind(ids[0])
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        state, "cancelled",
-        "the worker's late outcome must not overwrite the cancel"
+    let took = common::wait_for_state(&db.pool, ids[0], "cancelled", Duration::from_secs(10)).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "cancelled only after {took:?}"
     );
     let attempt_error: String =
         sqlx::query_scalar("select error from job_attempts where job_id = $1")
@@ -190,11 +205,12 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_running_steps_finish_then_hands_back_the_rest() {
+    let sleep = marker();
     let db = fresh_database().await.unwrap();
     let env = [
         (
             "CAPY_STEP_COMMANDS",
-            "test.quick=sleep 1; echo finished,test.slow=exec sleep 304.5".to_string(),
+            format!("test.quick=sleep 1; echo finished,test.slow=exec sleep {sleep}"),
         ),
         ("CAPY_SHUTDOWN_GRACE_SECONDS", "3".to_string()),
     ];
@@ -245,5 +261,32 @@ async fn sigterm_lets_running_steps_finish_then_hands_back_the_rest() {
         .await
         .unwrap();
     assert_eq!(attempts, 0);
-    assert!(!common::process_alive("sleep 304.5"));
+    assert!(!common::process_alive(&format!("sleep {sleep}")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_steps_die_with_it() {
+    let sleep = marker();
+    let db = fresh_database().await.unwrap();
+    let env = [(
+        "CAPY_STEP_COMMANDS",
+        format!("test.long=exec sleep {sleep}"),
+    )];
+    let mut stack = ProcessStack::start(&db.url, 1, &env).await.unwrap();
+    common::queue_jobs(&db.pool, "test.long", 1, 3, |_| None).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::process_alive(&format!("sleep {sleep}")) {
+        assert!(Instant::now() < deadline, "the step never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stack.workers[0].0.kill().unwrap();
+    stack.workers[0].0.wait().unwrap();
+    let killed = Instant::now();
+    while common::process_alive(&format!("sleep {sleep}")) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the step outlived its worker"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

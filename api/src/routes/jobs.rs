@@ -1,4 +1,5 @@
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::effects;
 use capy_shared::model::{Job, JOB_COLUMNS};
@@ -27,12 +28,13 @@ pub async fn show(
     Ok(Json(json!({ "job": job })))
 }
 
-/// Cancels a pending job at once, or stops a running job's step.
+/// Cancels a pending job at once (200), or asks a running job's worker to stop its
+/// step (202: the job turns `cancelled` once the step is stopped).
 pub async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<(StatusCode, Json<Value>)> {
     principal.require_scope(SCOPE_WRITE)?;
     transition(&state, &principal, id, "cancelled", |conn| {
         Box::pin(queue::cancel(conn, id))
@@ -45,7 +47,7 @@ pub async fn retry(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<(StatusCode, Json<Value>)> {
     principal.require_scope(SCOPE_WRITE)?;
     let extra = state.settings.job_max_attempts;
     transition(&state, &principal, id, "retried", move |conn| {
@@ -64,7 +66,7 @@ async fn transition(
     id: Uuid,
     verb: &str,
     change: impl for<'c> FnOnce(&'c mut sqlx::PgConnection) -> TransitionFuture<'c>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let mut tx = state.pool.begin().await?;
     // Visibility first, so another organization's job id reveals nothing.
     let owner: Option<(Option<Uuid>, Option<Uuid>)> =
@@ -80,7 +82,12 @@ async fn transition(
         Transition::Done(job) => {
             effects::apply(&mut tx, &job).await?;
             tx.commit().await?;
-            Ok(Json(json!({ "job": job })))
+            let status = if job.state == "claimed" {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, Json(json!({ "job": job }))))
         }
         Transition::Refused(job) => Err(ApiError::Conflict(format!(
             "a {} job cannot be {verb}",
