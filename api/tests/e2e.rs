@@ -61,12 +61,16 @@ impl Stack {
         )
     }
 
-    /// Polls the job until it is `completed` or `failed`.
+    /// Long-polls the job until it is `completed` or `failed`.
     async fn wait_for_job(&self, job_id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (status, body) = self
-                .request(reqwest::Method::GET, &format!("/v1/jobs/{job_id}"), None)
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/v1/jobs/{job_id}?wait=10"),
+                    None,
+                )
                 .await;
             assert_eq!(status, 200, "{body}");
             let job = body["job"].clone();
@@ -165,6 +169,23 @@ async fn a_project_is_provisioned_and_its_role_connects_only_to_its_own_database
         .await
         .unwrap();
 
+    // The attempts endpoint shows the one attempt, as the job does.
+    let (status, attempts) = stack
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{job_id}/attempts"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{attempts}");
+    let attempts = attempts["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0]["attempt"], 1);
+    assert_eq!(attempts[0]["exit_code"], 0);
+    assert_eq!(attempts[0]["worker"], job["claimed_by"]);
+    assert_eq!(attempts[0]["stdout"], job["last_stdout"]);
+    assert!(attempts[0]["finished_at"].is_string());
+
     // The attempt record agrees with the job.
     let (attempts, worker, exit_code, finished): (i64, String, Option<i32>, bool) = sqlx::query_as(
         "select count(*) over (), worker, exit_code, finished_at is not null from job_attempts where job_id = $1::uuid",
@@ -213,6 +234,18 @@ async fn an_unreachable_cluster_fails_the_job_with_its_stderr_and_errors_the_pro
         "{stderr}"
     );
     assert!(!job.to_string().contains("not-this-one-secret"));
+
+    let (_, attempts) = stack
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{job_id}/attempts"),
+            None,
+        )
+        .await;
+    let attempts = attempts["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 5);
+    assert!(attempts.iter().all(|a| a["classification"] == "transient"
+        && a["stderr"].as_str().unwrap().contains("could not connect")));
 
     let project = stack.project(&project_id).await;
     assert_eq!(project["state"], "error");

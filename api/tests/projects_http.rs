@@ -355,3 +355,74 @@ async fn oversized_bodies_and_out_of_range_timeouts_are_refused() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{timeout}: {answer}");
     }
 }
+
+#[tokio::test]
+async fn me_attempts_and_wait() {
+    let app = TestApp::new().await;
+    let (status, me) = app.call("GET", "/v1/me", Some(&app.key), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(me["organization_id"], app.organization_id.to_string());
+    assert_eq!(me["admin"], false);
+    assert_eq!(me["scopes"], json!(["read", "write", "credentials:read"]));
+    let (status, _) = app.call("GET", "/v1/me", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (_, created) = app
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(&app.key),
+            Some(r#"{"name":"p"}"#),
+        )
+        .await;
+    let job_id = created["job"]["id"].as_str().unwrap().to_string();
+    let (status, attempts) = app
+        .call(
+            "GET",
+            &format!("/v1/jobs/{job_id}/attempts"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(attempts, json!({"attempts": []}));
+
+    // No worker runs here: a wait ends at its deadline with the state unchanged.
+    let started = std::time::Instant::now();
+    let (status, waited) = app
+        .call(
+            "GET",
+            &format!("/v1/jobs/{job_id}?wait=1"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(waited["job"]["state"], "pending");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    for bad in ["wait=61", "wait=-1", "wait=soon", "colour=red"] {
+        let (status, answer) = app
+            .call(
+                "GET",
+                &format!("/v1/jobs/{job_id}?{bad}"),
+                Some(&app.key),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {answer}");
+    }
+
+    let other_org = admin::create_organization(&app.db.pool, "other")
+        .await
+        .unwrap();
+    let other_key = new_key(&app.db, other_org).await;
+    let (status, _) = app
+        .call(
+            "GET",
+            &format!("/v1/jobs/{job_id}/attempts"),
+            Some(&other_key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -1,5 +1,6 @@
 mod health;
 mod jobs;
+mod me;
 mod projects;
 
 use axum::extract::DefaultBodyLimit;
@@ -17,7 +18,9 @@ pub fn router() -> Router<AppState> {
         .route("/v1/projects", get(projects::list).post(projects::create))
         .route("/v1/projects/{id}", get(projects::show))
         .route("/v1/projects/{id}/connections", get(projects::connections))
+        .route("/v1/me", get(me::show))
         .route("/v1/jobs/{id}", get(jobs::show))
+        .route("/v1/jobs/{id}/attempts", get(jobs::attempts))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .fallback(|| async { ApiError::NotFound("route") })
