@@ -52,11 +52,17 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
         .bind(job.max_attempts)
         .fetch_one(&mut *conn)
         .await?;
+    wake_workers(&mut *conn).await?;
+    Ok(inserted)
+}
+
+/// Wakes idle workers (LISTEN) when the caller's transaction commits.
+async fn wake_workers(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query("select pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
-        .execute(&mut *conn)
+        .execute(conn)
         .await?;
-    Ok(inserted)
+    Ok(())
 }
 
 /// Serialises the transactions that queue jobs of `resource` until they end, so the
@@ -318,10 +324,7 @@ pub async fn release(
     .rows_affected()
         == 1;
     if released {
-        sqlx::query("select pg_notify($1, '')")
-            .bind(NOTIFY_CHANNEL)
-            .execute(&mut *tx)
-            .await?;
+        wake_workers(&mut tx).await?;
     }
     tx.commit().await?;
     Ok(released)
@@ -449,10 +452,7 @@ pub async fn retry(
         .bind(extra_attempts)
         .fetch_one(&mut *conn)
         .await?;
-    sqlx::query("select pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut *conn)
-        .await?;
+    wake_workers(&mut *conn).await?;
     Ok(Transition::Done(job))
 }
 
