@@ -72,7 +72,7 @@ struct RunningEntry {
 /// lease renewed until it is written.
 struct Outcome {
     finished: FinishedAttempt,
-    _entry: Option<RunningEntry>,
+    entry: Option<RunningEntry>,
 }
 
 impl Drop for RunningEntry {
@@ -136,10 +136,10 @@ impl Worker {
                         }
                         for job in jobs {
                             if job.job_type == job_type::NOOP {
-                                let done = succeeded(&job, String::new());
+                                let done = succeeded(&job);
                                 let outcome = Outcome {
                                     finished: done,
-                                    _entry: None,
+                                    entry: None,
                                 };
                                 if finished_tx.send(outcome).await.is_err() {
                                     break;
@@ -242,7 +242,7 @@ impl Worker {
                     // The lease stays renewed until the completer has written it.
                     let outcome = Outcome {
                         finished: done,
-                        _entry: Some(entry),
+                        entry: Some(entry),
                     };
                     let _ = finished.send(outcome).await;
                 }
@@ -386,7 +386,7 @@ impl Worker {
         while outcomes.recv_many(&mut received, FINISH_BATCH).await > 0 {
             // The entries go (and their leases stop being renewed) once this is written.
             let (batch, _entries): (Vec<FinishedAttempt>, Vec<Option<RunningEntry>>) =
-                received.drain(..).map(|o| (o.finished, o._entry)).unzip();
+                received.drain(..).map(|o| (o.finished, o.entry)).unzip();
             let mut failures = 0;
             loop {
                 match self.record(&batch).await {
@@ -577,7 +577,7 @@ impl Worker {
     }
 }
 
-fn succeeded(job: &Job, stdout: String) -> FinishedAttempt {
+fn succeeded(job: &Job) -> FinishedAttempt {
     FinishedAttempt {
         job_id: job.id,
         attempt: job.attempts,
@@ -586,7 +586,7 @@ fn succeeded(job: &Job, stdout: String) -> FinishedAttempt {
             exit_code: Some(0),
             classification: None,
             error: None,
-            stdout,
+            stdout: String::new(),
             stderr: String::new(),
         },
         retry_delay: Duration::ZERO,

@@ -39,12 +39,10 @@ async fn killed_workers_lose_no_job_and_no_job_runs_twice_at_once() {
             .unwrap();
     common::wait_until_idle(&db.pool, Duration::from_secs(120)).await;
 
-    let states: Vec<(String, i64)> =
-        sqlx::query_as("select state, count(*) from jobs group by state")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(states, vec![("completed".to_string(), JOBS as i64)]);
+    assert_eq!(
+        common::job_states(&db.pool).await,
+        vec![("completed".to_string(), JOBS as i64)]
+    );
 
     // Exactly one successful attempt per job.
     let successes: Vec<(i64, i64)> = sqlx::query_as(

@@ -59,12 +59,10 @@ async fn a_control_database_outage_loses_no_job() {
     cluster().unwrap().start_again().unwrap();
 
     common::wait_until_idle(&db.pool, Duration::from_secs(120)).await;
-    let states: Vec<(String, i64)> =
-        sqlx::query_as("select state, count(*) from jobs group by state")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(states, vec![("completed".to_string(), 400)]);
+    assert_eq!(
+        common::job_states(&db.pool).await,
+        vec![("completed".to_string(), 400)]
+    );
     assert_eq!(common::overlapping_attempts(&db.pool).await, 0);
     assert!(
         stack.api.0.try_wait().unwrap().is_none(),

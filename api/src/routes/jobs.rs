@@ -84,10 +84,7 @@ pub async fn cancel(
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     principal.require_scope(SCOPE_WRITE)?;
-    transition(&state, &principal, id, "cancelled", |conn| {
-        Box::pin(queue::cancel(conn, id))
-    })
-    .await
+    transition(&state, &principal, id, Change::Cancel).await
 }
 
 /// Queues a failed or cancelled job again.
@@ -97,23 +94,24 @@ pub async fn retry(
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     principal.require_scope(SCOPE_WRITE)?;
-    let extra = state.settings.job_max_attempts;
-    transition(&state, &principal, id, "retried", move |conn| {
-        Box::pin(queue::retry(conn, id, extra))
-    })
-    .await
+    let change = Change::Retry {
+        extra_attempts: state.settings.job_max_attempts,
+    };
+    transition(&state, &principal, id, change).await
 }
 
-type TransitionFuture<'c> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = sqlx::Result<Transition>> + Send + 'c>>;
+/// What a caller asks of a job.
+enum Change {
+    Cancel,
+    Retry { extra_attempts: i32 },
+}
 
 /// Runs a cancel or retry in a transaction with its effect on the project.
 async fn transition(
     state: &AppState,
     principal: &Principal,
     id: Uuid,
-    verb: &str,
-    change: impl for<'c> FnOnce(&'c mut sqlx::PgConnection) -> TransitionFuture<'c>,
+    change: Change,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let mut tx = state.pool.begin().await?;
     // Visibility first, so another organization's job id reveals nothing.
@@ -126,7 +124,13 @@ async fn transition(
         Some((org, project)) if principal.can_see(org, project) => {}
         _ => return Err(ApiError::NotFound("job")),
     }
-    match change(&mut tx).await? {
+    let (outcome, verb) = match change {
+        Change::Cancel => (queue::cancel(&mut tx, id).await?, "cancelled"),
+        Change::Retry { extra_attempts } => {
+            (queue::retry(&mut tx, id, extra_attempts).await?, "retried")
+        }
+    };
+    match outcome {
         Transition::Done(job) => {
             effects::apply(&mut tx, &job).await?;
             tx.commit().await?;

@@ -84,6 +84,14 @@ pub async fn wait_for_state(pool: &PgPool, id: Uuid, state: &str, limit: Duratio
     }
 }
 
+/// How many jobs are in each state.
+pub async fn job_states(pool: &PgPool) -> Vec<(String, i64)> {
+    sqlx::query_as("select state, count(*) from jobs group by state order by state")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// Attempts of one job whose run times overlap another attempt of the same job.
 pub async fn overlapping_attempts(pool: &PgPool) -> i64 {
     sqlx::query_scalar(
