@@ -92,6 +92,8 @@ pub struct Job {
     pub last_stderr: Option<String>,
     pub locked_resource: Option<String>,
     pub retry_classification: Option<String>,
+    /// What the job needs beyond its project and cluster (e.g. `{"extension": "pgcrypto"}`).
+    pub args: serde_json::Value,
     /// When a cancel was asked of this job while it ran (it ends `cancelled`).
     pub cancel_requested_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -102,7 +104,7 @@ pub struct Job {
 pub const JOB_COLUMNS: &str = "id, type, state, organization_id, project_id, cluster_id, \
     preview_database_id, attempts, max_attempts, run_at, claimed_at, claimed_by, started_at, \
     completed_at, error, last_exit_code, last_stdout, last_stderr, locked_resource, \
-    retry_classification, cancel_requested_at, created_at, updated_at";
+    retry_classification, args, cancel_requested_at, created_at, updated_at";
 
 /// One attempt at a job: who ran it, when, and what its step printed and returned.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]

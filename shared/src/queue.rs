@@ -30,6 +30,8 @@ pub struct NewJob {
     /// Jobs with the same resource run one at a time, in submission order.
     pub locked_resource: Option<String>,
     pub max_attempts: i32,
+    /// What the job needs beyond its project and cluster; `{}` when nothing.
+    pub args: serde_json::Value,
 }
 
 /// Queues a job inside the caller's transaction; idle workers are woken when it commits.
@@ -38,8 +40,8 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
         lock_resource(conn, resource).await?;
     }
     let sql = format!(
-        "insert into jobs (id, type, organization_id, project_id, cluster_id, locked_resource, max_attempts)
-         values ($1, $2, $3, $4, $5, $6, $7)
+        "insert into jobs (id, type, organization_id, project_id, cluster_id, locked_resource, max_attempts, args)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
          returning {JOB_COLUMNS}"
     );
     let inserted: Job = sqlx::query_as(&sql)
@@ -50,6 +52,7 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
         .bind(job.cluster_id)
         .bind(&job.locked_resource)
         .bind(job.max_attempts)
+        .bind(&job.args)
         .fetch_one(&mut *conn)
         .await?;
     wake_workers(&mut *conn).await?;

@@ -188,6 +188,7 @@ pub async fn create(
             cluster_id: Some(placement.id),
             locked_resource: Some(format!("project:{id}")),
             max_attempts: state.settings.job_max_attempts,
+            args: json!({}),
         },
     )
     .await?;
