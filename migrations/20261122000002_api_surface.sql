@@ -45,3 +45,12 @@ create table idempotency_keys (
 create index idempotency_keys_created on idempotency_keys (created_at);
 
 create index api_keys_org on api_keys (organization_id, id);
+
+-- Lists page newest first by id (ids are UUIDv7, so id order is creation order); these
+-- replace the (created_at, id) indexes, which nothing reads any more.
+create index jobs_org_id on jobs (organization_id, id desc) where organization_id is not null;
+create index jobs_project_id on jobs (project_id, id desc) where project_id is not null;
+drop index jobs_org_created;
+drop index jobs_project;
+create index projects_org_id on projects (organization_id, id desc) where deleted_at is null;
+drop index projects_org_created;

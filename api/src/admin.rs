@@ -26,6 +26,7 @@ pub struct KeyGrant {
     pub project_id: Option<Uuid>,
     /// `None`: every scope.
     pub scopes: Option<Vec<String>>,
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Creates a key; answers its id and the plaintext, which is not stored.
@@ -33,8 +34,8 @@ pub async fn create_api_key(pool: &PgPool, grant: &KeyGrant) -> anyhow::Result<(
     let key = crypto::generate_api_key();
     let id = Uuid::now_v7();
     sqlx::query(
-        "insert into api_keys (id, organization_id, is_admin, name, key_prefix, key_hash, project_id, scopes)
-         values ($1, $2, $3, $4, $5, $6, $7, coalesce($8, '{read,write,credentials:read}'::text[]))",
+        "insert into api_keys (id, organization_id, is_admin, name, key_prefix, key_hash, project_id, scopes, expires_at)
+         values ($1, $2, $3, $4, $5, $6, $7, coalesce($8, '{read,write,credentials:read}'::text[]), $9)",
     )
     .bind(id)
     .bind(grant.organization_id)
@@ -44,6 +45,7 @@ pub async fn create_api_key(pool: &PgPool, grant: &KeyGrant) -> anyhow::Result<(
     .bind(&key.hash)
     .bind(grant.project_id)
     .bind(&grant.scopes)
+    .bind(grant.expires_at)
     .execute(pool)
     .await
     .context("creating an API key")?;

@@ -13,6 +13,8 @@ use capy_shared::crypto;
 pub const SCOPE_READ: &str = "read";
 pub const SCOPE_WRITE: &str = "write";
 pub const SCOPE_CREDENTIALS: &str = "credentials:read";
+/// Every scope a key may carry.
+pub const SCOPES: [&str; 3] = [SCOPE_READ, SCOPE_WRITE, SCOPE_CREDENTIALS];
 
 /// Who is calling, from a valid key.
 #[derive(Debug, Clone)]
@@ -32,6 +34,14 @@ impl Principal {
             Err(ApiError::Forbidden(
                 "this API key lacks the scope this call needs",
             ))
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("this call needs a platform admin key"))
         }
     }
 

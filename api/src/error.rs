@@ -24,6 +24,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("the control database is unavailable; try again shortly")]
     Unavailable,
+    /// A target cluster this call needs did not answer.
+    #[error("{0}")]
+    ClusterUnavailable(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -38,7 +41,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::ClusterUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -55,12 +58,23 @@ impl IntoResponse for ApiError {
         }
         let body = Json(serde_json::json!({ "error": self.to_string() }));
         let mut response = (self.status(), body).into_response();
-        if matches!(self, Self::Unavailable) {
+        if matches!(self, Self::Unavailable | Self::ClusterUnavailable(_)) {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("2"));
         }
         response
+    }
+}
+
+impl ApiError {
+    /// An error from code that answers `anyhow`: a control-database failure inside it
+    /// is still a 503.
+    pub fn from_anyhow(error: anyhow::Error) -> Self {
+        match error.downcast::<sqlx::Error>() {
+            Ok(sql) => sql.into(),
+            Err(other) => Self::Internal(other),
+        }
     }
 }
 

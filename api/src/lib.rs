@@ -4,10 +4,14 @@
 
 pub mod admin;
 pub mod auth;
+mod bodies;
 pub mod bootstrap;
+pub mod cluster_access;
 pub mod config;
 pub mod error;
 pub mod extract;
+mod idempotency;
+mod pagination;
 mod routes;
 
 use axum::Router;
@@ -37,5 +41,10 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    routes::router().with_state(state)
+    routes::router(state)
+}
+
+/// The OpenAPI document of every endpoint, as `/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes::router_and_openapi().1
 }

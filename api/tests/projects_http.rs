@@ -282,7 +282,7 @@ async fn another_organizations_key_sees_nothing() {
         .call("GET", "/v1/projects", Some(&other_key), None)
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(listed, json!({"projects": []}));
+    assert_eq!(listed, json!({"projects": [], "next_cursor": null}));
 
     // Our own key reads the connection; the password appears only there.
     let (status, connections) = app
@@ -385,7 +385,7 @@ async fn me_attempts_and_wait() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(attempts, json!({"attempts": []}));
+    assert_eq!(attempts, json!({"attempts": [], "next_cursor": null}));
 
     // No worker runs here: a wait ends at its deadline with the state unchanged.
     let started = std::time::Instant::now();

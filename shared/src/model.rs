@@ -68,12 +68,13 @@ pub mod job_type {
     pub const NOOP: &str = "capy.noop";
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Job {
     pub id: Uuid,
     #[serde(rename = "type")]
     #[sqlx(rename = "type")]
     pub job_type: String,
+    /// `pending`, `claimed`, `completed`, `failed` or `cancelled`.
     pub state: String,
     pub organization_id: Option<Uuid>,
     pub project_id: Option<Uuid>,
@@ -93,6 +94,7 @@ pub struct Job {
     pub locked_resource: Option<String>,
     pub retry_classification: Option<String>,
     /// What the job needs beyond its project and cluster (e.g. `{"extension": "pgcrypto"}`).
+    #[schema(value_type = Object)]
     pub args: serde_json::Value,
     /// When a cancel was asked of this job while it ran (it ends `cancelled`).
     pub cancel_requested_at: Option<DateTime<Utc>>,
@@ -107,7 +109,7 @@ pub const JOB_COLUMNS: &str = "id, type, state, organization_id, project_id, clu
     retry_classification, args, cancel_requested_at, created_at, updated_at";
 
 /// One attempt at a job: who ran it, when, and what its step printed and returned.
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct JobAttempt {
     pub attempt: i32,
     pub worker: String,
@@ -122,7 +124,7 @@ pub struct JobAttempt {
 
 /// A project (logical database) as CapyDB shows it. Host, ports and SSL mode come from
 /// its cluster; the password is never part of it.
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Project {
     pub id: Uuid,
     pub organization_id: Uuid,

@@ -1,34 +1,125 @@
+//! Jobs: listing, one job (with long-polling), its attempts, cancel and retry.
+
+use std::time::{Duration, Instant};
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::effects;
-use std::time::{Duration, Instant};
-
 use capy_shared::model::{Job, JobAttempt, JOB_COLUMNS};
 use capy_shared::queue::{self, Transition};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::{Principal, SCOPE_READ, SCOPE_WRITE};
+use crate::bodies::{ErrorResponses, JobBody};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Path, Query};
+use crate::pagination::{self, PageParams};
 use crate::AppState;
 
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+const STATES: [&str; 5] = ["pending", "claimed", "completed", "failed", "cancelled"];
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobFilter {
+    project_id: Option<Uuid>,
+    /// `pending`, `claimed`, `completed`, `failed` or `cancelled`.
+    state: Option<String>,
+    /// A job type such as `project.create`.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    job_type: Option<String>,
+    /// Platform admins only: one organization's jobs.
+    organization_id: Option<Uuid>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+    pub next_cursor: Option<String>,
+}
+
+/// The caller's jobs, newest first, filtered by project, state and type.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(JobFilter, PageParams),
+    responses((status = 200, body = JobList), ErrorResponses))]
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(filter): Query<JobFilter>,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<JobList>> {
+    principal.require_scope(SCOPE_READ)?;
+    let limit = page.limit()?;
+    if let Some(s) = &filter.state {
+        if !STATES.contains(&s.as_str()) {
+            return Err(ApiError::BadRequest(format!(
+                "state must be one of {}",
+                STATES.join(", ")
+            )));
+        }
+    }
+    let organization_id = if principal.is_admin {
+        filter.organization_id
+    } else {
+        principal.organization_id
+    };
+    // A project-scoped key sees its project's jobs only, whatever it asks for.
+    let project_id = match (principal.project_id, filter.project_id) {
+        (Some(own), Some(asked)) if own != asked => {
+            return Ok(Json(JobList {
+                jobs: Vec::new(),
+                next_cursor: None,
+            }))
+        }
+        (Some(own), _) => Some(own),
+        (None, asked) => asked,
+    };
+    let rows: Vec<Job> = sqlx::query_as(&format!(
+        "select {JOB_COLUMNS} from jobs
+         where ($1::uuid is null or organization_id = $1)
+           and ($2::uuid is null or project_id = $2)
+           and ($3::text is null or state = $3)
+           and ($4::text is null or type = $4)
+           and ($5::uuid is null or id < $5)
+           and ($6 or organization_id is not null)
+         order by id desc
+         limit $7"
+    ))
+    .bind(organization_id)
+    .bind(project_id)
+    .bind(&filter.state)
+    .bind(&filter.job_type)
+    .bind(page.after::<Uuid>()?)
+    .bind(principal.is_admin)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let (jobs, next_cursor) = pagination::page(rows, limit, |j| j.id);
+    Ok(Json(JobList { jobs, next_cursor }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ShowQuery {
     /// Seconds to wait for the job's state to change before answering (at most 60).
+    #[param(minimum = 0, maximum = 60)]
     wait: Option<u64>,
 }
 
 /// The job; with `?wait=N`, answers as soon as its state changes, or after N seconds,
 /// so clients need not poll in a tight loop.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id"), ShowQuery),
+    responses((status = 200, body = JobBody), ErrorResponses))]
 pub async fn show(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
     Query(query): Query<ShowQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<JobBody>> {
     principal.require_scope(SCOPE_READ)?;
     let wait = match query.wait {
         Some(seconds) if seconds > 60 => {
@@ -44,26 +135,44 @@ pub async fn show(
         tokio::time::sleep(Duration::from_millis(50).min(deadline - Instant::now())).await;
         job = visible_job(&state, &principal, id).await?;
     }
-    Ok(Json(json!({ "job": job })))
+    Ok(Json(JobBody { job }))
 }
 
-/// Every attempt of the job, oldest first: worker, times, exit code, classification,
-/// stdout and stderr.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptList {
+    pub attempts: Vec<JobAttempt>,
+    pub next_cursor: Option<String>,
+}
+
+/// Every finished attempt of the job, oldest first: worker, times, exit code,
+/// classification, stdout and stderr.
+#[utoipa::path(get, path = "/v1/jobs/{id}/attempts", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id"), PageParams),
+    responses((status = 200, body = AttemptList), ErrorResponses))]
 pub async fn attempts(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
-) -> ApiResult<Json<Value>> {
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<AttemptList>> {
     principal.require_scope(SCOPE_READ)?;
+    let limit = page.limit()?;
     visible_job(&state, &principal, id).await?;
-    let attempts: Vec<JobAttempt> = sqlx::query_as(
+    let rows: Vec<JobAttempt> = sqlx::query_as(
         "select attempt, worker, started_at, finished_at, exit_code, classification, error, stdout, stderr
-         from job_attempts where job_id = $1 order by attempt",
+         from job_attempts where job_id = $1 and ($2::int is null or attempt > $2)
+         order by attempt limit $3",
     )
     .bind(id)
+    .bind(page.after::<i32>()?)
+    .bind(limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    Ok(Json(json!({ "attempts": attempts })))
+    let (attempts, next_cursor) = pagination::page(rows, limit, |a| a.attempt);
+    Ok(Json(AttemptList {
+        attempts,
+        next_cursor,
+    }))
 }
 
 /// Job `id`, if the caller may see it; 404 otherwise.
@@ -78,21 +187,31 @@ async fn visible_job(state: &AppState, principal: &Principal, id: Uuid) -> ApiRe
 
 /// Cancels a pending job at once (200), or asks a running job's worker to stop its
 /// step (202: the job turns `cancelled` once the step is stopped).
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
+    responses((status = 200, description = "Cancelled", body = JobBody),
+              (status = 202, description = "The running step is being stopped", body = JobBody),
+              ErrorResponses))]
 pub async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<JobBody>)> {
     principal.require_scope(SCOPE_WRITE)?;
     transition(&state, &principal, id, Change::Cancel).await
 }
 
 /// Queues a failed or cancelled job again.
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
+    responses((status = 200, body = JobBody), ErrorResponses))]
 pub async fn retry(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<JobBody>)> {
     principal.require_scope(SCOPE_WRITE)?;
     let change = Change::Retry {
         extra_attempts: state.settings.job_max_attempts,
@@ -112,7 +231,7 @@ async fn transition(
     principal: &Principal,
     id: Uuid,
     change: Change,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<JobBody>)> {
     let mut tx = state.pool.begin().await?;
     // Visibility first, so another organization's job id reveals nothing.
     let owner: Option<(Option<Uuid>, Option<Uuid>)> =
@@ -139,7 +258,7 @@ async fn transition(
             } else {
                 StatusCode::OK
             };
-            Ok((status, Json(json!({ "job": job }))))
+            Ok((status, Json(JobBody { job })))
         }
         Transition::Refused(job) => Err(ApiError::Conflict(format!(
             "a {} job cannot be {verb}",

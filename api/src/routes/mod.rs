@@ -1,28 +1,100 @@
+//! Every endpoint, registered with its OpenAPI description, so `/openapi.json` is
+//! generated from the handlers themselves.
+
+mod api_keys;
+mod clusters;
 mod health;
 mod jobs;
 mod me;
+mod organizations;
 mod projects;
 
+use std::sync::Arc;
+
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
-use axum::Router;
+use axum::routing::get;
+use axum::{Json, Router};
 use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi as OpenApiDoc;
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, BODY_LIMIT_BYTES};
-use crate::AppState;
+use crate::{idempotency, AppState};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/projects", get(projects::list).post(projects::create))
-        .route("/v1/projects/{id}", get(projects::show))
-        .route("/v1/projects/{id}/connections", get(projects::connections))
-        .route("/v1/me", get(me::show))
-        .route("/v1/jobs/{id}", get(jobs::show))
-        .route("/v1/jobs/{id}/attempts", get(jobs::attempts))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/v1/jobs/{id}/retry", post(jobs::retry))
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "capy", description = "A control plane for managed PostgreSQL: projects (databases), their extensions, the jobs that provision them, API keys, organizations and clusters."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags(
+        (name = "projects", description = "Logical databases on a cluster"),
+        (name = "extensions", description = "A project's PostgreSQL extensions"),
+        (name = "jobs", description = "The work queued for workers, and its attempts"),
+        (name = "api_keys", description = "Keys: organization-wide or narrowed to a project, with scopes"),
+        (name = "organizations", description = "Tenants (platform admins)"),
+        (name = "clusters", description = "Target PostgreSQL clusters (platform admins)"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut OpenApiDoc) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("capy_live_…")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The routes and the OpenAPI document they make.
+pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(me::show))
+        .routes(routes!(projects::list, projects::create))
+        .routes(routes!(projects::show, projects::update, projects::delete))
+        .routes(routes!(projects::connections))
+        .routes(routes!(projects::retry_provisioning))
+        .routes(routes!(
+            projects::list_extensions,
+            projects::enable_extension
+        ))
+        .routes(routes!(projects::disable_extension))
+        .routes(routes!(jobs::list))
+        .routes(routes!(jobs::show))
+        .routes(routes!(jobs::attempts))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(organizations::list, organizations::create))
+        .routes(routes!(api_keys::list, api_keys::create))
+        .routes(routes!(api_keys::revoke))
+        .routes(routes!(clusters::list, clusters::register))
+        .routes(routes!(clusters::show))
+        .routes(routes!(clusters::check_access))
+        .split_for_parts()
+}
+
+pub fn router(state: AppState) -> Router {
+    let (routes, openapi) = router_and_openapi();
+    let openapi = Arc::new(openapi);
+    routes
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(openapi.as_ref().clone()) }),
+        )
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
             (
@@ -30,6 +102,11 @@ pub fn router() -> Router<AppState> {
                 axum::Json(serde_json::json!({"error": "method not allowed"})),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .layer(TraceLayer::new_for_http())
+        .with_state(state)
 }

@@ -1,0 +1,221 @@
+//! Checking a cluster's admin access, the one place the API connects to a target
+//! cluster: reachable? which version? may the role create roles and databases? It also
+//! reads the extensions the cluster offers, so listing them never waits on the cluster.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use capy_shared::crypto::SecretBox;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a check found. `error_kind` tells a wrong password from a wrong host or port.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AccessReport {
+    pub reachable: bool,
+    pub server_version: Option<String>,
+    pub is_superuser: bool,
+    pub can_create_roles: bool,
+    pub can_create_databases: bool,
+    /// Connect, authenticate and read the role's rights, in milliseconds.
+    pub latency_ms: f64,
+    /// `authentication_failed`, `host_not_found`, `connection_refused`, `timeout`,
+    /// `database_not_found` or `other`.
+    pub error_kind: Option<String>,
+    pub error: Option<String>,
+    pub checked_at: DateTime<Utc>,
+}
+
+struct Extension {
+    name: String,
+    description: Option<String>,
+    default_version: Option<String>,
+    trusted: bool,
+}
+
+/// Checks `admin_url` and, when it answers, records the cluster's extension catalog.
+pub async fn check_and_record(
+    pool: &PgPool,
+    cluster_id: Uuid,
+    admin_url: &str,
+) -> anyhow::Result<AccessReport> {
+    let (report, extensions) = check(admin_url).await;
+    let mut tx = pool.begin().await?;
+    sqlx::query("update clusters set last_checked_at = $2 where id = $1")
+        .bind(cluster_id)
+        .bind(report.checked_at)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(extensions) = extensions {
+        sqlx::query("delete from cluster_extensions where cluster_id = $1")
+            .bind(cluster_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "insert into cluster_extensions (cluster_id, name, description, default_version, trusted)
+             select $1, * from unnest($2::text[], $3::text[], $4::text[], $5::bool[])",
+        )
+        .bind(cluster_id)
+        .bind(extensions.iter().map(|e| e.name.clone()).collect::<Vec<_>>())
+        .bind(extensions.iter().map(|e| e.description.clone()).collect::<Vec<_>>())
+        .bind(extensions.iter().map(|e| e.default_version.clone()).collect::<Vec<_>>())
+        .bind(extensions.iter().map(|e| e.trusted).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Checks cluster `cluster_id` with its sealed admin URL.
+pub async fn check_cluster(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    cluster_id: Uuid,
+) -> anyhow::Result<AccessReport> {
+    let sealed: Vec<u8> =
+        sqlx::query_scalar("select admin_url_encrypted from clusters where id = $1")
+            .bind(cluster_id)
+            .fetch_one(pool)
+            .await?;
+    let admin_url = secrets.open(&sealed)?;
+    check_and_record(pool, cluster_id, &admin_url).await
+}
+
+async fn check(admin_url: &str) -> (AccessReport, Option<Vec<Extension>>) {
+    let started = Instant::now();
+    let mut report = AccessReport {
+        reachable: false,
+        server_version: None,
+        is_superuser: false,
+        can_create_roles: false,
+        can_create_databases: false,
+        latency_ms: 0.0,
+        error_kind: None,
+        error: None,
+        checked_at: Utc::now(),
+    };
+    let outcome = connect_and_read(admin_url, &mut report).await;
+    report.latency_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
+    match outcome {
+        Ok(extensions) => (report, Some(extensions)),
+        Err((kind, message)) => {
+            report.error_kind = Some(kind.into());
+            report.error = Some(message);
+            (report, None)
+        }
+    }
+}
+
+type Failure = (&'static str, String);
+
+async fn connect_and_read(
+    admin_url: &str,
+    report: &mut AccessReport,
+) -> Result<Vec<Extension>, Failure> {
+    let mut config: tokio_postgres::Config = admin_url
+        .parse()
+        .map_err(|_| ("other", "the admin URL is not a valid PostgreSQL URL".to_string()))?;
+    config
+        .connect_timeout(CONNECT_TIMEOUT)
+        .application_name("capy-check-access");
+    let target = describe_target(&config);
+    let user = config.get_user().unwrap_or("").to_string();
+    let connecting = config.connect(tokio_postgres::NoTls);
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| ("timeout", format!("timed out connecting to {target}")))?
+        .map_err(|e| classify(&e, &target, &user))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    report.reachable = true;
+    let row = client
+        .query_one(
+            "select current_setting('server_version'), rolsuper, rolcreaterole, rolcreatedb
+             from pg_roles where rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| ("other", format!("reading the role's rights: {e}")))?;
+    report.server_version = Some(row.get(0));
+    report.is_superuser = row.get(1);
+    report.can_create_roles = row.get::<_, bool>(1) || row.get::<_, bool>(2);
+    report.can_create_databases = row.get::<_, bool>(1) || row.get::<_, bool>(3);
+    let rows = client
+        .query(
+            "select e.name::text, e.comment, e.default_version, coalesce(v.trusted, false)
+             from pg_available_extensions e
+             left join pg_available_extension_versions v
+               on v.name = e.name and v.version = e.default_version
+             order by e.name",
+            &[],
+        )
+        .await
+        .map_err(|e| ("other", format!("reading the available extensions: {e}")))?;
+    Ok(rows
+        .iter()
+        .map(|row| Extension {
+            name: row.get(0),
+            description: row.get(1),
+            default_version: row.get(2),
+            trusted: row.get(3),
+        })
+        .collect())
+}
+
+fn describe_target(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+/// Names the cause: a wrong password, an unknown host, a closed port.
+fn classify(error: &tokio_postgres::Error, target: &str, user: &str) -> Failure {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        return match code {
+            "28P01" => (
+                "authentication_failed",
+                format!("password authentication failed for user '{user}'"),
+            ),
+            "28000" => ("authentication_failed", db.message().to_string()),
+            "3D000" => ("database_not_found", db.message().to_string()),
+            _ => ("other", format!("{} (SQLSTATE {code})", db.message())),
+        };
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => (
+                    "connection_refused",
+                    format!("connection refused by {target}: is the port right and the server up?"),
+                ),
+                std::io::ErrorKind::TimedOut => {
+                    ("timeout", format!("timed out connecting to {target}"))
+                }
+                _ if io.to_string().contains("lookup") || io.to_string().contains("resolve") => (
+                    "host_not_found",
+                    format!("the host of {target} could not be resolved"),
+                ),
+                _ => ("other", format!("could not connect to {target}: {io}")),
+            };
+        }
+        source = current.source();
+    }
+    let text = error.to_string();
+    if text.contains("timeout") || text.contains("timed out") {
+        return ("timeout", format!("timed out connecting to {target}"));
+    }
+    ("other", format!("could not connect to {target}: {text}"))
+}

@@ -1,0 +1,310 @@
+//! Target clusters (platform admins): registered by admin URL, listed, shown (never
+//! with the admin password) and checked for access.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::admin::{self, ClusterSpec};
+use crate::auth::Principal;
+use crate::bodies::ErrorResponses;
+use crate::cluster_access::{self, AccessReport};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{self, Path, Query};
+use crate::pagination::{self, PageParams};
+use crate::AppState;
+
+const SSL_MODES: [&str; 6] = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cluster {
+    pub id: Uuid,
+    pub name: String,
+    pub region: String,
+    /// The admin URL without its password.
+    pub admin_url: String,
+    pub public_host: String,
+    pub direct_port: i32,
+    pub pooled_port: i32,
+    pub ssl_mode: String,
+    /// How many live projects the cluster takes; null is no limit.
+    pub max_projects: Option<i32>,
+    pub project_count: i64,
+    pub last_checked_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClusterRow {
+    id: Uuid,
+    name: String,
+    region: String,
+    admin_url_encrypted: Vec<u8>,
+    public_host: String,
+    direct_port: i32,
+    pooled_port: i32,
+    ssl_mode: String,
+    max_projects: Option<i32>,
+    project_count: i64,
+    last_checked_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+const CLUSTER_SELECT: &str = "select c.id, c.name, c.region, c.admin_url_encrypted, c.public_host,
+    c.direct_port, c.pooled_port, c.ssl_mode, c.max_projects,
+    (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null) as project_count,
+    c.last_checked_at, c.created_at, c.updated_at from clusters c";
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterBody {
+    pub cluster: Cluster,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegisteredCluster {
+    pub cluster: Cluster,
+    /// The access check run at registration.
+    pub access: AccessReport,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterList {
+    pub clusters: Vec<Cluster>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccessBody {
+    pub access: AccessReport,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterCluster {
+    /// Unique: 1–63 lowercase letters, digits, '-' and '_'.
+    name: String,
+    /// `postgresql://user:password@host:port/database`, a role that may create roles
+    /// and databases.
+    url: String,
+    region: String,
+    /// Host clients connect to; the URL's host when left out.
+    public_host: Option<String>,
+    #[schema(minimum = 1, maximum = 65535)]
+    direct_port: Option<i32>,
+    #[schema(minimum = 1, maximum = 65535)]
+    pooled_port: Option<i32>,
+    /// `disable`, `allow`, `prefer` (default), `require`, `verify-ca` or `verify-full`.
+    ssl_mode: Option<String>,
+    #[schema(minimum = 0)]
+    max_projects: Option<i32>,
+}
+
+/// Registers a cluster and checks its access at once; it takes projects whatever the
+/// check found, so a cluster may be registered before it is up.
+#[utoipa::path(post, path = "/v1/clusters", tag = "clusters",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
+    request_body = RegisterCluster,
+    responses((status = 201, body = RegisteredCluster), ErrorResponses))]
+pub async fn register(
+    State(state): State<AppState>,
+    principal: Principal,
+    extract::Json(body): extract::Json<RegisterCluster>,
+) -> ApiResult<(StatusCode, Json<RegisteredCluster>)> {
+    principal.require_admin()?;
+    let spec = body.validate()?;
+    let taken: bool = sqlx::query_scalar("select exists (select 1 from clusters where name = $1)")
+        .bind(&spec.name)
+        .fetch_one(&state.pool)
+        .await?;
+    if taken {
+        return Err(ApiError::Conflict(format!(
+            "a cluster named '{}' is already registered",
+            spec.name
+        )));
+    }
+    let id = admin::upsert_cluster(&state.pool, &state.secrets, &spec)
+        .await
+        .map_err(ApiError::from_anyhow)?;
+    let access = cluster_access::check_and_record(&state.pool, id, &spec.admin_url)
+        .await
+        .map_err(ApiError::from_anyhow)?;
+    let cluster = fetch(&state, id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisteredCluster { cluster, access }),
+    ))
+}
+
+impl RegisterCluster {
+    fn validate(self) -> ApiResult<ClusterSpec> {
+        let bad = |m: &str| Err(ApiError::BadRequest(m.to_string()));
+        let label = |v: &str, max: usize| {
+            (1..=max).contains(&v.len())
+                && v.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                })
+        };
+        if !label(&self.name, 63) {
+            return bad("name must be 1 to 63 characters: lowercase letters, digits, '-' and '_'");
+        }
+        if !label(&self.region, 32) {
+            return bad("region must be 1 to 32 characters: lowercase letters, digits, '-' and '_'");
+        }
+        let parsed = url::Url::parse(&self.url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "postgres" | "postgresql"))
+            .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
+            .filter(|_| self.url.parse::<tokio_postgres::Config>().is_ok());
+        let Some(parsed) = parsed else {
+            return bad("url must be a PostgreSQL URL: postgresql://user:password@host:port/database");
+        };
+        let url_port = i32::from(parsed.port().unwrap_or(5432));
+        let direct_port = self.direct_port.unwrap_or(url_port);
+        let pooled_port = self.pooled_port.unwrap_or(direct_port);
+        if ![direct_port, pooled_port].iter().all(|p| (1..=65535).contains(p)) {
+            return bad("ports must be between 1 and 65535");
+        }
+        let public_host = self
+            .public_host
+            .unwrap_or_else(|| parsed.host_str().unwrap_or_default().to_string());
+        let host_ok = (1..=253).contains(&public_host.len())
+            && public_host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if !host_ok {
+            return bad("public_host must be a host name or IP address");
+        }
+        let ssl_mode = self.ssl_mode.unwrap_or_else(|| "prefer".into());
+        if !SSL_MODES.contains(&ssl_mode.as_str()) {
+            return bad("ssl_mode must be one of disable, allow, prefer, require, verify-ca, verify-full");
+        }
+        if self.max_projects.is_some_and(|m| m < 0) {
+            return bad("max_projects must not be negative");
+        }
+        Ok(ClusterSpec {
+            name: self.name,
+            region: self.region,
+            admin_url: self.url,
+            public_host,
+            direct_port,
+            pooled_port,
+            ssl_mode,
+            max_projects: self.max_projects,
+        })
+    }
+}
+
+#[utoipa::path(get, path = "/v1/clusters", tag = "clusters",
+    params(PageParams),
+    responses((status = 200, body = ClusterList), ErrorResponses))]
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<ClusterList>> {
+    principal.require_admin()?;
+    let limit = page.limit()?;
+    let rows: Vec<ClusterRow> = sqlx::query_as(&format!(
+        "{CLUSTER_SELECT} where ($1::uuid is null or c.id < $1) order by c.id desc limit $2"
+    ))
+    .bind(page.after::<Uuid>()?)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let (rows, next_cursor) = pagination::page(rows, limit, |c| c.id);
+    let clusters = rows
+        .into_iter()
+        .map(|row| present(&state, row))
+        .collect::<ApiResult<_>>()?;
+    Ok(Json(ClusterList {
+        clusters,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/clusters/{id}", tag = "clusters",
+    params(("id" = Uuid, Path, description = "Cluster id")),
+    responses((status = 200, body = ClusterBody), ErrorResponses))]
+pub async fn show(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<ClusterBody>> {
+    principal.require_admin()?;
+    Ok(Json(ClusterBody {
+        cluster: fetch(&state, id).await?,
+    }))
+}
+
+/// Connects with the admin URL and reports reachability, server version, whether the
+/// role may create roles and databases, and latency; a wrong password, host or port is
+/// named as such. Also refreshes the cluster's extension catalog.
+#[utoipa::path(post, path = "/v1/clusters/{id}/check-access", tag = "clusters",
+    params(("id" = Uuid, Path, description = "Cluster id")),
+    responses((status = 200, body = AccessBody), ErrorResponses))]
+pub async fn check_access(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<AccessBody>> {
+    principal.require_admin()?;
+    fetch(&state, id).await?;
+    let access = cluster_access::check_cluster(&state.pool, &state.secrets, id)
+        .await
+        .map_err(ApiError::from_anyhow)?;
+    Ok(Json(AccessBody { access }))
+}
+
+async fn fetch(state: &AppState, id: Uuid) -> ApiResult<Cluster> {
+    let row: Option<ClusterRow> = sqlx::query_as(&format!("{CLUSTER_SELECT} where c.id = $1"))
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?;
+    present(state, row.ok_or(ApiError::NotFound("cluster"))?)
+}
+
+/// The cluster as shown: its admin URL opened, then stripped of the password.
+fn present(state: &AppState, row: ClusterRow) -> ApiResult<Cluster> {
+    let admin_url = state
+        .secrets
+        .open(&row.admin_url_encrypted)
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let admin_url = match url::Url::parse(&admin_url) {
+        Ok(mut url) => {
+            let _ = url.set_password(None);
+            // libpq also takes the password as a query parameter.
+            let kept: Vec<(String, String)> = url
+                .query_pairs()
+                .filter(|(k, _)| k != "password")
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            url.set_query(None);
+            if !kept.is_empty() {
+                url.query_pairs_mut().extend_pairs(kept);
+            }
+            url.to_string()
+        }
+        Err(_) => "[unparseable]".into(),
+    };
+    Ok(Cluster {
+        id: row.id,
+        name: row.name,
+        region: row.region,
+        admin_url,
+        public_host: row.public_host,
+        direct_port: row.direct_port,
+        pooled_port: row.pooled_port,
+        ssl_mode: row.ssl_mode,
+        max_projects: row.max_projects,
+        project_count: row.project_count,
+        last_checked_at: row.last_checked_at,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}

@@ -1,0 +1,192 @@
+//! `POST /v1/projects`: records the project, places it on a cluster and queues its
+//! `project.create` job.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use capy_shared::crypto;
+use capy_shared::model::job_type;
+use serde::Deserialize;
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{fetch_project, queue_project_job, validate};
+use crate::auth::{Principal, SCOPE_WRITE};
+use crate::bodies::{ErrorResponses, JobAndProject};
+use crate::error::{ApiError, ApiResult};
+use crate::extract;
+use crate::AppState;
+
+const DEFAULT_MAX_CONNECTIONS: i32 = 20;
+const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
+const DEFAULT_IDLE_TRANSACTION_TIMEOUT: &str = "60s";
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProject {
+    /// 1–63 letters, digits, '-' and '_'; unique among the organization's projects.
+    name: String,
+    /// Place the project on a cluster of this region.
+    region: Option<String>,
+    /// Place the project on this cluster.
+    cluster_id: Option<Uuid>,
+    environment: Option<String>,
+    #[schema(minimum = 1, maximum = 1000)]
+    max_connections: Option<i32>,
+    /// A PostgreSQL duration such as "30s"; "0" is no limit.
+    statement_timeout: Option<String>,
+    idle_transaction_timeout: Option<String>,
+    #[schema(minimum = 0)]
+    storage_limit_bytes: Option<i64>,
+}
+
+impl CreateProject {
+    fn validate(&self) -> ApiResult<()> {
+        validate::name(&self.name)?;
+        validate::label("region", self.region.as_deref())?;
+        validate::label("environment", self.environment.as_deref())?;
+        validate::max_connections(self.max_connections)?;
+        validate::duration("statement_timeout", self.statement_timeout.as_deref())?;
+        validate::duration(
+            "idle_transaction_timeout",
+            self.idle_transaction_timeout.as_deref(),
+        )?;
+        validate::storage_limit(self.storage_limit_bytes)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Placement {
+    id: Uuid,
+    region: String,
+}
+
+/// Creates a project; answers 202 with it and its `project.create` job.
+#[utoipa::path(post, path = "/v1/projects", tag = "projects",
+    request_body = CreateProject,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
+    responses((status = 202, body = JobAndProject), ErrorResponses))]
+pub async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    extract::Json(body): extract::Json<CreateProject>,
+) -> ApiResult<(StatusCode, Json<JobAndProject>)> {
+    principal.require_scope(SCOPE_WRITE)?;
+    let organization_id = principal.organization()?;
+    if principal.project_id.is_some() {
+        return Err(ApiError::Forbidden(
+            "a project-scoped API key cannot create projects",
+        ));
+    }
+    body.validate()?;
+
+    let mut tx = state.pool.begin().await?;
+    let placement = place(&mut tx, body.region.as_deref(), body.cluster_id).await?;
+    let id = Uuid::now_v7();
+    // Database and role names come from the id, never from user input.
+    let database_name = format!("capy_{}", id.simple());
+    let password = state.secrets.seal(&crypto::generate_password());
+    let inserted = sqlx::query(
+        "insert into projects (id, organization_id, cluster_id, name, slug, region, environment,
+             state, database_name, role_name, password_encrypted, max_connections,
+             statement_timeout, idle_transaction_timeout, storage_limit_bytes)
+         values ($1, $2, $3, $4, $5, $6, $7, 'provisioning', $8, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(id)
+    .bind(organization_id)
+    .bind(placement.id)
+    .bind(&body.name)
+    .bind(body.name.to_ascii_lowercase())
+    .bind(&placement.region)
+    .bind(body.environment.as_deref().unwrap_or("development"))
+    .bind(&database_name)
+    .bind(&password)
+    .bind(body.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
+    .bind(
+        body.statement_timeout
+            .as_deref()
+            .unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
+    )
+    .bind(
+        body.idle_transaction_timeout
+            .as_deref()
+            .unwrap_or(DEFAULT_IDLE_TRANSACTION_TIMEOUT),
+    )
+    .bind(body.storage_limit_bytes)
+    .execute(&mut *tx)
+    .await;
+    if let Err(sqlx::Error::Database(db)) = &inserted {
+        if db.constraint() == Some("projects_org_name") {
+            return Err(ApiError::Conflict(format!(
+                "a project named '{}' already exists",
+                body.name
+            )));
+        }
+    }
+    inserted?;
+    let job = queue_project_job(&mut tx, &state, id, job_type::PROJECT_CREATE, json!({})).await?;
+    let project = fetch_project(&mut tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("project"))?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(JobAndProject { job, project })))
+}
+
+/// The cluster asked for, or the one of the region (any region if none) with the most
+/// room. Clusters are locked, so two creations cannot both take a cluster's last place.
+async fn place(
+    tx: &mut sqlx::PgConnection,
+    region: Option<&str>,
+    cluster_id: Option<Uuid>,
+) -> ApiResult<Placement> {
+    let candidates: Vec<(Uuid, String, Option<i32>, i64)> = sqlx::query_as(
+        "select c.id, c.region, c.max_projects,
+                (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null)
+         from clusters c
+         where ($1::text is null or c.region = $1) and ($2::uuid is null or c.id = $2)
+         order by c.created_at
+         for update of c",
+    )
+    .bind(region)
+    .bind(cluster_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    if let Some(cluster_id) = cluster_id {
+        if candidates.is_empty() {
+            let exists: Option<String> =
+                sqlx::query_scalar("select region from clusters where id = $1")
+                    .bind(cluster_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            return Err(ApiError::Unprocessable(match exists {
+                Some(actual) => format!(
+                    "cluster {cluster_id} is in region '{actual}', not '{}'",
+                    region.unwrap_or_default()
+                ),
+                None => format!("no cluster has the id {cluster_id}"),
+            }));
+        }
+    }
+    let roomy = candidates
+        .iter()
+        .filter(|(_, _, max, count)| max.is_none_or(|max| *count < i64::from(max)))
+        .min_by_key(|(_, _, _, count)| *count);
+    match (roomy, candidates.is_empty()) {
+        (Some((id, region, _, _)), _) => Ok(Placement {
+            id: *id,
+            region: region.clone(),
+        }),
+        (None, true) => Err(ApiError::Unprocessable(match region {
+            Some(region) => format!("no cluster is registered in region '{region}'"),
+            None => "no cluster is registered".into(),
+        })),
+        (None, false) => Err(ApiError::Unprocessable(match (cluster_id, region) {
+            (Some(id), _) => format!("cluster {id} is full (its project limit is reached)"),
+            (None, Some(region)) => format!(
+                "every cluster in region '{region}' is full (their project limits are reached)"
+            ),
+            (None, None) => "every cluster is full (their project limits are reached)".into(),
+        })),
+    }
+}

@@ -1,0 +1,217 @@
+//! Projects: logical databases on a cluster. The API records what is asked and queues
+//! the job that does it; workers run the steps on the cluster.
+
+mod change;
+mod create;
+mod extensions;
+mod validate;
+
+pub use change::*;
+pub use create::*;
+pub use extensions::*;
+
+use axum::extract::State;
+use axum::Json;
+use capy_shared::model::{Job, Project, PROJECT_SELECT};
+use capy_shared::queue::{self, NewJob};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::auth::{Principal, SCOPE_CREDENTIALS, SCOPE_READ};
+use crate::bodies::{ErrorResponses, ProjectBody};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Path, Query};
+use crate::pagination::{self, PageParams};
+use crate::AppState;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProjectList {
+    pub projects: Vec<Project>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProjectFilter {
+    /// Organization to list projects for (platform admins; organization keys always
+    /// list their own).
+    organization_id: Option<Uuid>,
+}
+
+/// The caller's live projects, newest first.
+#[utoipa::path(get, path = "/v1/projects", tag = "projects",
+    params(ProjectFilter, PageParams),
+    responses((status = 200, body = ProjectList), ErrorResponses))]
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(filter): Query<ProjectFilter>,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<ProjectList>> {
+    principal.require_scope(SCOPE_READ)?;
+    let limit = page.limit()?;
+    let organization_id = if principal.is_admin {
+        filter.organization_id
+    } else {
+        principal.organization_id
+    };
+    let rows: Vec<Project> = sqlx::query_as(&format!(
+        "{PROJECT_SELECT}
+         where p.deleted_at is null
+           and ($1::uuid is null or p.organization_id = $1)
+           and ($2::uuid is null or p.id = $2)
+           and ($3::uuid is null or p.id < $3)
+         order by p.id desc
+         limit $4"
+    ))
+    .bind(organization_id)
+    .bind(principal.project_id)
+    .bind(page.after::<Uuid>()?)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let (projects, next_cursor) = pagination::page(rows, limit, |p| p.id);
+    Ok(Json(ProjectList {
+        projects,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/projects/{id}", tag = "projects",
+    params(("id" = Uuid, Path, description = "Project id")),
+    responses((status = 200, body = ProjectBody), ErrorResponses))]
+pub async fn show(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<ProjectBody>> {
+    principal.require_scope(SCOPE_READ)?;
+    let project = visible_project(&state, &principal, id).await?;
+    Ok(Json(ProjectBody { project }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Connections {
+    pub direct_url: String,
+    pub pooled_url: String,
+    pub username: String,
+}
+
+/// Connection strings with the password (needs the `credentials:read` scope).
+#[utoipa::path(get, path = "/v1/projects/{id}/connections", tag = "projects",
+    params(("id" = Uuid, Path, description = "Project id")),
+    responses((status = 200, body = Connections), ErrorResponses))]
+pub async fn connections(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<Connections>> {
+    principal.require_scope(SCOPE_CREDENTIALS)?;
+    let project = visible_project(&state, &principal, id).await?;
+    if project.state != "ready" {
+        return Err(ApiError::Conflict(format!(
+            "the project is not ready (state: {}); poll its latest job",
+            project.state
+        )));
+    }
+    let sealed: Vec<u8> = sqlx::query_scalar("select password_encrypted from projects where id = $1")
+        .bind(id)
+        .fetch_one(&state.pool)
+        .await?;
+    let password = state
+        .secrets
+        .open(&sealed)
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let url = |port: i32| connection_url(&project, port, &password);
+    Ok(Json(Connections {
+        direct_url: url(project.direct_port)?,
+        pooled_url: url(project.pooled_port)?,
+        username: project.role_name.clone(),
+    }))
+}
+
+fn connection_url(project: &Project, port: i32, password: &str) -> ApiResult<String> {
+    let mut url = url::Url::parse(&format!(
+        "postgresql://{}:{port}/{}",
+        project.public_host, project.database_name
+    ))
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    url.set_username(&project.role_name)
+        .and_then(|()| url.set_password(Some(password)))
+        .map_err(|()| ApiError::Internal(anyhow::anyhow!("cannot set URL credentials")))?;
+    url.query_pairs_mut()
+        .append_pair("sslmode", &project.ssl_mode);
+    Ok(url.to_string())
+}
+
+/// The live project `id`, if the caller may see it; 404 otherwise.
+async fn visible_project(state: &AppState, principal: &Principal, id: Uuid) -> ApiResult<Project> {
+    let mut conn = state.pool.acquire().await?;
+    fetch_project(&mut conn, id)
+        .await?
+        .filter(|p| principal.can_see(Some(p.organization_id), Some(p.id)))
+        .ok_or(ApiError::NotFound("project"))
+}
+
+/// As [`visible_project`], inside the caller's transaction, with the row locked so
+/// concurrent changes to one project take turns.
+async fn lock_visible_project(
+    conn: &mut sqlx::PgConnection,
+    principal: &Principal,
+    id: Uuid,
+) -> ApiResult<Project> {
+    sqlx::query("select 1 from projects where id = $1 for update")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    fetch_project(conn, id)
+        .await?
+        .filter(|p| principal.can_see(Some(p.organization_id), Some(p.id)))
+        .ok_or(ApiError::NotFound("project"))
+}
+
+async fn fetch_project(conn: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<Option<Project>> {
+    sqlx::query_as(&format!(
+        "{PROJECT_SELECT} where p.id = $1 and p.deleted_at is null"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Queues a job of the project behind its other jobs (`locked_resource`) and records it
+/// as the project's latest.
+async fn queue_project_job(
+    tx: &mut sqlx::PgConnection,
+    state: &AppState,
+    project_id: Uuid,
+    job_type: &str,
+    args: serde_json::Value,
+) -> ApiResult<Job> {
+    let (organization_id, cluster_id): (Uuid, Uuid) =
+        sqlx::query_as("select organization_id, cluster_id from projects where id = $1")
+            .bind(project_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let job = queue::enqueue(
+        &mut *tx,
+        &NewJob {
+            job_type: job_type.into(),
+            organization_id: Some(organization_id),
+            project_id: Some(project_id),
+            cluster_id: Some(cluster_id),
+            locked_resource: Some(format!("project:{project_id}")),
+            max_attempts: state.settings.job_max_attempts,
+            args,
+        },
+    )
+    .await?;
+    sqlx::query("update projects set latest_job_id = $2, updated_at = now() where id = $1")
+        .bind(project_id)
+        .bind(job.id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(job)
+}
