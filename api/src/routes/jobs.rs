@@ -103,6 +103,7 @@ pub async fn list(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ShowQuery {
     /// Seconds to wait for the job's state to change before answering (at most 60).
     #[param(minimum = 0, maximum = 60)]
