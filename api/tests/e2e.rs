@@ -290,3 +290,140 @@ async fn a_permanent_failure_is_not_retried() {
     assert_eq!(project["state"], "error");
     assert_eq!(project["last_error"], "quota exceeded for this tenant");
 }
+
+/// The issue's lifecycle, on the real cluster through real workers: create → enable
+/// pgcrypto → use it as the project's own role → PATCH max_connections (seen in
+/// pg_database) → disable → delete → database and role gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_lives_its_whole_life_on_the_cluster() {
+    let stack = Stack::start(TestApp::new().await, &[]).await;
+    let admin = connect(&capy_testkit::cluster().unwrap().admin_url_for("postgres"))
+        .await
+        .unwrap();
+    let (project_id, create_job) = stack.create_project("lifecycle").await;
+    // Queued at once, behind the create on the same project: it waits, never fails.
+    let (status, body) = stack
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{project_id}/extensions"),
+            Some(json!({"name": "pgcrypto"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let enable_job = body["job"]["id"].as_str().unwrap().to_string();
+    assert_eq!(stack.wait_for_job(&create_job).await["state"], "completed");
+    let job = stack.wait_for_job(&enable_job).await;
+    assert_eq!(job["state"], "completed", "{job}");
+
+    let (status, connections) = stack
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/projects/{project_id}/connections"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{connections}");
+    let direct_url = connections["direct_url"].as_str().unwrap().to_string();
+    let own = connect(&direct_url).await.unwrap();
+    let digest: String = own
+        .query_one("select encode(digest('capy', 'sha256'), 'hex')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    use sha2::Digest as _;
+    assert_eq!(digest, hex::encode(sha2::Sha256::digest(b"capy")));
+    let (_, listed) = stack
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/projects/{project_id}/extensions"),
+            None,
+        )
+        .await;
+    let pgcrypto = listed["extensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "pgcrypto")
+        .unwrap()
+        .clone();
+    assert_eq!(pgcrypto["enabled"], true, "{pgcrypto}");
+    drop(own);
+
+    let (status, body) = stack
+        .request(
+            reqwest::Method::PATCH,
+            &format!("/v1/projects/{project_id}"),
+            Some(json!({"max_connections": 7})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let job = stack
+        .wait_for_job(body["job"]["id"].as_str().unwrap())
+        .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    let database = stack.project(&project_id).await["database_name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let limit: i32 = admin
+        .query_one(
+            "select datconnlimit from pg_database where datname = $1",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(limit, 7);
+
+    let (status, body) = stack
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/projects/{project_id}/extensions/pgcrypto"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let job = stack
+        .wait_for_job(body["job"]["id"].as_str().unwrap())
+        .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    let own = connect(&direct_url).await.unwrap();
+    let installed = own
+        .query_opt("select 1 from pg_extension where extname = 'pgcrypto'", &[])
+        .await
+        .unwrap();
+    assert!(installed.is_none(), "pgcrypto is still installed");
+
+    // Delete while the project's own session is open: it is ended.
+    let (status, body) = stack
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/projects/{project_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let job = stack
+        .wait_for_job(body["job"]["id"].as_str().unwrap())
+        .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert!(own.query_one("select 1", &[]).await.is_err());
+    let left: i64 = admin
+        .query_one(
+            "select (select count(*) from pg_database where datname = $1)
+                  + (select count(*) from pg_roles where rolname = $1)",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the database or role is still on the cluster");
+    let (status, _) = stack
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/projects/{project_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+}

@@ -93,7 +93,8 @@ pub struct Job {
     pub last_stderr: Option<String>,
     pub locked_resource: Option<String>,
     pub retry_classification: Option<String>,
-    /// What the job needs beyond its project and cluster (e.g. `{"extension": "pgcrypto"}`).
+    /// What the job needs beyond its project and cluster, e.g.
+    /// `{"name": "pgcrypto", "version": "1.3"}` for extension jobs.
     #[schema(value_type = Object)]
     pub args: serde_json::Value,
     /// When a cancel was asked of this job while it ran (it ends `cancelled`).

@@ -2,12 +2,16 @@
 //! as its admin with tokio-postgres and are idempotent: each reads the catalogs first
 //! and does only what is missing, so a retried attempt is safe.
 
+mod extensions;
 mod project_create;
+mod project_delete;
+mod project_update;
 
 use std::time::Duration;
 
+use capy_shared::ident::{is_valid_duration, is_valid_identifier};
 use capy_shared::model::job_type;
-use capy_shared::step::StepInput;
+use capy_shared::step::{StepCluster, StepInput, StepProject};
 use tokio_postgres::error::SqlState;
 
 /// A step's failure: whether a retry may succeed, and what to tell the operator.
@@ -60,17 +64,86 @@ impl StepError {
 pub async fn run(input: &StepInput) -> Result<(), StepError> {
     match input.job.job_type.as_str() {
         job_type::PROJECT_CREATE => project_create::run(input).await,
+        job_type::PROJECT_UPDATE => project_update::run(input).await,
+        job_type::PROJECT_DELETE => project_delete::run(input).await,
+        job_type::PROJECT_EXTENSION_ENABLE => extensions::enable(input).await,
+        job_type::PROJECT_EXTENSION_DISABLE => extensions::disable(input).await,
         other => Err(StepError::permanent(format!(
             "capy-step has no built-in step for job type '{other}'"
         ))),
     }
 }
 
+/// The input's project, which job type `what` cannot do without.
+pub fn require_project<'a>(input: &'a StepInput, what: &str) -> Result<&'a StepProject, StepError> {
+    input
+        .project
+        .as_ref()
+        .ok_or_else(|| StepError::permanent(format!("{what} needs a project")))
+}
+
+/// The input's cluster, which job type `what` cannot do without.
+pub fn require_cluster<'a>(input: &'a StepInput, what: &str) -> Result<&'a StepCluster, StepError> {
+    input
+        .cluster
+        .as_ref()
+        .ok_or_else(|| StepError::permanent(format!("{what} needs a cluster")))
+}
+
+/// The project's role and database names are checked again here: the step trusts
+/// nothing it is handed.
+pub fn validate_names(project: &StepProject) -> Result<(), StepError> {
+    for name in [&project.role_name, &project.database_name] {
+        if !is_valid_identifier(name) {
+            return Err(StepError::permanent(format!("invalid identifier {name:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// The names, and the settings that reach SQL text.
+pub fn validate_project(project: &StepProject) -> Result<(), StepError> {
+    validate_names(project)?;
+    for value in [
+        &project.statement_timeout,
+        &project.idle_transaction_timeout,
+    ] {
+        if !is_valid_duration(value) {
+            return Err(StepError::permanent(format!("invalid duration {value:?}")));
+        }
+    }
+    if !(1..=10_000).contains(&project.max_connections) {
+        return Err(StepError::permanent("max_connections out of range"));
+    }
+    Ok(())
+}
+
 /// Connects to a cluster as its admin. The URL is never printed.
 pub async fn connect(url: &str, what: &str) -> Result<tokio_postgres::Client, StepError> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
-        StepError::permanent(format!("the {what} URL is not a valid PostgreSQL URL"))
-    })?;
+    connect_config(parse_url(url, what)?, what).await
+}
+
+/// Connects as the cluster's admin to its database `dbname` (the admin URL with its
+/// database replaced). The URL is never printed.
+pub async fn connect_database(
+    admin_url: &str,
+    dbname: &str,
+    what: &str,
+) -> Result<tokio_postgres::Client, StepError> {
+    let mut config = parse_url(admin_url, what)?;
+    config.dbname(dbname);
+    connect_config(config, what).await
+}
+
+fn parse_url(url: &str, what: &str) -> Result<tokio_postgres::Config, StepError> {
+    url.parse()
+        .map_err(|_| StepError::permanent(format!("the {what} URL is not a valid PostgreSQL URL")))
+}
+
+async fn connect_config(
+    mut config: tokio_postgres::Config,
+    what: &str,
+) -> Result<tokio_postgres::Client, StepError> {
     config
         .connect_timeout(Duration::from_secs(10))
         .application_name("capy-step");
@@ -83,3 +156,31 @@ pub async fn connect(url: &str, what: &str) -> Result<tokio_postgres::Client, St
     });
     Ok(client)
 }
+
+/// Runs `sql` (one or more statements, no parameters); `what` names it in errors.
+pub async fn execute(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    what: &str,
+) -> Result<(), StepError> {
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| StepError::from_db(what, &e))
+}
+
+/// Whether the catalog query `sql`, with `name` as `$1`, answers a row.
+pub async fn exists(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    name: &str,
+) -> Result<bool, StepError> {
+    client
+        .query_opt(sql, &[&name])
+        .await
+        .map(|row| row.is_some())
+        .map_err(|e| StepError::from_db("reading the catalogs", &e))
+}
+
+pub const ROLE_EXISTS: &str = "select 1 from pg_roles where rolname = $1";
+pub const DATABASE_EXISTS: &str = "select 1 from pg_database where datname = $1";
