@@ -118,9 +118,12 @@ async fn connect_and_read(
     admin_url: &str,
     report: &mut AccessReport,
 ) -> Result<Vec<Extension>, Failure> {
-    let mut config: tokio_postgres::Config = admin_url
-        .parse()
-        .map_err(|_| ("other", "the admin URL is not a valid PostgreSQL URL".to_string()))?;
+    let mut config: tokio_postgres::Config = admin_url.parse().map_err(|_| {
+        (
+            "other",
+            "the admin URL is not a valid PostgreSQL URL".to_string(),
+        )
+    })?;
     config
         .connect_timeout(CONNECT_TIMEOUT)
         .application_name("capy-check-access");

@@ -62,9 +62,7 @@ async fn handle(
         .ok()
         .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x21..0x7f).contains(&b)))
         .ok_or_else(|| {
-            ApiError::BadRequest(
-                "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
-            )
+            ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into())
         })?
         .to_string();
     let scope = Sha256::digest(
@@ -129,15 +127,13 @@ async fn handle(
     let body = to_bytes(body, usize::MAX)
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("reading the response: {e}")))?;
-    sqlx::query(
-        "update idempotency_keys set status = $3, body = $4 where scope = $1 and key = $2",
-    )
-    .bind(&scope)
-    .bind(&key)
-    .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
-    .bind(body.as_ref())
-    .execute(&state.pool)
-    .await?;
+    sqlx::query("update idempotency_keys set status = $3, body = $4 where scope = $1 and key = $2")
+        .bind(&scope)
+        .bind(&key)
+        .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
+        .bind(body.as_ref())
+        .execute(&state.pool)
+        .await?;
     Ok(Response::from_parts(parts, Body::from(body)))
 }
 

@@ -93,6 +93,8 @@ mod tests {
         assert!(bad(Some(0), "").limit().is_err());
         assert!(bad(Some(201), "").limit().is_err());
         assert!(bad(None, "not base64!").after::<i32>().is_err());
-        assert!(bad(None, &URL_SAFE_NO_PAD.encode("x")).after::<i32>().is_err());
+        assert!(bad(None, &URL_SAFE_NO_PAD.encode("x"))
+            .after::<i32>()
+            .is_err());
     }
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test support: a failed set-up should panic
 //! PATCH, DELETE, retry-provisioning, extensions, the jobs list and Idempotency-Key,
 //! driven through the router without a port. No worker runs: jobs stay queued, and the
 //! tests finish them by hand where they need an outcome.

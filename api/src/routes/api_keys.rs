@@ -87,7 +87,9 @@ pub async fn create(
         ));
     }
     if body.expires_at.is_some_and(|at| at <= Utc::now()) {
-        return Err(ApiError::BadRequest("expires_at must be in the future".into()));
+        return Err(ApiError::BadRequest(
+            "expires_at must be in the future".into(),
+        ));
     }
     let scopes = match body.scopes {
         Some(scopes) => {
@@ -156,7 +158,9 @@ pub async fn create(
     let (id, key) = admin::create_api_key(&state.pool, &grant)
         .await
         .map_err(ApiError::from_anyhow)?;
-    let api_key = fetch(&state, id).await?.ok_or(ApiError::NotFound("API key"))?;
+    let api_key = fetch(&state, id)
+        .await?
+        .ok_or(ApiError::NotFound("API key"))?;
     Ok((StatusCode::CREATED, Json(CreatedApiKey { api_key, key })))
 }
 
@@ -227,7 +231,9 @@ pub async fn revoke(
         .bind(id)
         .execute(&state.pool)
         .await?;
-    let api_key = fetch(&state, id).await?.ok_or(ApiError::NotFound("API key"))?;
+    let api_key = fetch(&state, id)
+        .await?
+        .ok_or(ApiError::NotFound("API key"))?;
     Ok(Json(ApiKeyBody { api_key }))
 }
 

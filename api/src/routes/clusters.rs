@@ -18,7 +18,14 @@ use crate::extract::{self, Path, Query};
 use crate::pagination::{self, PageParams};
 use crate::AppState;
 
-const SSL_MODES: [&str; 6] = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
+const SSL_MODES: [&str; 6] = [
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Cluster {
@@ -146,15 +153,16 @@ impl RegisterCluster {
         let bad = |m: &str| Err(ApiError::BadRequest(m.to_string()));
         let label = |v: &str, max: usize| {
             (1..=max).contains(&v.len())
-                && v.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
-                })
+                && v.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         };
         if !label(&self.name, 63) {
             return bad("name must be 1 to 63 characters: lowercase letters, digits, '-' and '_'");
         }
         if !label(&self.region, 32) {
-            return bad("region must be 1 to 32 characters: lowercase letters, digits, '-' and '_'");
+            return bad(
+                "region must be 1 to 32 characters: lowercase letters, digits, '-' and '_'",
+            );
         }
         let parsed = url::Url::parse(&self.url)
             .ok()
@@ -162,12 +170,17 @@ impl RegisterCluster {
             .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
             .filter(|_| self.url.parse::<tokio_postgres::Config>().is_ok());
         let Some(parsed) = parsed else {
-            return bad("url must be a PostgreSQL URL: postgresql://user:password@host:port/database");
+            return bad(
+                "url must be a PostgreSQL URL: postgresql://user:password@host:port/database",
+            );
         };
         let url_port = i32::from(parsed.port().unwrap_or(5432));
         let direct_port = self.direct_port.unwrap_or(url_port);
         let pooled_port = self.pooled_port.unwrap_or(direct_port);
-        if ![direct_port, pooled_port].iter().all(|p| (1..=65535).contains(p)) {
+        if ![direct_port, pooled_port]
+            .iter()
+            .all(|p| (1..=65535).contains(p))
+        {
             return bad("ports must be between 1 and 65535");
         }
         let public_host = self
@@ -182,7 +195,9 @@ impl RegisterCluster {
         }
         let ssl_mode = self.ssl_mode.unwrap_or_else(|| "prefer".into());
         if !SSL_MODES.contains(&ssl_mode.as_str()) {
-            return bad("ssl_mode must be one of disable, allow, prefer, require, verify-ca, verify-full");
+            return bad(
+                "ssl_mode must be one of disable, allow, prefer, require, verify-ca, verify-full",
+            );
         }
         if self.max_projects.is_some_and(|m| m < 0) {
             return bad("max_projects must not be negative");

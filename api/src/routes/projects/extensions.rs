@@ -64,11 +64,12 @@ pub async fn list_extensions(
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
     let project = visible_project(&state, &principal, id).await?;
-    let known: bool =
-        sqlx::query_scalar("select exists (select 1 from cluster_extensions where cluster_id = $1)")
-            .bind(project.cluster_id)
-            .fetch_one(&state.pool)
-            .await?;
+    let known: bool = sqlx::query_scalar(
+        "select exists (select 1 from cluster_extensions where cluster_id = $1)",
+    )
+    .bind(project.cluster_id)
+    .fetch_one(&state.pool)
+    .await?;
     if !known {
         refresh_catalog(&state, project.cluster_id).await?;
     }
@@ -120,8 +121,15 @@ pub async fn enable_extension(
         }
     }
     let args = json!({ "name": body.name, "version": body.version });
-    queue_extension_job(state, principal, id, &body.name, job_type::PROJECT_EXTENSION_ENABLE, args)
-        .await
+    queue_extension_job(
+        state,
+        principal,
+        id,
+        &body.name,
+        job_type::PROJECT_EXTENSION_ENABLE,
+        args,
+    )
+    .await
 }
 
 /// Queues a `project.extension_disable` job.
@@ -137,8 +145,15 @@ pub async fn disable_extension(
     principal.require_scope(SCOPE_WRITE)?;
     check_name(&name)?;
     let args = json!({ "name": name });
-    queue_extension_job(state, principal, id, &name, job_type::PROJECT_EXTENSION_DISABLE, args)
-        .await
+    queue_extension_job(
+        state,
+        principal,
+        id,
+        &name,
+        job_type::PROJECT_EXTENSION_DISABLE,
+        args,
+    )
+    .await
 }
 
 fn check_name(name: &str) -> ApiResult<()> {

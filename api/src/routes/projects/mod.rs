@@ -116,10 +116,11 @@ pub async fn connections(
             project.state
         )));
     }
-    let sealed: Vec<u8> = sqlx::query_scalar("select password_encrypted from projects where id = $1")
-        .bind(id)
-        .fetch_one(&state.pool)
-        .await?;
+    let sealed: Vec<u8> =
+        sqlx::query_scalar("select password_encrypted from projects where id = $1")
+            .bind(id)
+            .fetch_one(&state.pool)
+            .await?;
     let password = state
         .secrets
         .open(&sealed)
