@@ -488,6 +488,24 @@ pub async fn delete_finished_before(
     Ok(done.rows_affected())
 }
 
+/// The queue's depth: runnable pending jobs, and how long the oldest has waited (in
+/// seconds; 0 when none). Reads the claim's own partial index.
+pub async fn depth(pool: &PgPool) -> sqlx::Result<(i64, f64)> {
+    sqlx::query_as(
+        "select count(*), coalesce(extract(epoch from now() - min(run_at)), 0)::float8
+         from jobs where state = 'pending' and run_at <= now()",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// How many jobs of each type are in each state: `(type, state, count)`.
+pub async fn counts_by_type_and_state(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>> {
+    sqlx::query_as("select type, state, count(*) from jobs group by type, state")
+        .fetch_all(pool)
+        .await
+}
+
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

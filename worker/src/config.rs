@@ -65,6 +65,10 @@ pub struct Cli {
     /// jobs handed back.
     #[arg(long, env = "CAPY_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+    /// Serve Prometheus metrics (and `/healthz`) on this address, e.g. `0.0.0.0:9100`;
+    /// off when unset.
+    #[arg(long, env = "CAPY_WORKER_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The built-in steps' executable (default: `capy-step` beside this binary).
     #[arg(long, env = "CAPY_STEP_BINARY")]
     pub step_binary: Option<PathBuf>,

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod handlers;
+pub mod metrics;
 pub mod process;
 pub mod runner;
 pub mod steps;

@@ -1,6 +1,9 @@
 use capy_shared::crypto::SecretBox;
 use capy_shared::{db, telemetry};
+use std::sync::Arc;
+
 use capy_worker::config::Cli;
+use capy_worker::metrics::{self, WorkerMetrics};
 use capy_worker::runner::Worker;
 use clap::Parser as _;
 
@@ -16,7 +19,16 @@ async fn main() -> anyhow::Result<()> {
         .min(32);
     let pool = db::pool(&cli.database_url, pool_size)?;
     let secrets = SecretBox::from_key_text(&cli.secret_key)?;
-    Worker::new(pool, secrets, settings)
+    let metrics = Arc::new(WorkerMetrics::new()?);
+    if let Some(addr) = cli.metrics_addr {
+        let server = metrics::serve(addr, metrics.clone(), pool.clone());
+        tokio::spawn(async move {
+            if let Err(error) = server.await {
+                tracing::error!(error = %format!("{error:#}"), "the metrics endpoint stopped");
+            }
+        });
+    }
+    Worker::new(pool, secrets, settings, metrics)
         .run(telemetry::shutdown_signal())
         .await
 }

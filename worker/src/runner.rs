@@ -19,6 +19,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::handlers;
+use crate::metrics::WorkerMetrics;
 use crate::process::{self, StepCommand, StepEnd, StepLimits, StopReason};
 
 /// Outcomes recorded in one statement, at most.
@@ -49,6 +50,7 @@ pub struct Worker {
     pool: PgPool,
     secrets: SecretBox,
     settings: WorkerSettings,
+    metrics: Arc<WorkerMetrics>,
     /// The running attempts, by job id.
     running: Mutex<HashMap<Uuid, Running>>,
 }
@@ -88,11 +90,17 @@ impl Drop for RunningEntry {
 }
 
 impl Worker {
-    pub fn new(pool: PgPool, secrets: SecretBox, settings: WorkerSettings) -> Arc<Self> {
+    pub fn new(
+        pool: PgPool,
+        secrets: SecretBox,
+        settings: WorkerSettings,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             pool,
             secrets,
             settings,
+            metrics,
             running: Mutex::new(HashMap::new()),
         })
     }
@@ -130,6 +138,7 @@ impl Worker {
                 {
                     Ok(jobs) => {
                         failures = 0;
+                        self.metrics.claimed(&jobs);
                         if jobs.len() == free {
                             // More may be waiting: claim again as soon as a slot frees.
                             idle_wait = Duration::ZERO;
@@ -229,7 +238,12 @@ impl Worker {
             let (stop_tx, stop_rx) = watch::channel(None);
             let entry = self.register(&job, stop_tx);
             tracing::info!("attempt started");
+            let started = Instant::now();
+            self.metrics.steps_in_flight.inc();
             let outcome = self.execute(&job, stop_rx).await;
+            self.metrics.steps_in_flight.dec();
+            self.metrics
+                .attempt_took(&job.job_type, started.elapsed().as_secs_f64());
             match outcome {
                 Ok(outcome) => {
                     let delay = self.settings.retry.delay_after(job.attempts);
@@ -421,6 +435,9 @@ impl Worker {
             tracing::info!(job_id = %job.id, attempt = job.attempts, state = job.state, "outcome recorded");
         }
         tx.commit().await?;
+        for job in &jobs {
+            self.metrics.recorded(job);
+        }
         Ok(jobs.len())
     }
 

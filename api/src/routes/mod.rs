@@ -6,6 +6,7 @@ mod clusters;
 mod health;
 mod jobs;
 mod me;
+mod metrics;
 mod organizations;
 mod projects;
 
@@ -63,6 +64,7 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(metrics::scrape))
         .routes(routes!(me::show))
         .routes(routes!(projects::list, projects::create))
         .routes(routes!(projects::show, projects::update, projects::delete))
