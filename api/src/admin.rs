@@ -81,6 +81,33 @@ pub struct ClusterSpec {
     pub max_projects: Option<i32>,
 }
 
+/// Registers a new cluster; answers its id, or `None` when the name is taken.
+pub async fn register_cluster(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    spec: &ClusterSpec,
+) -> anyhow::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "insert into clusters (id, name, region, admin_url_encrypted, public_host, direct_port,
+             pooled_port, ssl_mode, max_projects)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         on conflict (name) do nothing
+         returning id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(&spec.name)
+    .bind(&spec.region)
+    .bind(secrets.seal(&spec.admin_url))
+    .bind(&spec.public_host)
+    .bind(spec.direct_port)
+    .bind(spec.pooled_port)
+    .bind(&spec.ssl_mode)
+    .bind(spec.max_projects)
+    .fetch_optional(pool)
+    .await
+    .context("registering a cluster")
+}
+
 /// Registers a cluster, or updates the one of the same name; answers its id.
 pub async fn upsert_cluster(
     pool: &PgPool,

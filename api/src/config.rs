@@ -48,6 +48,13 @@ pub struct ServeArgs {
     /// Connections to the control database.
     #[arg(long, env = "CAPY_DATABASE_POOL_SIZE", default_value_t = 16)]
     pub pool_size: u32,
+    /// The API's URL as clients reach it (for `claim_url`); `http://LISTEN` if unset.
+    #[arg(long, env = "CAPY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Instant databases (`POST /v1/databases`) one client address may create per
+    /// minute.
+    #[arg(long, env = "CAPY_INSTANT_RATE_LIMIT_PER_MINUTE", default_value_t = 30, value_parser = clap::value_parser!(i64).range(1..))]
+    pub instant_rate_limit_per_minute: i64,
 }
 
 #[derive(Debug, clap::Args)]

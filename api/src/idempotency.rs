@@ -14,6 +14,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
+use axum::extract::FromRequestParts as _;
+
+use crate::auth::Principal;
 use crate::error::{ApiError, BODY_LIMIT_BYTES};
 use crate::AppState;
 
@@ -57,6 +60,10 @@ async fn handle(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    // A revoked or expired key gets no replay of what it did while it was live.
+    let (mut parts, body) = request.into_parts();
+    Principal::from_request_parts(&mut parts, state).await?;
+    let request = Request::from_parts(parts, body);
     let key = key
         .to_str()
         .ok()
@@ -127,11 +134,13 @@ async fn handle(
     let body = to_bytes(body, usize::MAX)
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("reading the response: {e}")))?;
+    // Sealed: an answer may carry a secret (a new API key's plaintext).
+    let sealed = state.secrets.seal(&String::from_utf8_lossy(&body));
     sqlx::query("update idempotency_keys set status = $3, body = $4 where scope = $1 and key = $2")
         .bind(&scope)
         .bind(&key)
         .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
-        .bind(body.as_ref())
+        .bind(&sealed)
         .execute(&state.pool)
         .await?;
     Ok(Response::from_parts(parts, Body::from(body)))
@@ -160,11 +169,15 @@ async fn replay(
             "this Idempotency-Key was used with another request".into(),
         ));
     }
-    let (Some(status), Some(body)) = (stored.status, stored.body) else {
+    let (Some(status), Some(sealed)) = (stored.status, stored.body) else {
         return Err(ApiError::Conflict(
             "a request with this Idempotency-Key is still running".into(),
         ));
     };
+    let body = state
+        .secrets
+        .open(&sealed)
+        .map_err(|e| ApiError::Internal(e.into()))?;
     let status = u16::try_from(status)
         .ok()
         .and_then(|s| StatusCode::from_u16(s).ok())

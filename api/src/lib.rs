@@ -23,12 +23,21 @@ use sqlx::PgPool;
 pub struct ApiSettings {
     /// Attempts a new job gets before it fails for good.
     pub job_max_attempts: i32,
+    /// The API's address as clients reach it, for links such as `claim_url`.
+    pub public_url: String,
+    /// Instant databases handed to one client address per minute, at most.
+    pub instant_rate_limit_per_minute: i64,
+    /// How long a request for an instant database waits for one made on the spot.
+    pub instant_wait: std::time::Duration,
 }
 
 impl Default for ApiSettings {
     fn default() -> Self {
         Self {
             job_max_attempts: 5,
+            public_url: "http://127.0.0.1:8080".into(),
+            instant_rate_limit_per_minute: 30,
+            instant_wait: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -1,3 +1,5 @@
+use std::net::SocketAddr;
+
 use anyhow::Context as _;
 use capy_api::config::{Cli, Command};
 use capy_api::{router, ApiSettings, AppState};
@@ -21,13 +23,21 @@ async fn main() -> anyhow::Result<()> {
                 secrets: SecretBox::from_key_text(&args.secret_key)?,
                 settings: ApiSettings {
                     job_max_attempts: args.job_max_attempts,
+                    public_url: args
+                        .public_url
+                        .clone()
+                        .unwrap_or_else(|| format!("http://{}", args.listen)),
+                    instant_rate_limit_per_minute: args.instant_rate_limit_per_minute,
+                    ..ApiSettings::default()
                 },
             };
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
             tracing::info!(address = %listener.local_addr()?, "capy-api listening");
-            axum::serve(listener, router(state))
+            // Client addresses feed the instant databases' rate limit.
+            let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, app)
                 .with_graceful_shutdown(capy_shared::telemetry::shutdown_signal())
                 .await
                 .context("serving HTTP")

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod db;
 pub mod effects;
 pub mod ident;
+pub mod instant;
 pub mod model;
 pub mod queue;
 pub mod redact;

@@ -128,7 +128,8 @@ pub struct JobAttempt {
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Project {
     pub id: Uuid,
-    pub organization_id: Uuid,
+    /// `None` only for an instant database nobody has claimed yet.
+    pub organization_id: Option<Uuid>,
     pub cluster_id: Uuid,
     pub name: String,
     pub slug: String,

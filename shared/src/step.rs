@@ -33,6 +33,9 @@ pub struct StepProject {
     pub statement_timeout: String,
     pub idle_transaction_timeout: String,
     pub storage_limit_bytes: Option<i64>,
+    /// The role may replicate (logical replication).
+    #[serde(default)]
+    pub replication: bool,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -69,6 +69,10 @@ pub struct Cli {
     /// off when unset.
     #[arg(long, env = "CAPY_WORKER_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Ready, unassigned instant databases the workers keep on every cluster, so
+    /// `POST /v1/databases` answers without waiting for provisioning (0: no pool).
+    #[arg(long, env = "CAPY_INSTANT_POOL_SIZE", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1000))]
+    pub instant_pool_size: i64,
     /// The built-in steps' executable (default: `capy-step` beside this binary).
     #[arg(long, env = "CAPY_STEP_BINARY")]
     pub step_binary: Option<PathBuf>,
@@ -125,6 +129,7 @@ impl Cli {
             step_timeouts,
             retention: (self.job_retention_seconds > 0)
                 .then(|| Duration::from_secs(self.job_retention_seconds)),
+            instant_pool_size: self.instant_pool_size,
         })
     }
 }

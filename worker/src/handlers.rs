@@ -19,6 +19,7 @@ struct ProjectRow {
     statement_timeout: String,
     idle_transaction_timeout: String,
     storage_limit_bytes: Option<i64>,
+    logical_replication: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -37,7 +38,8 @@ pub async fn load_input(
     let project: Option<ProjectRow> = match job.project_id {
         Some(id) => sqlx::query_as(
             "select id, cluster_id, database_name, role_name, password_encrypted, max_connections,
-                    statement_timeout, idle_transaction_timeout, storage_limit_bytes
+                    statement_timeout, idle_transaction_timeout, storage_limit_bytes,
+                    logical_replication
              from projects where id = $1",
         )
         .bind(id)
@@ -70,6 +72,7 @@ pub async fn load_input(
                 statement_timeout: p.statement_timeout,
                 idle_transaction_timeout: p.idle_transaction_timeout,
                 storage_limit_bytes: p.storage_limit_bytes,
+                replication: p.logical_replication,
             })
         })
         .transpose()?;

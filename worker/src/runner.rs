@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use capy_shared::crypto::SecretBox;
 use capy_shared::model::{job_type, Job, RetryClassification};
 use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, RetryPolicy};
-use capy_shared::{effects, redact, step};
+use capy_shared::{effects, instant, redact, step};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch, Notify};
@@ -44,6 +44,8 @@ pub struct WorkerSettings {
     pub step_commands: HashMap<String, String>,
     /// Finished jobs older than this are deleted; `None` keeps them.
     pub retention: Option<Duration>,
+    /// Ready, unassigned instant databases to keep per cluster (0: no pool).
+    pub instant_pool_size: i64,
 }
 
 pub struct Worker {
@@ -513,11 +515,39 @@ impl Worker {
             if let Err(error) = self.rescue().await {
                 tracing::warn!(error = %error, "rescuing expired leases failed");
             }
+            self.tend_instant_databases().await;
             if let Some(retention) = self.settings.retention {
                 if last_prune.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
                     last_prune = Some(Instant::now());
                     self.prune(retention).await;
                 }
+            }
+        }
+    }
+
+    /// Deletes expired instant databases and keeps the warm pool full.
+    async fn tend_instant_databases(&self) {
+        let limits = instant::InstantLimits::default();
+        match instant::expire(&self.pool, limits.max_attempts, 100).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                count = n,
+                "queued the deletion of expired instant databases"
+            ),
+            Err(error) => tracing::warn!(error = %error, "expiring instant databases failed"),
+        }
+        if self.settings.instant_pool_size > 0 {
+            match instant::top_up(
+                &self.pool,
+                &self.secrets,
+                self.settings.instant_pool_size,
+                limits,
+            )
+            .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "queued instant databases for the warm pool"),
+                Err(error) => tracing::warn!(error = %error, "filling the instant pool failed"),
             }
         }
     }

@@ -125,19 +125,16 @@ pub async fn register(
 ) -> ApiResult<(StatusCode, Json<RegisteredCluster>)> {
     principal.require_admin()?;
     let spec = body.validate()?;
-    let taken: bool = sqlx::query_scalar("select exists (select 1 from clusters where name = $1)")
-        .bind(&spec.name)
-        .fetch_one(&state.pool)
-        .await?;
-    if taken {
-        return Err(ApiError::Conflict(format!(
-            "a cluster named '{}' is already registered",
-            spec.name
-        )));
-    }
-    let id = admin::upsert_cluster(&state.pool, &state.secrets, &spec)
+    // One statement decides, so of two registrations of one name only one succeeds.
+    let id = admin::register_cluster(&state.pool, &state.secrets, &spec)
         .await
-        .map_err(ApiError::from_anyhow)?;
+        .map_err(ApiError::from_anyhow)?
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "a cluster named '{}' is already registered",
+                spec.name
+            ))
+        })?;
     let access = cluster_access::check_and_record(&state.pool, id, &spec.admin_url)
         .await
         .map_err(ApiError::from_anyhow)?;

@@ -3,6 +3,7 @@
 
 mod api_keys;
 mod clusters;
+mod databases;
 mod health;
 mod jobs;
 mod me;
@@ -33,6 +34,7 @@ use crate::{idempotency, AppState};
     tags(
         (name = "projects", description = "Logical databases on a cluster"),
         (name = "extensions", description = "A project's PostgreSQL extensions"),
+        (name = "databases", description = "Instant databases: no key, expire unless claimed"),
         (name = "jobs", description = "The work queued for workers, and its attempts"),
         (name = "api_keys", description = "Keys: organization-wide or narrowed to a project, with scopes"),
         (name = "organizations", description = "Tenants (platform admins)"),
@@ -80,6 +82,8 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(jobs::attempts))
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::retry))
+        .routes(routes!(databases::create))
+        .routes(routes!(databases::claim))
         .routes(routes!(organizations::list, organizations::create))
         .routes(routes!(api_keys::list, api_keys::create))
         .routes(routes!(api_keys::revoke))
@@ -93,6 +97,7 @@ pub fn router(state: AppState) -> Router {
     let (routes, openapi) = router_and_openapi();
     let openapi = Arc::new(openapi);
     routes
+        .route("/claim/{id}", get(databases::claim_page))
         .route(
             "/openapi.json",
             get(move || async move { Json(openapi.as_ref().clone()) }),

@@ -21,8 +21,14 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
 
     // The server stores a SCRAM verifier; the plain password never reaches its logs.
     let verifier = postgres_protocol::password::scram_sha_256(project.password.as_bytes());
+    // Logical replication (instant databases that ask for it) needs REPLICATION.
+    let replication = if project.replication {
+        "REPLICATION"
+    } else {
+        "NOREPLICATION"
+    };
     let role_settings = format!(
-        "LOGIN PASSWORD {} CONNECTION LIMIT {}",
+        "LOGIN {replication} PASSWORD {} CONNECTION LIMIT {}",
         quote_literal(&verifier),
         project.max_connections
     );

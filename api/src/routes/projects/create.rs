@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract;
 use crate::AppState;
 
-const DEFAULT_MAX_CONNECTIONS: i32 = 20;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: i32 = 20;
 const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
 const DEFAULT_IDLE_TRANSACTION_TIMEOUT: &str = "60s";
 

@@ -9,6 +9,7 @@ mod validate;
 pub use change::*;
 pub use create::*;
 pub use extensions::*;
+pub(crate) use validate::name as validate_name;
 
 use axum::extract::State;
 use axum::Json;
@@ -59,7 +60,7 @@ pub async fn list(
     };
     let rows: Vec<Project> = sqlx::query_as(&format!(
         "{PROJECT_SELECT}
-         where p.deleted_at is null
+         where p.deleted_at is null and p.organization_id is not null
            and ($1::uuid is null or p.organization_id = $1)
            and ($2::uuid is null or p.id = $2)
            and ($3::uuid is null or p.id < $3)
@@ -133,7 +134,7 @@ pub async fn connections(
     }))
 }
 
-fn connection_url(project: &Project, port: i32, password: &str) -> ApiResult<String> {
+pub(crate) fn connection_url(project: &Project, port: i32, password: &str) -> ApiResult<String> {
     let mut url = url::Url::parse(&format!(
         "postgresql://{}:{port}/{}",
         project.public_host, project.database_name
@@ -152,7 +153,7 @@ async fn visible_project(state: &AppState, principal: &Principal, id: Uuid) -> A
     let mut conn = state.pool.acquire().await?;
     fetch_project(&mut conn, id)
         .await?
-        .filter(|p| principal.can_see(Some(p.organization_id), Some(p.id)))
+        .filter(|p| principal.can_see(p.organization_id, Some(p.id)))
         .ok_or(ApiError::NotFound("project"))
 }
 
@@ -169,11 +170,14 @@ async fn lock_visible_project(
         .await?;
     fetch_project(conn, id)
         .await?
-        .filter(|p| principal.can_see(Some(p.organization_id), Some(p.id)))
+        .filter(|p| principal.can_see(p.organization_id, Some(p.id)))
         .ok_or(ApiError::NotFound("project"))
 }
 
-async fn fetch_project(conn: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<Option<Project>> {
+pub(crate) async fn fetch_project(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+) -> sqlx::Result<Option<Project>> {
     sqlx::query_as(&format!(
         "{PROJECT_SELECT} where p.id = $1 and p.deleted_at is null"
     ))
@@ -184,14 +188,14 @@ async fn fetch_project(conn: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<
 
 /// Queues a job of the project behind its other jobs (`locked_resource`) and records it
 /// as the project's latest.
-async fn queue_project_job(
+pub(crate) async fn queue_project_job(
     tx: &mut sqlx::PgConnection,
     state: &AppState,
     project_id: Uuid,
     job_type: &str,
     args: serde_json::Value,
 ) -> ApiResult<Job> {
-    let (organization_id, cluster_id): (Uuid, Uuid) =
+    let (organization_id, cluster_id): (Option<Uuid>, Uuid) =
         sqlx::query_as("select organization_id, cluster_id from projects where id = $1")
             .bind(project_id)
             .fetch_one(&mut *tx)
@@ -200,7 +204,7 @@ async fn queue_project_job(
         &mut *tx,
         &NewJob {
             job_type: job_type.into(),
-            organization_id: Some(organization_id),
+            organization_id,
             project_id: Some(project_id),
             cluster_id: Some(cluster_id),
             locked_resource: Some(format!("project:{project_id}")),

@@ -1,0 +1,513 @@
+//! Instant databases, after Instagres: `POST /v1/databases` needs no key and answers
+//! at once with a working connection string, taken from the warm pool (or made on the
+//! spot when the pool is empty). Unclaimed, a database expires after 72 hours; an
+//! organization's key claims it within 7 days, and it becomes an ordinary project.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use capy_shared::instant::{self, Entry, InstantLimits};
+use capy_shared::model::job_type;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::projects::{
+    connection_url, fetch_project, queue_project_job, ProjectUpdated, DEFAULT_MAX_CONNECTIONS,
+};
+use crate::auth::{Principal, SCOPE_WRITE};
+use crate::bodies::{ErrorBody, ErrorResponses};
+use crate::cluster_access;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::Path;
+use crate::AppState;
+
+/// An unclaimed database lives this long.
+const TTL: Duration = Duration::from_secs(72 * 3600);
+/// It may be claimed this long after creation.
+const CLAIM_WINDOW: chrono::Duration = chrono::Duration::days(7);
+
+/// Instagres's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstantDatabase {
+    pub id: Uuid,
+    /// `UNCLAIMED` or `CLAIMED`.
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Where an organization claims it (within 7 days).
+    pub claim_url: String,
+    pub connection_string: String,
+}
+
+/// Instagres's error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstantError {
+    pub status: u16,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDatabase {
+    /// Who is asking (your app's name).
+    #[serde(rename = "ref")]
+    #[schema(rename = "ref")]
+    reference: Option<String>,
+    /// The role may replicate; needs a cluster whose `wal_level` is `logical`.
+    #[serde(rename = "logicalReplication")]
+    #[schema(rename = "logicalReplication")]
+    logical_replication: Option<bool>,
+}
+
+/// A refusal in Instagres's shape; 429 carries Retry-After.
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    hint: Option<String>,
+    retry_after: Option<u64>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            hint: None,
+            retry_after: None,
+        }
+    }
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        let response = error.into_response();
+        let status = response.status();
+        let message = if status.is_server_error() {
+            "Failed to create the database.".to_string()
+        } else {
+            status.canonical_reason().unwrap_or("error").to_string()
+        };
+        Self {
+            retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(2),
+            ..Self::new(status, message)
+        }
+    }
+}
+
+impl From<sqlx::Error> for Refusal {
+    fn from(error: sqlx::Error) -> Self {
+        ApiError::from(error).into()
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = InstantError {
+            status: self.status.as_u16(),
+            message: self.message,
+            hint: self.hint,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// The client's address, for the rate limit ("unknown" without a socket, as in tests
+/// driving the router directly).
+pub struct ClientAddr(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or_else(|| "unknown".into(), |info| info.0.ip().to_string()),
+        ))
+    }
+}
+
+/// Creates a database at once, with no key: 201 with its connection string.
+#[utoipa::path(post, path = "/v1/databases", tag = "databases", security(()),
+    request_body = CreateDatabase,
+    responses((status = 201, body = InstantDatabase),
+              (status = 400, description = "Missing referrer or bad input", body = InstantError),
+              (status = 413, description = "Request body over 64 KiB", body = ErrorBody),
+              (status = 422, description = "Logical replication needs a cluster with wal_level 'logical'", body = InstantError),
+              (status = 429, description = "Too many databases from this address; see Retry-After", body = InstantError),
+              (status = 500, description = "Creating the database failed", body = InstantError),
+              (status = 503, description = "No database could be made in time, or the control database is unavailable", body = InstantError)))]
+pub async fn create(
+    State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    match create_database(&state, &client, &body).await {
+        Ok(database) => (StatusCode::CREATED, Json(database)).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn create_database(
+    state: &AppState,
+    client: &str,
+    body: &[u8],
+) -> Result<InstantDatabase, Refusal> {
+    let request: CreateDatabase = serde_json::from_slice(body).map_err(|e| Refusal {
+        hint: Some("Send a JSON body such as {\"ref\": \"my-app\"}.".into()),
+        ..Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("Invalid request body: {e}"),
+        )
+    })?;
+    let reference = request
+        .reference
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| Refusal {
+            hint: Some(
+                "Pass a `ref` to the request body to identify the source of the request.".into(),
+            ),
+            ..Refusal::new(StatusCode::BAD_REQUEST, "Missing referrer")
+        })?;
+    if reference.chars().count() > 100 || reference.chars().any(char::is_control) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "Invalid referrer: at most 100 characters, without control characters",
+        ));
+    }
+    let logical_replication = request.logical_replication.unwrap_or(false);
+    let ttl = TTL.as_secs() as i64;
+    let limits = InstantLimits {
+        max_attempts: state.settings.job_max_attempts,
+        ..InstantLimits::default()
+    };
+
+    let mut tx = state.pool.begin().await?;
+    let (recent, retry_in) = instant::recent_by_client(&mut tx, client).await?;
+    if recent >= state.settings.instant_rate_limit_per_minute {
+        return Err(Refusal {
+            retry_after: Some(retry_in.ceil().max(1.0) as u64),
+            hint: Some("Wait for the time in the Retry-After header.".into()),
+            ..Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "Too many databases: {} per minute from one address",
+                    state.settings.instant_rate_limit_per_minute
+                ),
+            )
+        });
+    }
+    if !logical_replication {
+        if let Some((id, cluster_id)) =
+            instant::take_from_pool(&mut tx, reference, client, ttl).await?
+        {
+            // The pool refills as it is taken from: one new entry for each taken.
+            instant::create(&mut tx, &state.secrets, cluster_id, Entry::Pool, limits).await?;
+            tx.commit().await?;
+            return answer(state, id).await;
+        }
+    }
+    let cluster_id = pick_cluster(state, logical_replication).await?;
+    let entry = Entry::OnTheSpot {
+        logical_replication,
+    };
+    let (id, job_id) = instant::create(&mut tx, &state.secrets, cluster_id, entry, limits).await?;
+    instant::assign(&mut tx, id, reference, client, ttl).await?;
+    tx.commit().await?;
+    match wait_for(state, job_id).await? {
+        "completed" => answer(state, id).await,
+        outcome => {
+            // Not handed out after all: expiry deletes it soon.
+            sqlx::query("update projects set expires_at = now() where id = $1")
+                .bind(id)
+                .execute(&state.pool)
+                .await?;
+            Err(if outcome == "timeout" {
+                Refusal {
+                    retry_after: Some(5),
+                    ..Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "The database was not ready in time; try again.",
+                    )
+                }
+            } else {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Failed to create the database.",
+                )
+            })
+        }
+    }
+}
+
+/// The cluster with the most room; for logical replication, one whose `wal_level` is
+/// `logical` (read again from clusters not checked yet).
+async fn pick_cluster(state: &AppState, logical_replication: bool) -> Result<Uuid, Refusal> {
+    let find = || async {
+        sqlx::query_scalar::<_, Uuid>(
+            "select c.id from clusters c
+             where (not $1 or c.wal_level = 'logical')
+               and (c.max_projects is null or c.max_projects >
+                    (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null))
+             order by (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null),
+                      c.created_at
+             limit 1",
+        )
+        .bind(logical_replication)
+        .fetch_optional(&state.pool)
+        .await
+    };
+    if let Some(id) = find().await? {
+        return Ok(id);
+    }
+    if !logical_replication {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No cluster has room for a new database.",
+        ));
+    }
+    let unchecked: Vec<Uuid> =
+        sqlx::query_scalar("select id from clusters where wal_level is null")
+            .fetch_all(&state.pool)
+            .await?;
+    for cluster_id in unchecked {
+        cluster_access::check_cluster(&state.pool, &state.secrets, cluster_id)
+            .await
+            .map_err(ApiError::from_anyhow)?;
+    }
+    if let Some(id) = find().await? {
+        return Ok(id);
+    }
+    let levels: Vec<String> = sqlx::query_scalar(
+        "select distinct coalesce(wal_level, 'unknown') from clusters order by 1",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    Err(Refusal {
+        hint: Some("Ask without logicalReplication, or have an operator set wal_level = logical on a cluster.".into()),
+        ..Refusal::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "Logical replication needs a cluster whose wal_level is 'logical'; the clusters have wal_level {}",
+                levels.join(", ")
+            ),
+        )
+    })
+}
+
+/// Waits for a job to end: its state, or "timeout".
+async fn wait_for(state: &AppState, job_id: Uuid) -> Result<&'static str, Refusal> {
+    let deadline = Instant::now() + state.settings.instant_wait;
+    loop {
+        let job_state: String = sqlx::query_scalar("select state from jobs where id = $1")
+            .bind(job_id)
+            .fetch_one(&state.pool)
+            .await?;
+        match job_state.as_str() {
+            "completed" => return Ok("completed"),
+            "failed" | "cancelled" => return Ok("failed"),
+            _ if Instant::now() >= deadline => return Ok("timeout"),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct InstantRow {
+    instant_status: Option<String>,
+    assigned_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+    password_encrypted: Vec<u8>,
+}
+
+async fn answer(state: &AppState, id: Uuid) -> Result<InstantDatabase, Refusal> {
+    let mut conn = state.pool.acquire().await?;
+    let project = fetch_project(&mut conn, id).await?.ok_or_else(|| {
+        Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Failed to create the database.",
+        )
+    })?;
+    let row: InstantRow = sqlx::query_as(
+        "select instant_status, assigned_at, expires_at, updated_at, password_encrypted
+         from projects where id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let password = state
+        .secrets
+        .open(&row.password_encrypted)
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(InstantDatabase {
+        id,
+        status: match row.instant_status.as_deref() {
+            Some("claimed") => "CLAIMED".into(),
+            _ => "UNCLAIMED".into(),
+        },
+        created_at: row.assigned_at.unwrap_or(project.created_at),
+        updated_at: row.updated_at,
+        expires_at: row.expires_at,
+        claim_url: format!(
+            "{}/claim/{id}",
+            state.settings.public_url.trim_end_matches('/')
+        ),
+        connection_string: connection_url(&project, project.pooled_port, &password)?,
+    })
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimDatabase {
+    /// The project's name in the organization; `instant-…` when left out.
+    name: Option<String>,
+}
+
+/// Claims an unclaimed database for the key's organization (within 7 days of its
+/// creation): it becomes an ordinary project that no longer expires, with the usual
+/// connection limit, applied by a `project.update` job.
+#[utoipa::path(post, path = "/v1/databases/{id}/claim", tag = "databases",
+    params(("id" = Uuid, Path, description = "Instant database id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
+    request_body(content = Option<ClaimDatabase>, description = "Optional"),
+    responses((status = 200, body = ProjectUpdated), ErrorResponses))]
+pub async fn claim(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+    body: Bytes,
+) -> ApiResult<Json<ProjectUpdated>> {
+    principal.require_scope(SCOPE_WRITE)?;
+    let organization_id = principal.organization()?;
+    if principal.project_id.is_some() {
+        return Err(ApiError::Forbidden(
+            "a project-scoped API key cannot claim databases",
+        ));
+    }
+    let request: ClaimDatabase = if body.iter().all(u8::is_ascii_whitespace) {
+        ClaimDatabase::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?
+    };
+    if let Some(name) = &request.name {
+        super::projects::validate_name(name)?;
+    }
+    let mut tx = state.pool.begin().await?;
+    let found: Option<(Option<String>, Option<DateTime<Utc>>, String)> = sqlx::query_as(
+        "select instant_status, assigned_at, name from projects
+         where id = $1 and deleted_at is null and state <> 'deleting' for update",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (status, assigned_at, default_name) = match found {
+        Some((Some(status), assigned_at, name)) if status != "pool" => (status, assigned_at, name),
+        _ => return Err(ApiError::NotFound("database")),
+    };
+    if status == "claimed" {
+        return Err(ApiError::Conflict(
+            "this database is already claimed".into(),
+        ));
+    }
+    if assigned_at.is_none_or(|at| at + CLAIM_WINDOW < Utc::now()) {
+        return Err(ApiError::Conflict(
+            "the claim window (7 days after creation) is over".into(),
+        ));
+    }
+    let name = request.name.unwrap_or(default_name);
+    let claimed = sqlx::query(
+        "update projects set organization_id = $2, name = $3, slug = lower($3),
+             instant_status = 'claimed', claimed_at = now(), expires_at = null,
+             max_connections = $4, storage_limit_bytes = null, updated_at = now()
+         where id = $1",
+    )
+    .bind(id)
+    .bind(organization_id)
+    .bind(&name)
+    .bind(DEFAULT_MAX_CONNECTIONS)
+    .execute(&mut *tx)
+    .await;
+    if let Err(sqlx::Error::Database(db)) = &claimed {
+        if db.constraint() == Some("projects_org_name") {
+            return Err(ApiError::Conflict(format!(
+                "a project named '{name}' already exists; claim with another \"name\""
+            )));
+        }
+    }
+    claimed?;
+    // Its history becomes the organization's, and its limits an ordinary project's.
+    sqlx::query("update jobs set organization_id = $2 where project_id = $1")
+        .bind(id)
+        .bind(organization_id)
+        .execute(&mut *tx)
+        .await?;
+    let job = queue_project_job(&mut tx, &state, id, job_type::PROJECT_UPDATE, json!({})).await?;
+    let project = fetch_project(&mut tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("database"))?;
+    tx.commit().await?;
+    Ok(Json(ProjectUpdated {
+        project,
+        job: Some(job),
+    }))
+}
+
+/// The page behind `claim_url`: how to claim this database.
+pub async fn claim_page(State(state): State<AppState>, Path(id): Path<Uuid>) -> Response {
+    let found: Result<Option<(Option<String>, Option<DateTime<Utc>>)>, _> = sqlx::query_as(
+        "select instant_status, expires_at from projects where id = $1 and deleted_at is null",
+    )
+    .bind(id)
+    .fetch_optional(&state.pool)
+    .await;
+    let (status, text) = match found {
+        Ok(Some((Some(s), expires_at))) if s == "unclaimed" => (
+            StatusCode::OK,
+            format!(
+                "<p>This database is unclaimed and expires at {}.</p>
+                 <p>Claim it for your organization with an API key of it:</p>
+                 <pre>curl -X POST {}/v1/databases/{id}/claim \\\n  -H \"Authorization: Bearer $CAPY_API_KEY\"</pre>",
+                expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                state.settings.public_url.trim_end_matches('/'),
+            ),
+        ),
+        Ok(Some((Some(s), _))) if s == "claimed" => {
+            (StatusCode::OK, "<p>This database has been claimed.</p>".to_string())
+        }
+        Ok(_) => (
+            StatusCode::NOT_FOUND,
+            "<p>No such database: it never existed or has expired.</p>".to_string(),
+        ),
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    (
+        status,
+        Html(format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Claim database {id}</title></head><body><h1>Database {id}</h1>{text}</body></html>"
+        )),
+    )
+        .into_response()
+}

@@ -1,0 +1,248 @@
+//! Instant databases: projects nobody owns yet. Workers keep a warm pool of them per
+//! cluster; the API hands one out at once and queues its replacement; unclaimed ones
+//! past their expiry are deleted. All of their SQL is here.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::crypto::{self, SecretBox};
+use crate::model::job_type;
+use crate::queue::{self, NewJob};
+
+/// Limits of a database nobody has claimed: few connections, a small storage budget.
+#[derive(Debug, Clone, Copy)]
+pub struct InstantLimits {
+    pub max_connections: i32,
+    pub storage_limit_bytes: i64,
+    pub max_attempts: i32,
+}
+
+impl Default for InstantLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 5,
+            storage_limit_bytes: 512 * 1024 * 1024,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// What kind of instant database to record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// A warm pool entry, waiting to be handed out.
+    Pool,
+    /// Made for one request, because the pool was empty or the request needs what the
+    /// pool's entries lack (logical replication).
+    OnTheSpot { logical_replication: bool },
+}
+
+/// Records an instant database on `cluster_id` and queues its `project.create` job;
+/// answers the project's id and the job's id.
+pub async fn create(
+    conn: &mut PgConnection,
+    secrets: &SecretBox,
+    cluster_id: Uuid,
+    entry: Entry,
+    limits: InstantLimits,
+) -> sqlx::Result<(Uuid, Uuid)> {
+    let id = Uuid::now_v7();
+    // Names come from the id, as for every project.
+    let database_name = format!("capy_{}", id.simple());
+    let (status, logical_replication) = match entry {
+        Entry::Pool => ("pool", false),
+        Entry::OnTheSpot {
+            logical_replication,
+        } => ("unclaimed", logical_replication),
+    };
+    sqlx::query(
+        "insert into projects (id, organization_id, cluster_id, name, slug, region, state,
+             database_name, role_name, password_encrypted, max_connections, statement_timeout,
+             idle_transaction_timeout, storage_limit_bytes, instant_status, logical_replication)
+         select $1, null, c.id, $2, $2, c.region, 'provisioning', $3, $3, $4, $5, '60s', '60s',
+                $6, $7, $8
+         from clusters c where c.id = $9",
+    )
+    .bind(id)
+    .bind(format!("instant-{}", &id.simple().to_string()[..12]))
+    .bind(&database_name)
+    .bind(secrets.seal(&crypto::generate_password()))
+    .bind(limits.max_connections)
+    .bind(limits.storage_limit_bytes)
+    .bind(status)
+    .bind(logical_replication)
+    .bind(cluster_id)
+    .execute(&mut *conn)
+    .await?;
+    let job = queue::enqueue(
+        &mut *conn,
+        &NewJob {
+            job_type: job_type::PROJECT_CREATE.into(),
+            organization_id: None,
+            project_id: Some(id),
+            cluster_id: Some(cluster_id),
+            locked_resource: Some(format!("project:{id}")),
+            max_attempts: limits.max_attempts,
+            args: serde_json::json!({}),
+        },
+    )
+    .await?;
+    sqlx::query("update projects set latest_job_id = $2 where id = $1")
+        .bind(id)
+        .bind(job.id)
+        .execute(&mut *conn)
+        .await?;
+    Ok((id, job.id))
+}
+
+/// Takes the oldest ready pool entry of any cluster with one, for a request from
+/// `client_addr`; it expires after `ttl_seconds`. Answers its id and cluster.
+pub async fn take_from_pool(
+    conn: &mut PgConnection,
+    reference: &str,
+    client_addr: &str,
+    ttl_seconds: i64,
+) -> sqlx::Result<Option<(Uuid, Uuid)>> {
+    sqlx::query_as(
+        "update projects set instant_status = 'unclaimed', instant_ref = $1, client_addr = $2,
+             assigned_at = now(), expires_at = now() + make_interval(secs => $3),
+             updated_at = now()
+         where id = (select id from projects
+                     where instant_status = 'pool' and deleted_at is null and state = 'ready'
+                     order by created_at limit 1
+                     for update skip locked)
+         returning id, cluster_id",
+    )
+    .bind(reference)
+    .bind(client_addr)
+    .bind(ttl_seconds as f64)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Marks a database made on the spot as handed out.
+pub async fn assign(
+    conn: &mut PgConnection,
+    id: Uuid,
+    reference: &str,
+    client_addr: &str,
+    ttl_seconds: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update projects set instant_ref = $2, client_addr = $3, assigned_at = now(),
+             expires_at = now() + make_interval(secs => $4)
+         where id = $1",
+    )
+    .bind(id)
+    .bind(reference)
+    .bind(client_addr)
+    .bind(ttl_seconds as f64)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How many databases `client_addr` was handed in the last minute, and in how many
+/// seconds the oldest of them leaves that window.
+pub async fn recent_by_client(
+    conn: &mut PgConnection,
+    client_addr: &str,
+) -> sqlx::Result<(i64, f64)> {
+    // Requests of one client take turns, so two cannot both pass the limit.
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
+        .bind(client_addr)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query_as(
+        "select count(*),
+                coalesce(extract(epoch from min(assigned_at) + interval '1 minute' - now()), 0)::float8
+         from projects where client_addr = $1 and assigned_at > now() - interval '1 minute'",
+    )
+    .bind(client_addr)
+    .fetch_one(conn)
+    .await
+}
+
+/// Keeps `size` pool entries (provisioning or ready) on every cluster with room.
+/// Answers how many were queued. Workers call it on every maintenance tick; an
+/// advisory lock makes concurrent calls take turns.
+pub async fn top_up(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    size: i64,
+    limits: InstantLimits,
+) -> sqlx::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let got: bool = sqlx::query_scalar(
+        "select pg_try_advisory_xact_lock(hashtextextended('capy:instant-pool', 0))",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if !got {
+        return Ok(0);
+    }
+    let missing: Vec<(Uuid, i64)> = sqlx::query_as(
+        "select c.id,
+                least($1 - (select count(*) from projects p
+                            where p.cluster_id = c.id and p.instant_status = 'pool'
+                              and p.deleted_at is null and p.state in ('provisioning', 'ready')),
+                      coalesce(c.max_projects, 2147483647)
+                        - (select count(*) from projects p
+                           where p.cluster_id = c.id and p.deleted_at is null))
+         from clusters c",
+    )
+    .bind(size)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut queued = 0;
+    for (cluster_id, count) in missing {
+        for _ in 0..count.max(0) {
+            create(&mut tx, secrets, cluster_id, Entry::Pool, limits).await?;
+            queued += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(queued)
+}
+
+/// Queues the deletion of unclaimed databases past their expiry, and of pool entries
+/// whose provisioning failed (a new entry replaces them). Answers how many.
+pub async fn expire(pool: &PgPool, max_attempts: i32, batch: i64) -> sqlx::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let doomed: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "update projects set state = 'deleting', updated_at = now()
+         where id in (select id from projects
+                      where deleted_at is null and state in ('ready', 'error', 'provisioning')
+                        and ((instant_status = 'unclaimed' and expires_at < now())
+                             or (instant_status = 'pool' and state = 'error'))
+                      order by expires_at nulls first
+                      limit $1
+                      for update skip locked)
+         returning id, cluster_id",
+    )
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id, cluster_id) in &doomed {
+        let job = queue::enqueue(
+            &mut tx,
+            &NewJob {
+                job_type: job_type::PROJECT_DELETE.into(),
+                organization_id: None,
+                project_id: Some(*id),
+                cluster_id: Some(*cluster_id),
+                locked_resource: Some(format!("project:{id}")),
+                max_attempts,
+                args: serde_json::json!({}),
+            },
+        )
+        .await?;
+        sqlx::query("update projects set latest_job_id = $2 where id = $1")
+            .bind(id)
+            .bind(job.id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(doomed.len())
+}
