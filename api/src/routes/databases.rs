@@ -475,9 +475,12 @@ pub async fn claim(
     }))
 }
 
+/// An instant database's status and expiry.
+type ClaimState = (Option<String>, Option<DateTime<Utc>>);
+
 /// The page behind `claim_url`: how to claim this database.
 pub async fn claim_page(State(state): State<AppState>, Path(id): Path<Uuid>) -> Response {
-    let found: Result<Option<(Option<String>, Option<DateTime<Utc>>)>, _> = sqlx::query_as(
+    let found: Result<Option<ClaimState>, _> = sqlx::query_as(
         "select instant_status, expires_at from projects where id = $1 and deleted_at is null",
     )
     .bind(id)
