@@ -10,6 +10,7 @@ alter table projects
     add column claimed_at           timestamptz,
     add column assigned_at          timestamptz,
     add column logical_replication  boolean not null default false,
+    -- Who asked, for abuse investigations (the rate limit itself is in the API).
     add column client_addr          text;
 alter table projects add constraint projects_instant_status
     check (instant_status in ('pool', 'unclaimed', 'claimed'));
@@ -22,9 +23,6 @@ create index projects_instant_pool on projects (cluster_id, created_at)
 -- Expiry reads unclaimed databases by expiry.
 create index projects_instant_expiry on projects (expires_at)
     where instant_status = 'unclaimed' and deleted_at is null;
--- The rate limit counts a client address's recent creations.
-create index projects_instant_client on projects (client_addr, assigned_at)
-    where client_addr is not null;
 
 -- What the last access check read of the cluster's wal_level: logical replication
 -- needs 'logical'.

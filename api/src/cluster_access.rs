@@ -19,6 +19,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct AccessReport {
     pub reachable: bool,
     pub server_version: Option<String>,
+    /// `logical` is needed for instant databases with logical replication.
+    pub wal_level: Option<String>,
     pub is_superuser: bool,
     pub can_create_roles: bool,
     pub can_create_databases: bool,
@@ -46,9 +48,12 @@ pub async fn check_and_record(
 ) -> anyhow::Result<AccessReport> {
     let (report, extensions) = check(admin_url).await;
     let mut tx = pool.begin().await?;
-    sqlx::query("update clusters set last_checked_at = $2 where id = $1")
-        .bind(cluster_id)
-        .bind(report.checked_at)
+    sqlx::query(
+        "update clusters set last_checked_at = $2, wal_level = coalesce($3, wal_level) where id = $1",
+    )
+    .bind(cluster_id)
+    .bind(report.checked_at)
+    .bind(&report.wal_level)
         .execute(&mut *tx)
         .await?;
     if let Some(extensions) = extensions {
@@ -92,6 +97,7 @@ async fn check(admin_url: &str) -> (AccessReport, Option<Vec<Extension>>) {
     let mut report = AccessReport {
         reachable: false,
         server_version: None,
+        wal_level: None,
         is_superuser: false,
         can_create_roles: false,
         can_create_databases: false,
@@ -140,13 +146,15 @@ async fn connect_and_read(
     report.reachable = true;
     let row = client
         .query_one(
-            "select current_setting('server_version'), rolsuper, rolcreaterole, rolcreatedb
+            "select current_setting('server_version'), rolsuper, rolcreaterole, rolcreatedb,
+                    current_setting('wal_level')
              from pg_roles where rolname = current_user",
             &[],
         )
         .await
         .map_err(|e| ("other", format!("reading the role's rights: {e}")))?;
     report.server_version = Some(row.get(0));
+    report.wal_level = Some(row.get(4));
     report.is_superuser = row.get(1);
     report.can_create_roles = row.get::<_, bool>(1) || row.get::<_, bool>(2);
     report.can_create_databases = row.get::<_, bool>(1) || row.get::<_, bool>(3);

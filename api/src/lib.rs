@@ -12,6 +12,7 @@ pub mod error;
 pub mod extract;
 mod idempotency;
 mod pagination;
+pub mod rate_limit;
 mod routes;
 
 use axum::Router;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub secrets: SecretBox,
     pub settings: ApiSettings,
+    /// Instant databases handed out per client address.
+    pub instant_limiter: std::sync::Arc<rate_limit::RateLimiter>,
 }
 
 pub fn router(state: AppState) -> Router {

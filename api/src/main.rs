@@ -30,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
                     instant_rate_limit_per_minute: args.instant_rate_limit_per_minute,
                     ..ApiSettings::default()
                 },
+                instant_limiter: Default::default(),
             };
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await

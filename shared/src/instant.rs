@@ -142,27 +142,6 @@ pub async fn assign(
     Ok(())
 }
 
-/// How many databases `client_addr` was handed in the last minute, and in how many
-/// seconds the oldest of them leaves that window.
-pub async fn recent_by_client(
-    conn: &mut PgConnection,
-    client_addr: &str,
-) -> sqlx::Result<(i64, f64)> {
-    // Requests of one client take turns, so two cannot both pass the limit.
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
-        .bind(client_addr)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query_as(
-        "select count(*),
-                coalesce(extract(epoch from min(assigned_at) + interval '1 minute' - now()), 0)::float8
-         from projects where client_addr = $1 and assigned_at > now() - interval '1 minute'",
-    )
-    .bind(client_addr)
-    .fetch_one(conn)
-    .await
-}
-
 /// Keeps `size` pool entries (provisioning or ready) on every cluster with room.
 /// Answers how many were queued. Workers call it on every maintenance tick; an
 /// advisory lock makes concurrent calls take turns.

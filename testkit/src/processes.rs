@@ -54,7 +54,8 @@ pub struct ProcessStack {
 
 impl ProcessStack {
     /// Starts `capy-api serve` on a free port and `workers` workers named
-    /// `worker-1`…, each with `worker_env` added; waits until the API is ready.
+    /// `worker-1`…, each with `env` added (the API too: each process reads only the
+    /// variables it knows); waits until the API is ready.
     pub async fn start(
         database_url: &str,
         workers: usize,
@@ -74,10 +75,11 @@ impl ProcessStack {
                 .stdout(std::process::Stdio::null());
             Ok(command)
         };
+        let mut api = base("capy-api")?;
+        api.arg("serve")
+            .envs(worker_env.iter().map(|(k, v)| (*k, v)));
         let api = ChildGuard(
-            base("capy-api")?
-                .arg("serve")
-                .env("CAPY_LISTEN", format!("127.0.0.1:{port}"))
+            api.env("CAPY_LISTEN", format!("127.0.0.1:{port}"))
                 .spawn()
                 .context("starting capy-api")?,
         );

@@ -94,7 +94,9 @@ impl From<ApiError> for Refusal {
     fn from(error: ApiError) -> Self {
         let response = error.into_response();
         let status = response.status();
-        let message = if status.is_server_error() {
+        let message = if status == StatusCode::SERVICE_UNAVAILABLE {
+            "The service is unavailable; try again shortly.".to_string()
+        } else if status.is_server_error() {
             "Failed to create the database.".to_string()
         } else {
             status.canonical_reason().unwrap_or("error").to_string()
@@ -203,11 +205,12 @@ async fn create_database(
         ..InstantLimits::default()
     };
 
-    let mut tx = state.pool.begin().await?;
-    let (recent, retry_in) = instant::recent_by_client(&mut tx, client).await?;
-    if recent >= state.settings.instant_rate_limit_per_minute {
+    if let Err(wait) = state
+        .instant_limiter
+        .check(client, state.settings.instant_rate_limit_per_minute)
+    {
         return Err(Refusal {
-            retry_after: Some(retry_in.ceil().max(1.0) as u64),
+            retry_after: Some(wait.as_secs().max(1)),
             hint: Some("Wait for the time in the Retry-After header.".into()),
             ..Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -219,6 +222,7 @@ async fn create_database(
         });
     }
     if !logical_replication {
+        let mut tx = state.pool.begin().await?;
         if let Some((id, cluster_id)) =
             instant::take_from_pool(&mut tx, reference, client, ttl).await?
         {
@@ -228,10 +232,12 @@ async fn create_database(
             return answer(state, id).await;
         }
     }
+    // (Outside any transaction: it may use connections of its own.)
     let cluster_id = pick_cluster(state, logical_replication).await?;
     let entry = Entry::OnTheSpot {
         logical_replication,
     };
+    let mut tx = state.pool.begin().await?;
     let (id, job_id) = instant::create(&mut tx, &state.secrets, cluster_id, entry, limits).await?;
     instant::assign(&mut tx, id, reference, client, ttl).await?;
     tx.commit().await?;

@@ -36,6 +36,7 @@ impl TestApp {
             pool: db.pool.clone(),
             secrets: secrets(),
             settings: ApiSettings::default(),
+            instant_limiter: Default::default(),
         };
         let organization_id = admin::create_organization(&db.pool, "acme").await.unwrap();
         let key = new_key(&db, organization_id).await;
