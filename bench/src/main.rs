@@ -2,6 +2,7 @@
 //! Build everything first (`cargo build --release --workspace --bins`): the benches run
 //! the API and workers as real processes from the same target folder.
 
+mod instant;
 mod provision;
 mod queue;
 mod stats;
@@ -40,6 +41,12 @@ enum Bench {
     Latency(queue::LatencyArgs),
     /// The burn-down on an empty table beside the same with finished jobs already in it.
     History(queue::HistoryArgs),
+    /// POST /v1/databases → connect + select 1, warm pool and empty pool, beside a raw
+    /// CREATE DATABASE.
+    Instant {
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
 }
 
 #[tokio::main]
@@ -54,5 +61,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::BurnDown(args) => queue::burn_down(&args).await,
         Bench::Latency(args) => queue::latency(&args).await,
         Bench::History(args) => queue::history(&args).await,
+        Bench::Instant { runs } => instant::instant(runs).await,
     }
 }

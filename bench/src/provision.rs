@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 
 use crate::stats::{median_ms, ms, round2};
 
-pub async fn provision(runs: usize) -> anyhow::Result<()> {
+/// A fresh control database with an organization key and the private cluster
+/// registered as `local`.
+pub async fn control_plane() -> anyhow::Result<(capy_testkit::TestDatabase, String)> {
     let cluster = cluster()?;
     let db = fresh_database().await?;
     let secrets = SecretBox::from_key_text(TEST_SECRET_KEY)?;
@@ -37,6 +39,12 @@ pub async fn provision(runs: usize) -> anyhow::Result<()> {
         },
     )
     .await?;
+    Ok((db, key))
+}
+
+pub async fn provision(runs: usize) -> anyhow::Result<()> {
+    let cluster = cluster()?;
+    let (db, key) = control_plane().await?;
     let stack = ProcessStack::start(&db.url, 2, &[]).await?;
     let http = reqwest::Client::new();
 
