@@ -1,0 +1,151 @@
+//! `capy clusters …` (platform admin): list, show, register by URL, check access.
+
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use super::{set, Ctx};
+use crate::client::segment;
+use crate::output::{self, field, Table};
+
+const CLUSTER_KEYS: &[&str] = &[
+    "id",
+    "name",
+    "region",
+    "admin_url",
+    "public_host",
+    "direct_port",
+    "pooled_port",
+    "ssl_mode",
+    "max_projects",
+    "project_count",
+    "last_checked_at",
+    "created_at",
+    "updated_at",
+];
+
+const ACCESS_KEYS: &[&str] = &[
+    "reachable",
+    "server_version",
+    "is_superuser",
+    "can_create_roles",
+    "can_create_databases",
+    "latency_ms",
+    "error_kind",
+    "error",
+    "checked_at",
+];
+
+#[derive(Debug, Subcommand)]
+pub enum ClustersCommand {
+    /// Every registered cluster.
+    List,
+    /// One cluster (its admin password is never shown).
+    Show { id: String },
+    /// Registers a PostgreSQL cluster by its admin URL and checks access to it.
+    Register {
+        /// 1–63 lowercase letters, digits, '-' and '_'.
+        #[arg(long, env = "CAPY_CLUSTER_NAME")]
+        name: String,
+        /// The admin URL, postgresql://user:password@host:port/database. Prefer the
+        /// environment variable: argv is visible to others.
+        #[arg(long, env = "CAPY_CLUSTER_URL", hide_env_values = true)]
+        url: String,
+        #[arg(long, env = "CAPY_CLUSTER_REGION")]
+        region: String,
+        /// The host projects connect to (the URL's host otherwise).
+        #[arg(long, env = "CAPY_CLUSTER_PUBLIC_HOST")]
+        public_host: Option<String>,
+        #[arg(long, env = "CAPY_CLUSTER_DIRECT_PORT")]
+        direct_port: Option<u16>,
+        #[arg(long, env = "CAPY_CLUSTER_POOLED_PORT")]
+        pooled_port: Option<u16>,
+        /// disable, allow, prefer, require, verify-ca or verify-full.
+        #[arg(long, env = "CAPY_CLUSTER_SSL_MODE")]
+        ssl_mode: Option<String>,
+        /// How many projects it may hold.
+        #[arg(long, env = "CAPY_CLUSTER_MAX_PROJECTS")]
+        max_projects: Option<u32>,
+    },
+    /// Connects to the cluster and reports reachability, version and admin rights.
+    CheckAccess { id: String },
+}
+
+impl ClustersCommand {
+    pub async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            Self::List => {
+                let list = ctx.client.get_all("/v1/clusters", &[], "clusters").await?;
+                if ctx.json() {
+                    return output::json(&list);
+                }
+                let mut table = Table::new(&[
+                    "ID", "NAME", "REGION", "HOST", "PORT", "PROJECTS", "MAX", "CHECKED",
+                ]);
+                for c in list["clusters"].as_array().into_iter().flatten() {
+                    table.row(
+                        [
+                            "id",
+                            "name",
+                            "region",
+                            "public_host",
+                            "direct_port",
+                            "project_count",
+                            "max_projects",
+                            "last_checked_at",
+                        ]
+                        .map(|k| field(c, k))
+                        .to_vec(),
+                    );
+                }
+                table.print()
+            }
+            Self::Show { id } => {
+                let answer = ctx
+                    .client
+                    .get(&format!("/v1/clusters/{}", segment(&id)?), &[])
+                    .await?;
+                if ctx.json() {
+                    return output::json(&answer);
+                }
+                output::show(&answer["cluster"], CLUSTER_KEYS)
+            }
+            Self::Register {
+                name,
+                url,
+                region,
+                public_host,
+                direct_port,
+                pooled_port,
+                ssl_mode,
+                max_projects,
+            } => {
+                let mut body = json!({ "name": name, "url": url, "region": region });
+                set(&mut body, "public_host", public_host.map(Value::from));
+                set(&mut body, "direct_port", direct_port.map(Value::from));
+                set(&mut body, "pooled_port", pooled_port.map(Value::from));
+                set(&mut body, "ssl_mode", ssl_mode.map(Value::from));
+                set(&mut body, "max_projects", max_projects.map(Value::from));
+                let answer = ctx.client.post("/v1/clusters", Some(&body)).await?;
+                if ctx.json() {
+                    return output::json(&answer);
+                }
+                output::show(&answer["cluster"], CLUSTER_KEYS)?;
+                output::out("access:")?;
+                output::show(&answer["access"], ACCESS_KEYS)
+            }
+            Self::CheckAccess { id } => {
+                let answer = ctx
+                    .client
+                    .post(
+                        &format!("/v1/clusters/{}/check-access", segment(&id)?),
+                        None,
+                    )
+                    .await?;
+                if ctx.json() {
+                    return output::json(&answer);
+                }
+                output::show(&answer["access"], ACCESS_KEYS)
+            }
+        }
+    }
+}
