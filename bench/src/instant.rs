@@ -27,8 +27,9 @@ fn p99_ms(samples: &mut [Duration]) -> f64 {
     ms(samples[rank - 1])
 }
 
-/// Times `runs` creations against a stack whose workers keep `pool` databases ready.
-async fn measure(runs: usize, pool: usize) -> anyhow::Result<Vec<Duration>> {
+/// Times `runs` creations against a stack whose workers keep `pool` databases ready:
+/// POST → select 1, and the POST's answer alone.
+async fn measure(runs: usize, pool: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let (db, _) = control_plane().await?;
     let env = [
         ("CAPY_INSTANT_POOL_SIZE", pool.to_string()),
@@ -51,6 +52,7 @@ async fn measure(runs: usize, pool: usize) -> anyhow::Result<Vec<Duration>> {
     }
     let http = reqwest::Client::new();
     let mut samples = Vec::new();
+    let mut answers = Vec::new();
     // Two warm-up runs are not counted.
     for run in 0..runs + 2 {
         let started = Instant::now();
@@ -62,12 +64,14 @@ async fn measure(runs: usize, pool: usize) -> anyhow::Result<Vec<Duration>> {
             .error_for_status()?
             .json()
             .await?;
+        let answered = started.elapsed();
         let url = created["connection_string"]
             .as_str()
             .context("no connection_string")?;
         connect_and_select(url).await?;
         if run >= 2 {
             samples.push(started.elapsed());
+            answers.push(answered);
         }
         if pool > 0 {
             // Let the replacement of what was taken catch up, so each run finds a
@@ -75,12 +79,12 @@ async fn measure(runs: usize, pool: usize) -> anyhow::Result<Vec<Duration>> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    Ok(samples)
+    Ok((samples, answers))
 }
 
 pub async fn instant(runs: usize) -> anyhow::Result<()> {
-    let report = |pool: &str, samples: &mut Vec<Duration>| {
-        let p50 = median_ms(samples);
+    let report = |pool: &str, (mut samples, mut answers): (Vec<Duration>, Vec<Duration>)| {
+        let p50 = median_ms(&mut samples);
         println!(
             "{}",
             json!({
@@ -88,15 +92,15 @@ pub async fn instant(runs: usize) -> anyhow::Result<()> {
                 "pool": pool,
                 "runs": samples.len(),
                 "post_to_select_1_ms_p50": p50,
-                "post_to_select_1_ms_p99": p99_ms(samples),
+                "post_to_select_1_ms_p99": p99_ms(&mut samples),
                 "post_to_select_1_ms_max": ms(samples[samples.len() - 1]),
+                "post_answer_ms_p50": median_ms(&mut answers),
+                "post_answer_ms_p99": p99_ms(&mut answers),
             })
         );
     };
-    let mut warm = measure(runs, runs.min(20)).await?;
-    report("warm", &mut warm);
-    let mut empty = measure(runs, 0).await?;
-    report("empty", &mut empty);
+    report("warm", measure(runs, runs.min(20)).await?);
+    report("empty", measure(runs, 0).await?);
 
     let cluster = cluster()?;
     let (admin, connection) =
@@ -114,6 +118,24 @@ pub async fn instant(runs: usize) -> anyhow::Result<()> {
             raw.push(started.elapsed());
         }
     }
+    // The floor: connect + select 1 to a database that exists and was connected to.
+    let existing = cluster.admin_url_for("postgres");
+    let mut floor = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        connect_and_select(&existing).await?;
+        floor.push(started.elapsed());
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": "instant",
+            "baseline": "connect + select 1 to an existing database",
+            "runs": runs,
+            "ms_p50": median_ms(&mut floor),
+            "ms_p99": p99_ms(&mut floor),
+        })
+    );
     println!(
         "{}",
         json!({

@@ -29,6 +29,7 @@ use crate::cluster_access;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Path;
 use crate::AppState;
+use capy_shared::model::{Project, PROJECT_SELECT};
 
 /// An unclaimed database lives this long.
 const TTL: Duration = Duration::from_secs(72 * 3600);
@@ -226,9 +227,16 @@ async fn create_database(
         if let Some((id, cluster_id)) =
             instant::take_from_pool(&mut tx, reference, client, ttl).await?
         {
-            // The pool refills as it is taken from: one new entry for each taken.
-            instant::create(&mut tx, &state.secrets, cluster_id, Entry::Pool, limits).await?;
             tx.commit().await?;
+            // The pool refills as it is taken from: one new entry for each taken, off
+            // the request's path. Should this be lost (a crash), the workers' top-up
+            // makes it good.
+            let refill = state.clone();
+            tokio::spawn(async move {
+                if let Err(error) = refill_pool(&refill, cluster_id, limits).await {
+                    tracing::warn!(error = %error, "queueing a pool replacement failed");
+                }
+            });
             return answer(state, id).await;
         }
     }
@@ -265,6 +273,16 @@ async fn create_database(
             })
         }
     }
+}
+
+async fn refill_pool(
+    state: &AppState,
+    cluster_id: Uuid,
+    limits: InstantLimits,
+) -> sqlx::Result<()> {
+    let mut tx = state.pool.begin().await?;
+    instant::create(&mut tx, &state.secrets, cluster_id, Entry::Pool, limits).await?;
+    tx.commit().await
 }
 
 /// The cluster with the most room; for logical replication, one whose `wal_level` is
@@ -341,32 +359,34 @@ async fn wait_for(state: &AppState, job_id: Uuid) -> Result<&'static str, Refusa
 
 #[derive(sqlx::FromRow)]
 struct InstantRow {
+    #[sqlx(flatten)]
+    project: Project,
     instant_status: Option<String>,
     assigned_at: Option<DateTime<Utc>>,
     expires_at: Option<DateTime<Utc>>,
-    updated_at: DateTime<Utc>,
     password_encrypted: Vec<u8>,
 }
 
+/// The answer for database `id`, read in one query.
 async fn answer(state: &AppState, id: Uuid) -> Result<InstantDatabase, Refusal> {
-    let mut conn = state.pool.acquire().await?;
-    let project = fetch_project(&mut conn, id).await?.ok_or_else(|| {
+    let row: InstantRow = sqlx::query_as(&format!(
+        "select x.*, p.instant_status, p.assigned_at, p.expires_at, p.password_encrypted
+         from ({PROJECT_SELECT} where p.id = $1) x join projects p on p.id = x.id"
+    ))
+    .bind(id)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| {
         Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Failed to create the database.",
         )
     })?;
-    let row: InstantRow = sqlx::query_as(
-        "select instant_status, assigned_at, expires_at, updated_at, password_encrypted
-         from projects where id = $1",
-    )
-    .bind(id)
-    .fetch_one(&mut *conn)
-    .await?;
     let password = state
         .secrets
         .open(&row.password_encrypted)
         .map_err(|e| ApiError::Internal(e.into()))?;
+    let project = &row.project;
     Ok(InstantDatabase {
         id,
         status: match row.instant_status.as_deref() {
@@ -374,13 +394,13 @@ async fn answer(state: &AppState, id: Uuid) -> Result<InstantDatabase, Refusal> 
             _ => "UNCLAIMED".into(),
         },
         created_at: row.assigned_at.unwrap_or(project.created_at),
-        updated_at: row.updated_at,
+        updated_at: project.updated_at,
         expires_at: row.expires_at,
         claim_url: format!(
             "{}/claim/{id}",
             state.settings.public_url.trim_end_matches('/')
         ),
-        connection_string: connection_url(&project, project.pooled_port, &password)?,
+        connection_string: connection_url(project, project.pooled_port, &password)?,
     })
 }
 

@@ -135,6 +135,19 @@ pub async fn connect_database(
     connect_config(config, what).await
 }
 
+/// Connects to the project's database as its own role, at the cluster's address.
+pub async fn connect_as(
+    admin_url: &str,
+    project: &StepProject,
+) -> Result<tokio_postgres::Client, StepError> {
+    let mut config = parse_url(admin_url, "cluster")?;
+    config
+        .user(&project.role_name)
+        .password(project.password.as_bytes())
+        .dbname(&project.database_name);
+    connect_config(config, "project's database as its role").await
+}
+
 fn parse_url(url: &str, what: &str) -> Result<tokio_postgres::Config, StepError> {
     url.parse()
         .map_err(|_| StepError::permanent(format!("the {what} URL is not a valid PostgreSQL URL")))

@@ -82,6 +82,16 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         "database {}: connection limit {}, statement_timeout {}, idle_in_transaction_session_timeout {}, CONNECT revoked from PUBLIC",
         project.database_name, project.max_connections, project.statement_timeout, project.idle_transaction_timeout
     );
+    // One connection as the project's own role proves the credentials work, and
+    // makes the server build the database's relation cache file now, so the client's
+    // first connection does not pay for it (about 10 ms on a new database).
+    match super::connect_as(&cluster.admin_url, project).await {
+        Ok(client) => match client.simple_query("select 1").await {
+            Ok(_) => println!("role {}: connects", project.role_name),
+            Err(e) => println!("warning: the role's first query failed: {e}"),
+        },
+        Err(e) => println!("warning: connecting as the role failed: {}", e.message),
+    }
     println!("project {} is ready", project.id);
     Ok(())
 }
