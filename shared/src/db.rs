@@ -28,3 +28,18 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .await
         .context("applying the control-plane migrations")
 }
+
+/// Deletes `Idempotency-Key` records past their day, a batch at a time; answers how
+/// many went.
+pub async fn prune_idempotency_keys(pool: &PgPool, batch: i64) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "delete from idempotency_keys where ctid in (
+             select ctid from idempotency_keys
+             where created_at < now() - interval '24 hours'
+             limit $1)",
+    )
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -516,10 +516,14 @@ impl Worker {
                 tracing::warn!(error = %error, "rescuing expired leases failed");
             }
             self.tend_instant_databases().await;
-            if let Some(retention) = self.settings.retention {
-                if last_prune.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-                    last_prune = Some(Instant::now());
+            if last_prune.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                last_prune = Some(Instant::now());
+                if let Some(retention) = self.settings.retention {
                     self.prune(retention).await;
+                }
+                if let Err(error) = capy_shared::db::prune_idempotency_keys(&self.pool, 1000).await
+                {
+                    tracing::warn!(error = %error, "pruning idempotency keys failed");
                 }
             }
         }
