@@ -34,7 +34,8 @@ impl PageParams {
 
     /// The sort key the page starts after, if a cursor was given.
     pub fn after<T: std::str::FromStr>(&self) -> ApiResult<Option<T>> {
-        let Some(cursor) = &self.cursor else {
+        // An empty cursor is no cursor: the first page.
+        let Some(cursor) = self.cursor.as_deref().filter(|c| !c.is_empty()) else {
             return Ok(None);
         };
         URL_SAFE_NO_PAD

@@ -26,6 +26,7 @@ const STATES: [&str; 5] = ["pending", "claimed", "completed", "failed", "cancell
 pub struct JobFilter {
     project_id: Option<Uuid>,
     /// `pending`, `claimed`, `completed`, `failed` or `cancelled`.
+    #[param(pattern = "^(pending|claimed|completed|failed|cancelled)$")]
     state: Option<String>,
     /// A job type such as `project.create`.
     #[serde(rename = "type")]

@@ -30,6 +30,7 @@ use crate::{idempotency, AppState};
 #[openapi(
     info(title = "capy", description = "A control plane for managed PostgreSQL: projects (databases), their extensions, the jobs that provision them, API keys, organizations and clusters."),
     modifiers(&BearerAuth),
+    components(schemas(crate::bodies::ErrorBody)),
     security(("bearer" = [])),
     tags(
         (name = "projects", description = "Logical databases on a cluster"),
@@ -61,9 +62,33 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Operation ids are the handlers' names, which repeat across modules (`list`,
+/// `create`); prefixed with their tag they are unique, as OpenAPI requires.
+struct OperationIds;
+
+impl Modify for OperationIds {
+    fn modify(&self, openapi: &mut OpenApiDoc) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.patch,
+                &mut item.delete,
+                &mut item.put,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let tag = operation.tags.as_ref().and_then(|t| t.first()).cloned();
+                if let (Some(tag), Some(id)) = (tag, operation.operation_id.as_mut()) {
+                    *id = format!("{tag}_{id}");
+                }
+            }
+        }
+    }
+}
+
 /// The routes and the OpenAPI document they make.
 pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (routes, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::scrape))
@@ -90,7 +115,10 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(clusters::list, clusters::register))
         .routes(routes!(clusters::show))
         .routes(routes!(clusters::check_access))
-        .split_for_parts()
+        .split_for_parts();
+    // After the split: only then does the document hold the handlers' paths.
+    OperationIds.modify(&mut openapi);
+    (routes, openapi)
 }
 
 pub fn router(state: AppState) -> Router {
