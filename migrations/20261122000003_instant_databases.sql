@@ -10,6 +10,8 @@ alter table projects
     add column claimed_at           timestamptz,
     add column assigned_at          timestamptz,
     add column logical_replication  boolean not null default false,
+    -- When the storage limit was last checked (unclaimed databases only).
+    add column storage_checked_at   timestamptz,
     -- Who asked, for abuse investigations (the rate limit itself is in the API).
     add column client_addr          text;
 alter table projects add constraint projects_instant_status

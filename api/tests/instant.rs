@@ -403,3 +403,95 @@ async fn bad_requests_rate_limits_and_logical_replication_get_instagres_answers(
     .unwrap();
     assert_eq!((connections, storage), (5, Some(512 * 1024 * 1024)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_past_its_storage_limit_refuses_connections_until_claimed() {
+    let app = TestApp::new().await;
+    let env = [
+        ("CAPY_LEASE_SECONDS", "4".to_string()),
+        ("CAPY_INSTANT_STORAGE_CHECK_SECONDS", "1".to_string()),
+    ];
+    let processes = ProcessStack::start(&app.db.url, 2, &env).await.unwrap();
+    let http = reqwest::Client::new();
+    let (status, database) = create(&http, &processes.api_url, json!({"ref": "hungry"})).await;
+    assert_eq!(status, 201, "{database}");
+    let url = database["connection_string"].as_str().unwrap().to_string();
+    let id = database["id"].as_str().unwrap();
+    let open = connect(&url).await.unwrap();
+    open.batch_execute("create table t (x int)").await.unwrap();
+
+    // A few checks pass under the 512 MiB limit; then it is over a limit of 1 byte
+    // (filling 512 MiB would only make the test slow).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    open.batch_execute("insert into t values (1)")
+        .await
+        .unwrap();
+    sqlx::query("update projects set storage_limit_bytes = 1 where id = $1::uuid")
+        .bind(id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let refused = match connect(&url).await {
+            Err(e) => e
+                .as_db_error()
+                .is_some_and(|db| db.message().contains("not currently accepting connections")),
+            Ok(_) => false,
+        };
+        if refused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still accepting connections");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        open.batch_execute("select 1").await.is_err(),
+        "the open session was not ended"
+    );
+    let (attempts, exit): (i64, Option<i32>) = sqlx::query_as(
+        "select count(*), max(last_exit_code) from jobs
+         where project_id = $1::uuid and type = 'project.storage_check' and state = 'completed'",
+    )
+    .bind(id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(attempts >= 2, "{attempts} checks");
+    assert_eq!(exit, Some(0));
+
+    // Claimed, it has no storage limit and takes connections again.
+    let (status, claimed) = app
+        .call(
+            "POST",
+            &format!("/v1/databases/{id}/claim"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{claimed}");
+    assert_eq!(claimed["project"]["storage_limit_bytes"], Value::Null);
+    let job_id = claimed["job"]["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, job) = app
+            .call(
+                "GET",
+                &format!("/v1/jobs/{job_id}?wait=5"),
+                Some(&app.key),
+                None,
+            )
+            .await;
+        if job["job"]["state"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{job}");
+    }
+    let again = connect(&url).await.unwrap();
+    let rows: i64 = again
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}

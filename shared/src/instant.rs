@@ -225,3 +225,47 @@ pub async fn expire(pool: &PgPool, max_attempts: i32, batch: i64) -> sqlx::Resul
     tx.commit().await?;
     Ok(doomed.len())
 }
+
+/// Queues `project.storage_check` jobs for unclaimed databases not checked in the last
+/// `every_seconds`; answers how many.
+pub async fn schedule_storage_checks(
+    pool: &PgPool,
+    every_seconds: f64,
+    max_attempts: i32,
+    batch: i64,
+) -> sqlx::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let due: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "update projects set storage_checked_at = now()
+         where id in (select id from projects
+                      where instant_status = 'unclaimed' and deleted_at is null
+                        and state = 'ready' and storage_limit_bytes is not null
+                        and (storage_checked_at is null
+                             or storage_checked_at < now() - make_interval(secs => $1))
+                      order by storage_checked_at nulls first
+                      limit $2
+                      for update skip locked)
+         returning id, cluster_id",
+    )
+    .bind(every_seconds)
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id, cluster_id) in &due {
+        queue::enqueue(
+            &mut tx,
+            &NewJob {
+                job_type: job_type::PROJECT_STORAGE_CHECK.into(),
+                organization_id: None,
+                project_id: Some(*id),
+                cluster_id: Some(*cluster_id),
+                locked_resource: Some(format!("project:{id}")),
+                max_attempts,
+                args: serde_json::json!({}),
+            },
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(due.len())
+}

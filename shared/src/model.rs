@@ -64,6 +64,8 @@ pub mod job_type {
     pub const PROJECT_DELETE: &str = "project.delete";
     pub const PROJECT_EXTENSION_ENABLE: &str = "project.extension_enable";
     pub const PROJECT_EXTENSION_DISABLE: &str = "project.extension_disable";
+    /// Holds an unclaimed instant database to its storage limit.
+    pub const PROJECT_STORAGE_CHECK: &str = "project.storage_check";
     /// Does nothing, inside the worker (no step process): measures the queue itself.
     pub const NOOP: &str = "capy.noop";
 }

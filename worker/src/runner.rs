@@ -46,6 +46,8 @@ pub struct WorkerSettings {
     pub retention: Option<Duration>,
     /// Ready, unassigned instant databases to keep per cluster (0: no pool).
     pub instant_pool_size: i64,
+    /// How often an unclaimed instant database's size is checked against its limit.
+    pub instant_storage_check: Duration,
 }
 
 pub struct Worker {
@@ -539,6 +541,12 @@ impl Worker {
                 "queued the deletion of expired instant databases"
             ),
             Err(error) => tracing::warn!(error = %error, "expiring instant databases failed"),
+        }
+        let every = self.settings.instant_storage_check.as_secs_f64();
+        match instant::schedule_storage_checks(&self.pool, every, limits.max_attempts, 100).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "queued storage checks of instant databases"),
+            Err(error) => tracing::warn!(error = %error, "scheduling storage checks failed"),
         }
         if self.settings.instant_pool_size > 0 {
             match instant::top_up(

@@ -6,6 +6,7 @@ mod extensions;
 mod project_create;
 mod project_delete;
 mod project_update;
+mod storage_check;
 
 use std::time::Duration;
 
@@ -68,6 +69,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         job_type::PROJECT_DELETE => project_delete::run(input).await,
         job_type::PROJECT_EXTENSION_ENABLE => extensions::enable(input).await,
         job_type::PROJECT_EXTENSION_DISABLE => extensions::disable(input).await,
+        job_type::PROJECT_STORAGE_CHECK => storage_check::run(input).await,
         other => Err(StepError::permanent(format!(
             "capy-step has no built-in step for job type '{other}'"
         ))),

@@ -1,6 +1,7 @@
 //! `project.update`: re-applies the project's recorded settings (connection limits of
 //! its role and database, the database's statement and idle-transaction timeouts) with
-//! ALTER. Running it again changes nothing.
+//! ALTER, and allows connections (a claimed instant database past its old storage
+//! limit was refusing them). Running it again changes nothing.
 
 use capy_shared::ident::{quote_ident, quote_literal};
 use capy_shared::model::job_type;
@@ -37,6 +38,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         &client,
         &format!(
             "ALTER ROLE {role} CONNECTION LIMIT {limit};
+             ALTER DATABASE {database} ALLOW_CONNECTIONS true;
              ALTER DATABASE {database} CONNECTION LIMIT {limit};
              ALTER DATABASE {database} SET statement_timeout = {statement};
              ALTER DATABASE {database} SET idle_in_transaction_session_timeout = {idle};",
