@@ -193,8 +193,12 @@ async fn insert_jobs(pool: &PgPool, count: i64, kind: &str) -> anyhow::Result<()
 async fn wait_until_done(pool: &PgPool, limit: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
+        // Two probes, each answered from its partial index: one `state in (…)` probe
+        // may be planned as a scan of the whole table, which with a long history
+        // would cost the workers CPU at every poll.
         let busy: bool = sqlx::query_scalar(
-            "select exists (select 1 from jobs where state in ('pending', 'claimed'))",
+            "select exists (select 1 from jobs where state = 'pending')
+                 or exists (select 1 from jobs where state = 'claimed')",
         )
         .fetch_one(pool)
         .await?;
