@@ -87,13 +87,39 @@ pub async fn register_cluster(
     secrets: &SecretBox,
     spec: &ClusterSpec,
 ) -> anyhow::Result<Option<Uuid>> {
-    sqlx::query_scalar(
+    insert_cluster(pool, secrets, spec, "do nothing").await
+}
+
+/// Registers a cluster, or updates the one of the same name; answers its id.
+pub async fn upsert_cluster(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    spec: &ClusterSpec,
+) -> anyhow::Result<Uuid> {
+    let on_conflict = "do update set region = excluded.region,
+             admin_url_encrypted = excluded.admin_url_encrypted,
+             public_host = excluded.public_host, direct_port = excluded.direct_port,
+             pooled_port = excluded.pooled_port, ssl_mode = excluded.ssl_mode,
+             max_projects = excluded.max_projects, updated_at = now()";
+    insert_cluster(pool, secrets, spec, on_conflict)
+        .await?
+        .context("the upsert answered no cluster")
+}
+
+/// Inserts a cluster; `on_conflict` (a constant clause) says what a taken name does.
+async fn insert_cluster(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    spec: &ClusterSpec,
+    on_conflict: &'static str,
+) -> anyhow::Result<Option<Uuid>> {
+    sqlx::query_scalar(&format!(
         "insert into clusters (id, name, region, admin_url_encrypted, public_host, direct_port,
              pooled_port, ssl_mode, max_projects)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         on conflict (name) do nothing
-         returning id",
-    )
+         on conflict (name) {on_conflict}
+         returning id"
+    ))
     .bind(Uuid::now_v7())
     .bind(&spec.name)
     .bind(&spec.region)
@@ -104,37 +130,6 @@ pub async fn register_cluster(
     .bind(&spec.ssl_mode)
     .bind(spec.max_projects)
     .fetch_optional(pool)
-    .await
-    .context("registering a cluster")
-}
-
-/// Registers a cluster, or updates the one of the same name; answers its id.
-pub async fn upsert_cluster(
-    pool: &PgPool,
-    secrets: &SecretBox,
-    spec: &ClusterSpec,
-) -> anyhow::Result<Uuid> {
-    sqlx::query_scalar(
-        "insert into clusters (id, name, region, admin_url_encrypted, public_host, direct_port,
-             pooled_port, ssl_mode, max_projects)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         on conflict (name) do update set region = excluded.region,
-             admin_url_encrypted = excluded.admin_url_encrypted,
-             public_host = excluded.public_host, direct_port = excluded.direct_port,
-             pooled_port = excluded.pooled_port, ssl_mode = excluded.ssl_mode,
-             max_projects = excluded.max_projects, updated_at = now()
-         returning id",
-    )
-    .bind(Uuid::now_v7())
-    .bind(&spec.name)
-    .bind(&spec.region)
-    .bind(secrets.seal(&spec.admin_url))
-    .bind(&spec.public_host)
-    .bind(spec.direct_port)
-    .bind(spec.pooled_port)
-    .bind(&spec.ssl_mode)
-    .bind(spec.max_projects)
-    .fetch_one(pool)
     .await
     .context("registering a cluster")
 }

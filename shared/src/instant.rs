@@ -37,6 +37,30 @@ pub enum Entry {
     OnTheSpot { logical_replication: bool },
 }
 
+/// Queues a job of instant database `id` (nobody's yet, so no organization), behind its
+/// other jobs.
+async fn queue_job(
+    conn: &mut PgConnection,
+    job_type: &str,
+    id: Uuid,
+    cluster_id: Uuid,
+    max_attempts: i32,
+) -> sqlx::Result<crate::model::Job> {
+    queue::enqueue(
+        conn,
+        &NewJob {
+            job_type: job_type.into(),
+            organization_id: None,
+            project_id: Some(id),
+            cluster_id: Some(cluster_id),
+            locked_resource: Some(format!("project:{id}")),
+            max_attempts,
+            args: serde_json::json!({}),
+        },
+    )
+    .await
+}
+
 /// Records an instant database on `cluster_id` and queues its `project.create` job;
 /// answers the project's id and the job's id.
 pub async fn create(
@@ -74,17 +98,12 @@ pub async fn create(
     .bind(cluster_id)
     .execute(&mut *conn)
     .await?;
-    let job = queue::enqueue(
+    let job = queue_job(
         &mut *conn,
-        &NewJob {
-            job_type: job_type::PROJECT_CREATE.into(),
-            organization_id: None,
-            project_id: Some(id),
-            cluster_id: Some(cluster_id),
-            locked_resource: Some(format!("project:{id}")),
-            max_attempts: limits.max_attempts,
-            args: serde_json::json!({}),
-        },
+        job_type::PROJECT_CREATE,
+        id,
+        cluster_id,
+        limits.max_attempts,
     )
     .await?;
     sqlx::query("update projects set latest_job_id = $2 where id = $1")
@@ -203,17 +222,12 @@ pub async fn expire(pool: &PgPool, max_attempts: i32, batch: i64) -> sqlx::Resul
     .fetch_all(&mut *tx)
     .await?;
     for (id, cluster_id) in &doomed {
-        let job = queue::enqueue(
+        let job = queue_job(
             &mut tx,
-            &NewJob {
-                job_type: job_type::PROJECT_DELETE.into(),
-                organization_id: None,
-                project_id: Some(*id),
-                cluster_id: Some(*cluster_id),
-                locked_resource: Some(format!("project:{id}")),
-                max_attempts,
-                args: serde_json::json!({}),
-            },
+            job_type::PROJECT_DELETE,
+            *id,
+            *cluster_id,
+            max_attempts,
         )
         .await?;
         sqlx::query("update projects set latest_job_id = $2 where id = $1")
@@ -252,17 +266,12 @@ pub async fn schedule_storage_checks(
     .fetch_all(&mut *tx)
     .await?;
     for (id, cluster_id) in &due {
-        queue::enqueue(
+        queue_job(
             &mut tx,
-            &NewJob {
-                job_type: job_type::PROJECT_STORAGE_CHECK.into(),
-                organization_id: None,
-                project_id: Some(*id),
-                cluster_id: Some(*cluster_id),
-                locked_resource: Some(format!("project:{id}")),
-                max_attempts,
-                args: serde_json::json!({}),
-            },
+            job_type::PROJECT_STORAGE_CHECK,
+            *id,
+            *cluster_id,
+            max_attempts,
         )
         .await?;
     }
