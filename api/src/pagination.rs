@@ -1,8 +1,11 @@
 //! Cursor pagination for every list: `?limit=N&cursor=…` in, `next_cursor` out. A
 //! cursor is the last row's sort key, base64url-encoded so clients treat it as opaque.
 
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -47,6 +50,48 @@ impl PageParams {
             .ok_or_else(|| {
                 ApiError::BadRequest("invalid cursor: pass next_cursor of a previous page".into())
             })
+    }
+}
+
+/// A list's filters: the query parameters it takes besides `limit` and `cursor`.
+pub trait Filter: DeserializeOwned {
+    const PARAMS: &'static [&'static str];
+}
+
+/// A list without filters.
+#[derive(Debug, Deserialize)]
+pub struct NoFilter {}
+
+impl Filter for NoFilter {
+    const PARAMS: &'static [&'static str] = &[];
+}
+
+/// A list's query string: its filters and the page. A parameter the list does not take
+/// is refused (400), so a misspelt filter never silently lists everything.
+pub struct Listing<F>(pub F, pub PageParams);
+
+impl<S: Send + Sync, F: Filter> FromRequestParts<S> for Listing<F> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        for (name, _) in url::form_urlencoded::parse(query.as_bytes()) {
+            if !["limit", "cursor"].contains(&name.as_ref()) && !F::PARAMS.contains(&name.as_ref())
+            {
+                let takes = F::PARAMS
+                    .iter()
+                    .chain(&["limit", "cursor"])
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter '{name}'; this list takes {takes}"
+                )));
+            }
+        }
+        let Query(filter) = Query::<F>::try_from_uri(&parts.uri)?;
+        let Query(page) = Query::<PageParams>::try_from_uri(&parts.uri)?;
+        Ok(Self(filter, page))
     }
 }
 

@@ -391,6 +391,7 @@ async fn jobs_are_listed_newest_first_with_filters_and_cursors() {
     assert_eq!(page2["jobs"][0]["id"], all["jobs"][2]["id"]);
 
     for bad in [
+        "?status=failed",
         "?state=stuck",
         "?limit=0",
         "?limit=999",
@@ -401,6 +402,22 @@ async fn jobs_are_listed_newest_first_with_filters_and_cursors() {
             .call("GET", &format!("/v1/jobs{bad}"), Some(&app.key), None)
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {answer}");
+    }
+    // A misspelt filter is refused, never ignored (which would list everything).
+    let (_, answer) = app
+        .call("GET", "/v1/jobs?status=failed", Some(&app.key), None)
+        .await;
+    assert!(
+        answer["error"].as_str().unwrap().contains("'status'"),
+        "{answer}"
+    );
+    for path in [
+        "/v1/projects?colour=red",
+        "/v1/organizations?x=1",
+        "/v1/api_keys?org=1",
+    ] {
+        let (status, answer) = app.call("GET", path, Some(&app.key), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {answer}");
     }
 }
 

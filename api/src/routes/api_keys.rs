@@ -14,8 +14,8 @@ use crate::admin::{self, KeyGrant};
 use crate::auth::{Principal, SCOPES, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::ErrorResponses;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{self, Path, Query};
-use crate::pagination::{self, PageParams};
+use crate::extract::{self, Path};
+use crate::pagination::{self, Filter, Listing, PageParams};
 use crate::AppState;
 
 const KEY_COLUMNS: &str = "id, name, key_prefix, organization_id, project_id, is_admin as admin, \
@@ -171,6 +171,10 @@ pub struct KeyFilter {
     organization_id: Option<Uuid>,
 }
 
+impl Filter for KeyFilter {
+    const PARAMS: &'static [&'static str] = &["organization_id"];
+}
+
 /// The keys the caller manages, newest first; never their secrets.
 #[utoipa::path(get, path = "/v1/api_keys", tag = "api_keys",
     params(KeyFilter, PageParams),
@@ -178,8 +182,7 @@ pub struct KeyFilter {
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-    Query(filter): Query<KeyFilter>,
-    Query(page): Query<PageParams>,
+    Listing(filter, page): Listing<KeyFilter>,
 ) -> ApiResult<Json<ApiKeyList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;

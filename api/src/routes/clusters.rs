@@ -14,8 +14,8 @@ use crate::auth::Principal;
 use crate::bodies::ErrorResponses;
 use crate::cluster_access::{self, AccessReport};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{self, Path, Query};
-use crate::pagination::{self, PageParams};
+use crate::extract::{self, Path};
+use crate::pagination::{self, Listing, NoFilter, PageParams};
 use crate::AppState;
 
 const SSL_MODES: [&str; 6] = [
@@ -218,7 +218,7 @@ impl RegisterCluster {
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-    Query(page): Query<PageParams>,
+    Listing(NoFilter {}, page): Listing<NoFilter>,
 ) -> ApiResult<Json<ClusterList>> {
     principal.require_admin()?;
     let limit = page.limit()?;

@@ -16,7 +16,7 @@ use crate::auth::{Principal, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Path, Query};
-use crate::pagination::{self, PageParams};
+use crate::pagination::{self, Filter, Listing, NoFilter, PageParams};
 use crate::AppState;
 
 const STATES: [&str; 5] = ["pending", "claimed", "completed", "failed", "cancelled"];
@@ -36,6 +36,10 @@ pub struct JobFilter {
     organization_id: Option<Uuid>,
 }
 
+impl Filter for JobFilter {
+    const PARAMS: &'static [&'static str] = &["project_id", "state", "type", "organization_id"];
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<Job>,
@@ -49,8 +53,7 @@ pub struct JobList {
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-    Query(filter): Query<JobFilter>,
-    Query(page): Query<PageParams>,
+    Listing(filter, page): Listing<JobFilter>,
 ) -> ApiResult<Json<JobList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
@@ -155,7 +158,7 @@ pub async fn attempts(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
-    Query(page): Query<PageParams>,
+    Listing(NoFilter {}, page): Listing<NoFilter>,
 ) -> ApiResult<Json<AttemptList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;

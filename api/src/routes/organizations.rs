@@ -12,8 +12,8 @@ use uuid::Uuid;
 use crate::auth::{Principal, SCOPE_READ};
 use crate::bodies::ErrorResponses;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{self, Query};
-use crate::pagination::{self, PageParams};
+use crate::extract;
+use crate::pagination::{self, Listing, NoFilter, PageParams};
 use crate::AppState;
 
 #[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
@@ -77,7 +77,7 @@ pub async fn create(
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-    Query(page): Query<PageParams>,
+    Listing(NoFilter {}, page): Listing<NoFilter>,
 ) -> ApiResult<Json<OrganizationList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;

@@ -16,8 +16,8 @@ use crate::auth::{Principal, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
 use crate::cluster_access;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{self, Path, Query};
-use crate::pagination::{self, PageParams};
+use crate::extract::{self, Path};
+use crate::pagination::{self, Listing, NoFilter, PageParams};
 use crate::AppState;
 
 /// A catalog older than this is read again before an extension is refused as unknown,
@@ -59,7 +59,7 @@ pub async fn list_extensions(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
-    Query(page): Query<PageParams>,
+    Listing(NoFilter {}, page): Listing<NoFilter>,
 ) -> ApiResult<Json<ExtensionList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;

@@ -22,8 +22,8 @@ use uuid::Uuid;
 use crate::auth::{Principal, SCOPE_CREDENTIALS, SCOPE_READ};
 use crate::bodies::{ErrorResponses, ProjectBody};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Path, Query};
-use crate::pagination::{self, PageParams};
+use crate::extract::Path;
+use crate::pagination::{self, Filter, Listing, PageParams};
 use crate::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -41,6 +41,10 @@ pub struct ProjectFilter {
     organization_id: Option<Uuid>,
 }
 
+impl Filter for ProjectFilter {
+    const PARAMS: &'static [&'static str] = &["organization_id"];
+}
+
 /// The caller's live projects, newest first.
 #[utoipa::path(get, path = "/v1/projects", tag = "projects",
     params(ProjectFilter, PageParams),
@@ -48,8 +52,7 @@ pub struct ProjectFilter {
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-    Query(filter): Query<ProjectFilter>,
-    Query(page): Query<PageParams>,
+    Listing(filter, page): Listing<ProjectFilter>,
 ) -> ApiResult<Json<ProjectList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
