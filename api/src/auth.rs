@@ -52,6 +52,16 @@ impl Principal {
         ))
     }
 
+    /// The organization a list shows: the one a platform admin asks for (all when
+    /// none), always the caller's own for anyone else.
+    pub fn listed_organization(&self, asked: Option<Uuid>) -> Option<Uuid> {
+        if self.is_admin {
+            asked
+        } else {
+            self.organization_id
+        }
+    }
+
     /// Whether this caller may see an object of `organization_id` / `project_id`.
     pub fn can_see(&self, organization_id: Option<Uuid>, project_id: Option<Uuid>) -> bool {
         if self.is_admin {
@@ -78,6 +88,10 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Already checked for this request (by the Idempotency-Key layer).
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            return Ok(principal.clone());
+        }
         let header =
             parts
                 .headers

@@ -32,7 +32,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -45,17 +45,22 @@ impl ApiError {
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        match &self {
+    /// Logs what the answer hides: an internal error's cause, an unavailable database.
+    pub(crate) fn log(&self) {
+        match self {
             Self::Internal(source) => {
                 tracing::error!(error = format!("{source:#}"), "internal error")
             }
             Self::Unavailable => tracing::warn!("control database unavailable"),
             _ => {}
         }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
         let body = Json(serde_json::json!({ "error": self.to_string() }));
         let mut response = (self.status(), body).into_response();
         if matches!(self, Self::Unavailable | Self::ClusterUnavailable(_)) {

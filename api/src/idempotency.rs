@@ -62,7 +62,9 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     // A revoked or expired key gets no replay of what it did while it was live.
     let (mut parts, body) = request.into_parts();
-    Principal::from_request_parts(&mut parts, state).await?;
+    let principal = Principal::from_request_parts(&mut parts, state).await?;
+    // The handler takes it from here instead of looking the key up again.
+    parts.extensions.insert(principal);
     let request = Request::from_parts(parts, body);
     let key = key
         .to_str()

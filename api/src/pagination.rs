@@ -58,6 +58,19 @@ pub trait Filter: DeserializeOwned {
     const PARAMS: &'static [&'static str];
 }
 
+/// A list filtered by organization only (projects, API keys).
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct OrganizationFilter {
+    /// Platform admins: one organization's objects (all when left out). Organization
+    /// keys always list their own.
+    pub organization_id: Option<uuid::Uuid>,
+}
+
+impl Filter for OrganizationFilter {
+    const PARAMS: &'static [&'static str] = &["organization_id"];
+}
+
 /// A list without filters.
 #[derive(Debug, Deserialize)]
 pub struct NoFilter {}

@@ -86,6 +86,15 @@ impl Stack {
         }
     }
 
+    /// Sends a request that answers `status` with a job, and waits for that job to
+    /// complete.
+    async fn run_job(&self, method: reqwest::Method, path: &str, body: Option<Value>, status: u16) {
+        let (answered, body) = self.request(method, path, body).await;
+        assert_eq!(answered, status, "{body}");
+        let job = self.wait_for_job(body["job"]["id"].as_str().unwrap()).await;
+        assert_eq!(job["state"], "completed", "{job}");
+    }
+
     async fn project(&self, id: &str) -> Value {
         let (status, body) = self
             .request(reqwest::Method::GET, &format!("/v1/projects/{id}"), None)
@@ -349,18 +358,14 @@ async fn a_project_lives_its_whole_life_on_the_cluster() {
     assert_eq!(pgcrypto["enabled"], true, "{pgcrypto}");
     drop(own);
 
-    let (status, body) = stack
-        .request(
+    stack
+        .run_job(
             reqwest::Method::PATCH,
             &format!("/v1/projects/{project_id}"),
             Some(json!({"max_connections": 7})),
+            200,
         )
         .await;
-    assert_eq!(status, 200, "{body}");
-    let job = stack
-        .wait_for_job(body["job"]["id"].as_str().unwrap())
-        .await;
-    assert_eq!(job["state"], "completed", "{job}");
     let database = stack.project(&project_id).await["database_name"]
         .as_str()
         .unwrap()
@@ -375,18 +380,14 @@ async fn a_project_lives_its_whole_life_on_the_cluster() {
         .get(0);
     assert_eq!(limit, 7);
 
-    let (status, body) = stack
-        .request(
+    stack
+        .run_job(
             reqwest::Method::DELETE,
             &format!("/v1/projects/{project_id}/extensions/pgcrypto"),
             None,
+            202,
         )
         .await;
-    assert_eq!(status, 202, "{body}");
-    let job = stack
-        .wait_for_job(body["job"]["id"].as_str().unwrap())
-        .await;
-    assert_eq!(job["state"], "completed", "{job}");
     let own = connect(&direct_url).await.unwrap();
     let installed = own
         .query_opt("select 1 from pg_extension where extname = 'pgcrypto'", &[])
@@ -395,18 +396,14 @@ async fn a_project_lives_its_whole_life_on_the_cluster() {
     assert!(installed.is_none(), "pgcrypto is still installed");
 
     // Delete while the project's own session is open: it is ended.
-    let (status, body) = stack
-        .request(
+    stack
+        .run_job(
             reqwest::Method::DELETE,
             &format!("/v1/projects/{project_id}"),
             None,
+            202,
         )
         .await;
-    assert_eq!(status, 202, "{body}");
-    let job = stack
-        .wait_for_job(body["job"]["id"].as_str().unwrap())
-        .await;
-    assert_eq!(job["state"], "completed", "{job}");
     assert!(own.query_one("select 1", &[]).await.is_err());
     let left: i64 = admin
         .query_one(

@@ -45,6 +45,19 @@ async fn wait_for_pool(app: &TestApp, size: i64, limit: Duration) {
     }
 }
 
+/// Long-polls job `id` until it completes (30 s at most).
+async fn wait_for_job(app: &TestApp, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let path = format!("/v1/jobs/{id}?wait=5");
+        let (_, job) = app.call("GET", &path, Some(&app.key), None).await;
+        if job["job"]["state"] == "completed" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{job}");
+    }
+}
+
 /// The API and two workers keeping a pool of `size`, ticking every second.
 async fn stack(app: &TestApp, size: usize) -> (ProcessStack, reqwest::Client) {
     let env = [
@@ -138,22 +151,7 @@ async fn a_database_from_the_pool_works_at_once_and_is_claimed_into_the_organiza
     assert_eq!(expires_at, None, "a claimed database does not expire");
 
     // Its data is still there, and its limit is an ordinary project's once applied.
-    let job_id = claimed["job"]["id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, job) = app
-            .call(
-                "GET",
-                &format!("/v1/jobs/{job_id}?wait=5"),
-                Some(&app.key),
-                None,
-            )
-            .await;
-        if job["job"]["state"] == "completed" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{job}");
-    }
+    wait_for_job(&app, claimed["job"]["id"].as_str().unwrap()).await;
     let client = connect(url).await.unwrap();
     let body: String = client
         .query_one("select body from notes", &[])
@@ -472,22 +470,7 @@ async fn a_database_past_its_storage_limit_refuses_connections_until_claimed() {
         .await;
     assert_eq!(status, StatusCode::OK, "{claimed}");
     assert_eq!(claimed["project"]["storage_limit_bytes"], Value::Null);
-    let job_id = claimed["job"]["id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, job) = app
-            .call(
-                "GET",
-                &format!("/v1/jobs/{job_id}?wait=5"),
-                Some(&app.key),
-                None,
-            )
-            .await;
-        if job["job"]["state"] == "completed" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{job}");
-    }
+    wait_for_job(&app, claimed["job"]["id"].as_str().unwrap()).await;
     let again = connect(&url).await.unwrap();
     let rows: i64 = again
         .query_one("select count(*) from t", &[])

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::admin::{self, KeyGrant};
@@ -15,7 +15,7 @@ use crate::auth::{Principal, SCOPES, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::ErrorResponses;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Path};
-use crate::pagination::{self, Filter, Listing, PageParams};
+use crate::pagination::{self, Listing, OrganizationFilter, PageParams};
 use crate::AppState;
 
 const KEY_COLUMNS: &str = "id, name, key_prefix, organization_id, project_id, is_admin as admin, \
@@ -164,33 +164,18 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(CreatedApiKey { api_key, key })))
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct KeyFilter {
-    /// Platform admins only: one organization's keys.
-    organization_id: Option<Uuid>,
-}
-
-impl Filter for KeyFilter {
-    const PARAMS: &'static [&'static str] = &["organization_id"];
-}
-
 /// The keys the caller manages, newest first; never their secrets.
 #[utoipa::path(get, path = "/v1/api_keys", tag = "api_keys",
-    params(KeyFilter, PageParams),
+    params(OrganizationFilter, PageParams),
     responses((status = 200, body = ApiKeyList), ErrorResponses))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-    Listing(filter, page): Listing<KeyFilter>,
+    Listing(filter, page): Listing<OrganizationFilter>,
 ) -> ApiResult<Json<ApiKeyList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
-    let organization_id = if principal.is_admin {
-        filter.organization_id
-    } else {
-        principal.organization_id
-    };
+    let organization_id = principal.listed_organization(filter.organization_id);
     let rows: Vec<ApiKey> = sqlx::query_as(&format!(
         "select {KEY_COLUMNS} from api_keys
          where ($1::uuid is null or organization_id = $1)

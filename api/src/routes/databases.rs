@@ -93,8 +93,8 @@ impl Refusal {
 
 impl From<ApiError> for Refusal {
     fn from(error: ApiError) -> Self {
-        let response = error.into_response();
-        let status = response.status();
+        error.log();
+        let status = error.status();
         let message = if status == StatusCode::SERVICE_UNAVAILABLE {
             "The service is unavailable; try again shortly.".to_string()
         } else if status.is_server_error() {

@@ -65,11 +65,7 @@ pub async fn list(
             )));
         }
     }
-    let organization_id = if principal.is_admin {
-        filter.organization_id
-    } else {
-        principal.organization_id
-    };
+    let organization_id = principal.listed_organization(filter.organization_id);
     // A project-scoped key sees its project's jobs only, whatever it asks for.
     let project_id = match (principal.project_id, filter.project_id) {
         (Some(own), Some(asked)) if own != asked => {

@@ -15,15 +15,15 @@ use axum::extract::State;
 use axum::Json;
 use capy_shared::model::{Job, Project, PROJECT_SELECT};
 use capy_shared::queue::{self, NewJob};
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::{Principal, SCOPE_CREDENTIALS, SCOPE_READ};
 use crate::bodies::{ErrorResponses, ProjectBody};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Path;
-use crate::pagination::{self, Filter, Listing, PageParams};
+use crate::pagination::{self, Listing, OrganizationFilter, PageParams};
 use crate::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -33,34 +33,18 @@ pub struct ProjectList {
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ProjectFilter {
-    /// Organization to list projects for (platform admins; organization keys always
-    /// list their own).
-    organization_id: Option<Uuid>,
-}
-
-impl Filter for ProjectFilter {
-    const PARAMS: &'static [&'static str] = &["organization_id"];
-}
-
 /// The caller's live projects, newest first.
 #[utoipa::path(get, path = "/v1/projects", tag = "projects",
-    params(ProjectFilter, PageParams),
+    params(OrganizationFilter, PageParams),
     responses((status = 200, body = ProjectList), ErrorResponses))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-    Listing(filter, page): Listing<ProjectFilter>,
+    Listing(filter, page): Listing<OrganizationFilter>,
 ) -> ApiResult<Json<ProjectList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
-    let organization_id = if principal.is_admin {
-        filter.organization_id
-    } else {
-        principal.organization_id
-    };
+    let organization_id = principal.listed_organization(filter.organization_id);
     let rows: Vec<Project> = sqlx::query_as(&format!(
         "{PROJECT_SELECT}
          where p.deleted_at is null and p.organization_id is not null
