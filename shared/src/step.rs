@@ -44,6 +44,10 @@ pub struct StepCluster {
     pub name: String,
     /// The cluster's superuser URL, password included.
     pub admin_url: String,
+    /// Untrusted extensions the cluster's operator allows, read from the control
+    /// database when the attempt starts (never from the job's args).
+    #[serde(default)]
+    pub allowed_extensions: Vec<String>,
 }
 
 impl StepInput {

@@ -27,6 +27,7 @@ struct ClusterRow {
     id: Uuid,
     name: String,
     admin_url_encrypted: Vec<u8>,
+    allowed_extensions: Vec<String>,
 }
 
 /// Builds the JSON a step reads on stdin.
@@ -50,13 +51,13 @@ pub async fn load_input(
     };
     let cluster_id = job.cluster_id.or(project.as_ref().map(|p| p.cluster_id));
     let cluster: Option<ClusterRow> = match cluster_id {
-        Some(id) => {
-            sqlx::query_as("select id, name, admin_url_encrypted from clusters where id = $1")
-                .bind(id)
-                .fetch_optional(pool)
-                .await
-                .context("loading the job's cluster")?
-        }
+        Some(id) => sqlx::query_as(
+            "select id, name, admin_url_encrypted, allowed_extensions from clusters where id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .context("loading the job's cluster")?,
         None => None,
     };
     let project = project
@@ -84,6 +85,7 @@ pub async fn load_input(
                     .context("opening the cluster's admin URL")?,
                 id: c.id,
                 name: c.name,
+                allowed_extensions: c.allowed_extensions,
             })
         })
         .transpose()?;

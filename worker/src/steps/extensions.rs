@@ -1,7 +1,17 @@
-//! `project.extension_enable` / `project.extension_disable`: `CREATE EXTENSION IF NOT
-//! EXISTS` / `DROP EXTENSION IF EXISTS` inside the project's database, as the cluster's
-//! admin, only for extensions the cluster offers (`pg_available_extensions`). The job's
-//! args are `{"name": "<extension>", "version": "<optional>"}`.
+//! `project.extension_enable` / `project.extension_disable` inside the project's
+//! database, only for extensions the cluster offers (`pg_available_extensions`). The
+//! job's args are `{"name": "<extension>", "version": "<optional>"}`.
+//!
+//! Who runs `CREATE EXTENSION` follows PostgreSQL's own rules ("Security Considerations
+//! for Extensions"), read again here from the cluster's catalog: the step trusts no
+//! value a tenant could set.
+//! - A trusted extension is created as the tenant would create it: the admin session
+//!   takes the project's role (`SET LOCAL ROLE`), so PostgreSQL's trusted-extension
+//!   rules apply and the tenant owns the extension.
+//! - An untrusted one only when the cluster's operator allows it (the allow-list the
+//!   worker reads from the control database): the admin creates it in the schema
+//!   [`LOCKED_SCHEMA`], which the admin owns and the tenant may only use, with no
+//!   schema the tenant writes on the search_path while the extension's script runs.
 
 use capy_shared::ident::{quote_ident, quote_literal};
 use capy_shared::model::job_type;
@@ -10,10 +20,35 @@ use serde_json::Value;
 
 use super::{
     connect, connect_database, execute, exists, require_cluster, require_project, validate_names,
-    StepError, DATABASE_EXISTS,
+    StepError, ADMIN_SEARCH_PATH, DATABASE_EXISTS,
 };
 
 const INSTALLED_VERSION: &str = "select extversion from pg_extension where extname = $1";
+
+/// Where allowed untrusted extensions go: owned by the cluster's admin, the tenant has
+/// USAGE only.
+pub const LOCKED_SCHEMA: &str = "extensions";
+
+/// Where trusted extensions go unless their control file names a schema.
+const TENANT_SCHEMA: &str = "public";
+
+/// What the cluster offers for one version of an extension.
+struct Offer {
+    version: String,
+    trusted: bool,
+    /// The schema the control file fixes, if any.
+    schema: Option<String>,
+    requires: Vec<String>,
+}
+
+/// Who creates (and updates) the extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Installer {
+    /// The project's role, under PostgreSQL's trusted-extension rules.
+    Tenant,
+    /// The cluster's admin, into [`LOCKED_SCHEMA`] (an operator-allowed untrusted one).
+    LockedAdmin,
+}
 
 pub async fn enable(input: &StepInput) -> Result<(), StepError> {
     let what = job_type::PROJECT_EXTENSION_ENABLE;
@@ -24,69 +59,35 @@ pub async fn enable(input: &StepInput) -> Result<(), StepError> {
 
     // What the cluster offers, read from the admin's own database.
     let admin = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
-    if !exists(
-        &admin,
-        "select 1 from pg_available_extensions where name = $1",
-        &name,
-    )
-    .await?
-    {
-        return Err(StepError::permanent(format!(
-            "extension {name:?} is not available on cluster '{}' (it is not in pg_available_extensions)",
-            cluster.name
-        )));
-    }
-    if let Some(version) = &version {
-        let versions: Vec<String> = admin
-            .query(
-                "select version from pg_available_extension_versions where name = $1 order by version",
-                &[&name],
-            )
-            .await
-            .map_err(|e| StepError::from_db("reading the catalogs", &e))?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        if !versions.contains(version) {
-            return Err(StepError::permanent(format!(
-                "version {version:?} of extension {name:?} is not available on cluster '{}' (available: {})",
-                cluster.name,
-                versions.join(", ")
-            )));
-        }
-    }
+    let offer = read_offer(&admin, cluster, &name, version.as_deref()).await?;
     require_database(&admin, project, cluster).await?;
     drop(admin);
+    let installer = choose_installer(&offer, cluster, &name)?;
 
-    let client = connect_project_database(project, cluster).await?;
+    let mut client = connect_project_database(project, cluster).await?;
     let before = installed_version(&client, &name).await?;
-    let quoted = quote_ident(&name);
-    let mut create = format!("CREATE EXTENSION IF NOT EXISTS {quoted}");
+    let mut create = format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(&name));
     if let Some(version) = &version {
         create.push_str(&format!(" VERSION {}", quote_literal(version)));
     }
-    execute(&client, &create, "creating the extension").await?;
+    match installer {
+        Installer::Tenant => {
+            if offer.schema.is_none() {
+                create.push_str(&format!(" SCHEMA {}", quote_ident(TENANT_SCHEMA)));
+            }
+            as_tenant(&mut client, project, &create, "creating the extension").await?;
+        }
+        Installer::LockedAdmin => {
+            create.push_str(&format!(" SCHEMA {}", quote_ident(LOCKED_SCHEMA)));
+            as_locked_admin(&mut client, project, &offer, &create).await?;
+        }
+    }
     match &before {
-        None => println!("extension {name}: created"),
+        None => println!("extension {name}: created ({})", installer.describe()),
         Some(current) => println!("extension {name}: already installed at version {current}"),
     }
-    if let Some(version) = &version {
-        let current = installed_version(&client, &name).await?;
-        if current.as_ref() != Some(version) {
-            execute(
-                &client,
-                &format!(
-                    "ALTER EXTENSION {quoted} UPDATE TO {}",
-                    quote_literal(version)
-                ),
-                "updating the extension",
-            )
-            .await?;
-            println!(
-                "extension {name}: updated from version {} to {version}",
-                current.as_deref().unwrap_or("?")
-            );
-        }
+    if version.is_some() {
+        update_to(&mut client, project, &offer, installer, &name).await?;
     }
     let installed = installed_version(&client, &name).await?.ok_or_else(|| {
         StepError::permanent(format!(
@@ -100,6 +101,278 @@ pub async fn enable(input: &StepInput) -> Result<(), StepError> {
     Ok(())
 }
 
+impl Installer {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Tenant => "trusted: created as the project's role, which owns it",
+            Self::LockedAdmin => {
+                "untrusted, allowed by the operator: created by the admin in schema extensions"
+            }
+        }
+    }
+}
+
+/// The offer for `version` (the default version when none is asked for); a permanent
+/// error when the cluster lacks the extension or that version.
+async fn read_offer(
+    admin: &tokio_postgres::Client,
+    cluster: &StepCluster,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Offer, StepError> {
+    let row = admin
+        .query_opt(
+            "select v.version, v.trusted, v.schema::text, coalesce(v.requires::text[], '{}')
+             from pg_available_extensions a
+             join pg_available_extension_versions v on v.name = a.name
+             where a.name = $1 and v.version = coalesce($2, a.default_version)",
+            &[&name, &version],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading the catalogs", &e))?;
+    if let Some(row) = row {
+        return Ok(Offer {
+            version: row.get(0),
+            trusted: row.get(1),
+            schema: row.get(2),
+            requires: row.get(3),
+        });
+    }
+    if !exists(
+        admin,
+        "select 1 from pg_available_extensions where name = $1",
+        name,
+    )
+    .await?
+    {
+        return Err(StepError::permanent(format!(
+            "extension {name:?} is not available on cluster '{}' (it is not in pg_available_extensions)",
+            cluster.name
+        )));
+    }
+    let versions: Vec<String> = admin
+        .query(
+            "select version from pg_available_extension_versions where name = $1 order by version",
+            &[&name],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading the catalogs", &e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    Err(StepError::permanent(format!(
+        "version {:?} of extension {name:?} is not available on cluster '{}' (available: {})",
+        version.unwrap_or_default(),
+        cluster.name,
+        versions.join(", ")
+    )))
+}
+
+/// Trusted: the tenant. Untrusted: the locked admin path, only when the operator's
+/// allow-list names it and its control file does not fix another schema.
+fn choose_installer(
+    offer: &Offer,
+    cluster: &StepCluster,
+    name: &str,
+) -> Result<Installer, StepError> {
+    if offer.trusted {
+        return Ok(Installer::Tenant);
+    }
+    if !cluster.allowed_extensions.iter().any(|n| n == name) {
+        return Err(StepError::permanent(format!(
+            "extension {name:?} (version {}) is not trusted and not on the allow-list of cluster '{}': \
+             an operator can allow it on that cluster",
+            offer.version, cluster.name
+        )));
+    }
+    match &offer.schema {
+        Some(schema) if schema != LOCKED_SCHEMA => Err(StepError::permanent(format!(
+            "extension {name:?} must be installed in schema {schema:?} (its control file says so); \
+             capy installs an untrusted extension only into the schema {LOCKED_SCHEMA:?}, which the tenant cannot write"
+        ))),
+        _ => Ok(Installer::LockedAdmin),
+    }
+}
+
+/// Runs `sql` in one transaction as the project's role (`SET LOCAL ROLE`), so what the
+/// tenant may not do, this does not do either.
+async fn as_tenant(
+    client: &mut tokio_postgres::Client,
+    project: &StepProject,
+    sql: &str,
+    what: &str,
+) -> Result<(), StepError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| StepError::from_db(what, &e))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL ROLE {}; {sql}",
+        quote_ident(&project.role_name)
+    ))
+    .await
+    .map_err(|e| StepError::from_db(what, &e))?;
+    tx.commit().await.map_err(|e| StepError::from_db(what, &e))
+}
+
+/// Runs `sql` (an untrusted extension's CREATE or UPDATE) as the admin in one
+/// transaction: the locked schema is made (or checked to be) the admin's with USAGE
+/// only for the tenant, every extension it requires lives where the tenant cannot
+/// write, and the search_path names no schema the tenant writes.
+async fn as_locked_admin(
+    client: &mut tokio_postgres::Client,
+    project: &StepProject,
+    offer: &Offer,
+    sql: &str,
+) -> Result<(), StepError> {
+    let what = "creating the extension in the locked schema";
+    let err = |e: tokio_postgres::Error| StepError::from_db(what, &e);
+    let schema = quote_ident(LOCKED_SCHEMA);
+    let role = quote_ident(&project.role_name);
+    let tx = client.transaction().await.map_err(err)?;
+    tx.batch_execute(&format!(
+        "SET LOCAL search_path = pg_catalog, {schema}, pg_temp;
+         CREATE SCHEMA IF NOT EXISTS {schema};"
+    ))
+    .await
+    .map_err(err)?;
+    check_locked_schema(&tx, project).await?;
+    check_requirements(&tx, project, offer).await?;
+    tx.batch_execute(&format!(
+        "REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+         GRANT USAGE ON SCHEMA {schema} TO {role};
+         {sql};
+         SET LOCAL search_path = {ADMIN_SEARCH_PATH};"
+    ))
+    .await
+    .map_err(err)?;
+    tx.commit().await.map_err(err)
+}
+
+/// The locked schema must be the admin's own and the tenant must not create in it: a
+/// schema of that name the tenant made first is refused, never adopted.
+async fn check_locked_schema(
+    tx: &tokio_postgres::Transaction<'_>,
+    project: &StepProject,
+) -> Result<(), StepError> {
+    let row = tx
+        .query_one(
+            "select pg_get_userbyid(n.nspowner)::text, n.nspowner = r.oid,
+                    has_schema_privilege($2::name, n.oid, 'CREATE')
+             from pg_namespace n, pg_roles r
+             where n.nspname = $1 and r.rolname = current_user",
+            &[&LOCKED_SCHEMA, &project.role_name],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading the locked schema", &e))?;
+    let (owner, admin_owns, tenant_creates): (String, bool, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    if !admin_owns {
+        return Err(StepError::permanent(format!(
+            "schema {LOCKED_SCHEMA:?} in database {} is owned by {owner:?}, not the cluster's admin: \
+             an untrusted extension goes only into a schema the tenant cannot write (drop or rename that schema)",
+            project.database_name
+        )));
+    }
+    if tenant_creates {
+        return Err(StepError::permanent(format!(
+            "the project's role may create objects in schema {LOCKED_SCHEMA:?} of database {}: \
+             revoke CREATE on it before an untrusted extension goes there",
+            project.database_name
+        )));
+    }
+    Ok(())
+}
+
+/// PostgreSQL puts the schemas of required extensions on the script's search_path: each
+/// must be installed already, somewhere the tenant cannot write.
+async fn check_requirements(
+    tx: &tokio_postgres::Transaction<'_>,
+    project: &StepProject,
+    offer: &Offer,
+) -> Result<(), StepError> {
+    for required in &offer.requires {
+        let row = tx
+            .query_opt(
+                "select n.nspname::text, has_schema_privilege($2::name, n.oid, 'CREATE')
+                 from pg_extension e join pg_namespace n on n.oid = e.extnamespace
+                 where e.extname = $1",
+                &[required, &project.role_name],
+            )
+            .await
+            .map_err(|e| StepError::from_db("reading the required extensions", &e))?;
+        let Some(row) = row else {
+            return Err(StepError::permanent(format!(
+                "it requires extension {required:?}: enable that first"
+            )));
+        };
+        let (schema, tenant_creates): (String, bool) = (row.get(0), row.get(1));
+        if tenant_creates {
+            return Err(StepError::permanent(format!(
+                "it requires extension {required:?}, installed in schema {schema:?}, which the tenant can write: \
+                 the admin never runs an extension script with such a schema on its search_path"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `ALTER EXTENSION … UPDATE TO` the offered version, by the same installer.
+async fn update_to(
+    client: &mut tokio_postgres::Client,
+    project: &StepProject,
+    offer: &Offer,
+    installer: Installer,
+    name: &str,
+) -> Result<(), StepError> {
+    let current = installed_version(client, name).await?;
+    if current.as_deref() == Some(offer.version.as_str()) {
+        return Ok(());
+    }
+    let update = format!(
+        "ALTER EXTENSION {} UPDATE TO {}",
+        quote_ident(name),
+        quote_literal(&offer.version)
+    );
+    match installer {
+        Installer::Tenant => as_tenant(client, project, &update, "updating the extension").await?,
+        Installer::LockedAdmin => {
+            require_in_locked_schema(client, name).await?;
+            as_locked_admin(client, project, offer, &update).await?;
+        }
+    }
+    println!(
+        "extension {name}: updated from version {} to {}",
+        current.as_deref().unwrap_or("?"),
+        offer.version
+    );
+    Ok(())
+}
+
+/// An untrusted extension installed elsewhere (before capy locked them away) is not
+/// updated by the admin in place.
+async fn require_in_locked_schema(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<(), StepError> {
+    let schema: Option<String> = client
+        .query_opt(
+            "select n.nspname::text from pg_extension e
+             join pg_namespace n on n.oid = e.extnamespace where e.extname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading pg_extension", &e))?
+        .map(|row| row.get(0));
+    match schema {
+        Some(schema) if schema != LOCKED_SCHEMA => Err(StepError::permanent(format!(
+            "extension {name:?} is installed in schema {schema:?}, not {LOCKED_SCHEMA:?}: \
+             the admin does not update an untrusted extension there; disable and enable it again"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub async fn disable(input: &StepInput) -> Result<(), StepError> {
     let what = job_type::PROJECT_EXTENSION_DISABLE;
     let project = require_project(input, what)?;
@@ -111,27 +384,44 @@ pub async fn disable(input: &StepInput) -> Result<(), StepError> {
     require_database(&admin, project, cluster).await?;
     drop(admin);
 
-    let client = connect_project_database(project, cluster).await?;
-    let before = installed_version(&client, &name).await?;
-    // No CASCADE: when objects depend on the extension, PostgreSQL's refusal (SQLSTATE
-    // 2BP01) is the permanent failure the caller sees.
-    execute(
-        &client,
-        &format!("DROP EXTENSION IF EXISTS {}", quote_ident(&name)),
-        "dropping the extension",
-    )
-    .await?;
-    match before {
-        Some(version) => println!(
-            "extension {name}: version {version} dropped from database {}",
-            project.database_name
-        ),
-        None => println!(
+    let mut client = connect_project_database(project, cluster).await?;
+    let Some((version, owner)) = installed_owner(&client, &name).await? else {
+        println!(
             "extension {name}: not installed in database {}",
             project.database_name
-        ),
+        );
+        return Ok(());
+    };
+    // No CASCADE: when objects depend on the extension, PostgreSQL's refusal (SQLSTATE
+    // 2BP01) is the permanent failure the caller sees.
+    let drop = format!("DROP EXTENSION IF EXISTS {}", quote_ident(&name));
+    if owner == project.role_name {
+        as_tenant(&mut client, project, &drop, "dropping the extension").await?;
+    } else {
+        // Installed by the admin (an allowed untrusted one, or before capy installed
+        // trusted ones as the tenant); dropping runs no extension script.
+        execute(&client, &drop, "dropping the extension").await?;
     }
+    println!(
+        "extension {name}: version {version} dropped from database {} (it was owned by {owner})",
+        project.database_name
+    );
     Ok(())
+}
+
+/// The installed version and the extension's owner, if it is installed.
+async fn installed_owner(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<Option<(String, String)>, StepError> {
+    client
+        .query_opt(
+            "select extversion, pg_get_userbyid(extowner)::text from pg_extension where extname = $1",
+            &[&name],
+        )
+        .await
+        .map(|row| row.map(|row| (row.get(0), row.get(1))))
+        .map_err(|e| StepError::from_db("reading pg_extension", &e))
 }
 
 /// `name` (required) and `version` (optional) from the job's args, validated.

@@ -122,7 +122,9 @@ pub fn validate_project(project: &StepProject) -> Result<(), StepError> {
 
 /// Connects to a cluster as its admin. The URL is never printed.
 pub async fn connect(url: &str, what: &str) -> Result<tokio_postgres::Client, StepError> {
-    connect_config(parse_url(url, what)?, what).await
+    let mut config = parse_url(url, what)?;
+    harden_admin_session(&mut config);
+    connect_config(config, what).await
 }
 
 /// Connects as the cluster's admin to its database `dbname` (the admin URL with its
@@ -134,7 +136,25 @@ pub async fn connect_database(
 ) -> Result<tokio_postgres::Client, StepError> {
     let mut config = parse_url(admin_url, what)?;
     config.dbname(dbname);
+    harden_admin_session(&mut config);
     connect_config(config, what).await
+}
+
+/// The search_path of every admin session: the system catalog, then the session's own
+/// temporary schema last, so no object a tenant creates in its database (a function,
+/// operator or table in a schema it writes) shadows a name the admin uses.
+pub const ADMIN_SEARCH_PATH: &str = "pg_catalog,pg_temp";
+
+/// Sets [`ADMIN_SEARCH_PATH`] from the connection's start, after any options the admin
+/// URL carries (the last `-c` of a setting wins).
+fn harden_admin_session(config: &mut tokio_postgres::Config) {
+    let mut options = config.get_options().unwrap_or_default().to_string();
+    if !options.is_empty() {
+        options.push(' ');
+    }
+    options.push_str("-c search_path=");
+    options.push_str(ADMIN_SEARCH_PATH);
+    config.options(&options);
 }
 
 /// Connects to the project's database as its own role, at the cluster's address.
