@@ -1,5 +1,6 @@
 //! Target clusters (platform admins): registered by admin URL, listed, shown (never
-//! with the admin password) and checked for access.
+//! with the admin password) and checked for access; each carries the untrusted
+//! extensions its operator allows tenants to enable.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,6 +17,7 @@ use crate::cluster_access::{self, AccessReport};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Path};
 use crate::pagination::{self, Listing, NoFilter, PageParams};
+use crate::routes::projects::check_extension_name;
 use crate::AppState;
 
 const SSL_MODES: [&str; 6] = [
@@ -42,6 +44,10 @@ pub struct Cluster {
     pub max_projects: Option<i32>,
     pub project_count: i64,
     pub last_checked_at: Option<DateTime<Utc>>,
+    /// Extensions PostgreSQL does not mark trusted that tenants may still enable: the
+    /// admin installs them into a schema the tenant cannot write.
+    #[schema(example = json!(["file_fdw"]))]
+    pub allowed_extensions: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -59,6 +65,7 @@ struct ClusterRow {
     max_projects: Option<i32>,
     project_count: i64,
     last_checked_at: Option<DateTime<Utc>>,
+    allowed_extensions: Vec<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -66,7 +73,7 @@ struct ClusterRow {
 const CLUSTER_SELECT: &str = "select c.id, c.name, c.region, c.admin_url_encrypted, c.public_host,
     c.direct_port, c.pooled_port, c.ssl_mode, c.max_projects,
     (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null) as project_count,
-    c.last_checked_at, c.created_at, c.updated_at from clusters c";
+    c.last_checked_at, c.allowed_extensions, c.created_at, c.updated_at from clusters c";
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClusterBody {
@@ -273,6 +280,59 @@ pub async fn check_access(
     Ok(Json(AccessBody { access }))
 }
 
+/// At most this many names on one cluster's allow-list.
+const MAX_ALLOWED_EXTENSIONS: usize = 200;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedExtensions {
+    /// The whole list (it replaces the one recorded; empty allows none). Each is an
+    /// extension name: 1–63 lowercase letters, digits, '_' and '-'.
+    #[schema(max_items = 200, example = json!(["file_fdw"]))]
+    names: Vec<String>,
+}
+
+/// Sets the untrusted extensions tenants of this cluster may enable. A trusted
+/// extension needs no entry. An allowed one is installed by the cluster's admin into
+/// the schema `extensions` of the project's database, which the tenant may use but not
+/// write; removing a name stops new installs, not those done.
+#[utoipa::path(put, path = "/v1/clusters/{id}/allowed-extensions", tag = "clusters",
+    params(("id" = Uuid, Path, description = "Cluster id")),
+    request_body = AllowedExtensions,
+    responses((status = 200, body = ClusterBody), ErrorResponses))]
+pub async fn set_allowed_extensions(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+    extract::Json(body): extract::Json<AllowedExtensions>,
+) -> ApiResult<Json<ClusterBody>> {
+    principal.require_admin()?;
+    let mut names = body.names;
+    if names.len() > MAX_ALLOWED_EXTENSIONS {
+        return Err(ApiError::BadRequest(format!(
+            "names takes at most {MAX_ALLOWED_EXTENSIONS} extensions"
+        )));
+    }
+    for name in &names {
+        check_extension_name(name)?;
+    }
+    names.sort();
+    names.dedup();
+    let updated = sqlx::query(
+        "update clusters set allowed_extensions = $2, updated_at = now() where id = $1",
+    )
+    .bind(id)
+    .bind(&names)
+    .execute(&state.pool)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(ApiError::NotFound("cluster"));
+    }
+    Ok(Json(ClusterBody {
+        cluster: fetch(&state, id).await?,
+    }))
+}
+
 async fn fetch(state: &AppState, id: Uuid) -> ApiResult<Cluster> {
     let row: Option<ClusterRow> = sqlx::query_as(&format!("{CLUSTER_SELECT} where c.id = $1"))
         .bind(id)
@@ -316,6 +376,7 @@ fn present(state: &AppState, row: ClusterRow) -> ApiResult<Cluster> {
         max_projects: row.max_projects,
         project_count: row.project_count,
         last_checked_at: row.last_checked_at,
+        allowed_extensions: row.allowed_extensions,
         created_at: row.created_at,
         updated_at: row.updated_at,
     })

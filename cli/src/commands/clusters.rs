@@ -1,4 +1,5 @@
-//! `capy clusters …` (platform admin): list, show, register by URL, check access.
+//! `capy clusters …` (platform admin): list, show, register by URL, check access, and
+//! the untrusted extensions tenants may enable.
 
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -19,6 +20,7 @@ const CLUSTER_KEYS: &[&str] = &[
     "max_projects",
     "project_count",
     "last_checked_at",
+    "allowed_extensions",
     "created_at",
     "updated_at",
 ];
@@ -68,6 +70,14 @@ pub enum ClustersCommand {
     },
     /// Connects to the cluster and reports reachability, version and admin rights.
     CheckAccess { id: String },
+    /// Sets the untrusted extensions tenants of the cluster may enable (installed by
+    /// the admin into a schema the tenant cannot write). The names replace the list;
+    /// none clears it. Trusted extensions need no entry.
+    AllowExtensions {
+        id: String,
+        /// Extension names, e.g. file_fdw.
+        names: Vec<String>,
+    },
 }
 
 impl ClustersCommand {
@@ -145,6 +155,19 @@ impl ClustersCommand {
                     return output::json(&answer);
                 }
                 output::show(&answer["access"], ACCESS_KEYS)
+            }
+            Self::AllowExtensions { id, names } => {
+                let answer = ctx
+                    .client
+                    .put(
+                        &format!("/v1/clusters/{}/allowed-extensions", segment(&id)?),
+                        &json!({ "names": names }),
+                    )
+                    .await?;
+                if ctx.json() {
+                    return output::json(&answer);
+                }
+                output::show(&answer["cluster"], CLUSTER_KEYS)
             }
         }
     }

@@ -1,6 +1,11 @@
 //! A project's extensions: what its cluster offers (from the catalog recorded at the
 //! last access check) and what is enabled in its database. Enabling and disabling are
 //! jobs, queued behind the project's other jobs.
+//!
+//! A tenant may enable an extension PostgreSQL marks trusted (the step creates it as the
+//! project's role), or an untrusted one the cluster's operator allows (the step creates
+//! it as the admin in a schema the tenant cannot write). Anything else is refused here,
+//! and again by the step.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -20,6 +25,12 @@ use crate::extract::{self, Path};
 use crate::pagination::{self, Listing, NoFilter, PageParams};
 use crate::AppState;
 
+/// The one rule for what a tenant may enable, as the columns `allowed` and `reason` of
+/// a query over `cluster_extensions e` joined with its `clusters c`.
+const POLICY_COLUMNS: &str = "e.trusted or e.name = any(c.allowed_extensions) as allowed,
+    case when not (e.trusted or e.name = any(c.allowed_extensions))
+         then 'untrusted; not on the cluster''s allow-list' end as reason";
+
 /// A catalog older than this is read again before an extension is refused as unknown,
 /// so one installed on the cluster since is found.
 const CATALOG_FRESH_SECONDS: i64 = 60;
@@ -34,6 +45,11 @@ pub struct Extension {
     pub enabled: bool,
     /// Whether a non-superuser with CREATE on the database could install it.
     pub trusted: bool,
+    /// Whether this project may enable it: trusted, or allowed by the cluster's operator.
+    pub allowed: bool,
+    /// Why it may not be enabled; null when it may.
+    #[schema(example = json!(null))]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -73,15 +89,16 @@ pub async fn list_extensions(
     if !known {
         refresh_catalog(&state, project.cluster_id).await?;
     }
-    let rows: Vec<Extension> = sqlx::query_as(
+    let rows: Vec<Extension> = sqlx::query_as(&format!(
         "select e.name, e.description, e.default_version, pe.version as installed_version,
-                pe.name is not null as enabled, e.trusted
+                pe.name is not null as enabled, e.trusted, {POLICY_COLUMNS}
          from cluster_extensions e
+         join clusters c on c.id = e.cluster_id
          left join project_extensions pe on pe.project_id = $2 and pe.name = e.name
          where e.cluster_id = $1 and ($3::text is null or e.name > $3)
          order by e.name
-         limit $4",
-    )
+         limit $4"
+    ))
     .bind(project.cluster_id)
     .bind(id)
     .bind(page.after::<String>()?)
@@ -95,7 +112,9 @@ pub async fn list_extensions(
     }))
 }
 
-/// Queues a `project.extension_enable` job; an extension the cluster lacks is refused.
+/// Queues a `project.extension_enable` job. An extension the cluster lacks is refused,
+/// and so is one PostgreSQL does not mark trusted unless the cluster's operator allows
+/// it (422, naming why); nothing is queued then.
 #[utoipa::path(post, path = "/v1/projects/{id}/extensions", tag = "extensions",
     params(("id" = Uuid, Path, description = "Project id"),
            ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
@@ -108,7 +127,7 @@ pub async fn enable_extension(
     extract::Json(body): extract::Json<EnableExtension>,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     principal.require_scope(SCOPE_WRITE)?;
-    check_name(&body.name)?;
+    check_extension_name(&body.name)?;
     if let Some(version) = &body.version {
         let valid = (1..=64).contains(&version.len())
             && version
@@ -143,7 +162,7 @@ pub async fn disable_extension(
     Path((id, name)): Path<(Uuid, String)>,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     principal.require_scope(SCOPE_WRITE)?;
-    check_name(&name)?;
+    check_extension_name(&name)?;
     let args = json!({ "name": name });
     queue_extension_job(
         state,
@@ -156,7 +175,8 @@ pub async fn disable_extension(
     .await
 }
 
-fn check_name(name: &str) -> ApiResult<()> {
+/// Extension names: wider than capy's identifiers (`uuid-ossp`), always quoted in SQL.
+pub(crate) fn check_extension_name(name: &str) -> ApiResult<()> {
     let valid = (1..=63).contains(&name.len())
         && name
             .bytes()
@@ -185,6 +205,9 @@ async fn queue_extension_job(
             "the project's cluster does not offer the extension '{name}'"
         )));
     }
+    if job_type == job_type::PROJECT_EXTENSION_ENABLE {
+        require_allowed(&state, project.cluster_id, name).await?;
+    }
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
     if project.state == "deleting" {
@@ -193,6 +216,28 @@ async fn queue_extension_job(
     let job = queue_project_job(&mut tx, &state, id, job_type, args).await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(JobBody { job })))
+}
+
+/// 422 unless the tenant may enable `name` on the cluster (see [`POLICY_COLUMNS`]).
+async fn require_allowed(state: &AppState, cluster_id: Uuid, name: &str) -> ApiResult<()> {
+    let row: Option<(bool, Option<String>, String)> = sqlx::query_as(&format!(
+        "select {POLICY_COLUMNS}, c.name
+         from cluster_extensions e join clusters c on c.id = e.cluster_id
+         where e.cluster_id = $1 and e.name = $2"
+    ))
+    .bind(cluster_id)
+    .bind(name)
+    .fetch_optional(&state.pool)
+    .await?;
+    match row {
+        Some((true, _, _)) => Ok(()),
+        Some((false, _, cluster)) => Err(ApiError::Unprocessable(format!(
+            "extension {name} is not trusted; an operator can allow it on cluster {cluster}"
+        ))),
+        None => Err(ApiError::Unprocessable(format!(
+            "the project's cluster does not offer the extension '{name}'"
+        ))),
+    }
 }
 
 /// Whether the cluster offers `name`, reading its catalog again when it is stale.
