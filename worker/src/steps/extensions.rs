@@ -530,6 +530,48 @@ mod tests {
         assert!(!is_valid_version(""));
     }
 
+    fn offer(trusted: bool, schema: Option<&str>) -> Offer {
+        Offer {
+            version: "1.0".into(),
+            trusted,
+            schema: schema.map(str::to_string),
+            requires: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn installers() {
+        let mut cluster = StepCluster {
+            id: uuid::Uuid::nil(),
+            name: "c".into(),
+            admin_url: String::new(),
+            allowed_extensions: Vec::new(),
+        };
+        let choose = |offer: &Offer, cluster: &StepCluster| {
+            choose_installer(offer, cluster, "file_fdw").map_err(|e| (e.transient, e.message))
+        };
+        assert_eq!(choose(&offer(true, None), &cluster), Ok(Installer::Tenant));
+        let refused = choose(&offer(false, None), &cluster).unwrap_err();
+        assert!(
+            !refused.0 && refused.1.contains("not on the allow-list"),
+            "{refused:?}"
+        );
+        cluster.allowed_extensions = vec!["file_fdw".into()];
+        assert_eq!(
+            choose(&offer(false, None), &cluster),
+            Ok(Installer::LockedAdmin)
+        );
+        assert_eq!(
+            choose(&offer(false, Some(LOCKED_SCHEMA)), &cluster),
+            Ok(Installer::LockedAdmin)
+        );
+        let fixed = choose(&offer(false, Some("public")), &cluster).unwrap_err();
+        assert!(
+            !fixed.0 && fixed.1.contains("must be installed in schema"),
+            "{fixed:?}"
+        );
+    }
+
     #[test]
     fn args() {
         let what = "project.extension_enable";
