@@ -150,6 +150,8 @@ fn walk() -> Vec<Case> {
         ),
         case("GET", "/v1/clusters/{id}", Admin, Forbidden, Forbidden),
         case("POST", "/v1/clusters/{id}/check-access", Admin, Forbidden, Forbidden),
+        case("PUT", "/v1/clusters/{id}/allowed-extensions", Admin, Forbidden, Forbidden)
+            .body(r#"{"names":["file_fdw"]}"#),
         // Instant databases: claiming another's project (or anything but an unclaimed
         // instant database) is a 404; a project-scoped key may not claim.
         case("POST", "/v1/databases/{id}/claim", Write, NotFound, Forbidden),
