@@ -59,7 +59,7 @@ async fn concurrent_creations_never_pass_the_bound() {
             let pool = app.db.pool.clone();
             let secrets = app.state.secrets.clone();
             let cluster_id = app.cluster_id;
-            let entry = if n % 2 == 0 {
+            let entry = if n.is_multiple_of(2) {
                 Entry::Pool
             } else {
                 Entry::OnTheSpot {
@@ -190,7 +190,7 @@ const BOUND: i64 = 50;
 /// IPv4 addresses, and IPv6 addresses spread over 8 /64s. Each header starts with an
 /// address the client made up, which must count for nothing.
 fn forwarded_for(n: usize) -> String {
-    let client = if n % 5 == 0 {
+    let client = if n.is_multiple_of(5) {
         format!("2001:db8:0:{}::{:x}", n % 8, n)
     } else {
         let k = n % 200;
