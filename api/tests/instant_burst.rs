@@ -54,7 +54,7 @@ async fn concurrent_creations_never_pass_the_bound() {
         max_per_cluster: 5,
         ..InstantLimits::default()
     };
-    let tasks: Vec<_> = (0..24)
+    let tasks: Vec<_> = (0..24_u32)
         .map(|n| {
             let pool = app.db.pool.clone();
             let secrets = app.state.secrets.clone();
