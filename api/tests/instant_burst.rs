@@ -92,15 +92,24 @@ async fn concurrent_creations_never_pass_the_bound() {
 }
 
 async fn post(app: &TestApp, from: [u8; 4]) -> (StatusCode, Option<String>, Value) {
+    post_via(app, SocketAddr::from((from, 40000)), None).await
+}
+
+/// `POST /v1/databases` from `peer`, with `X-Forwarded-For: forwarded` if given.
+async fn post_via(
+    app: &TestApp,
+    peer: SocketAddr,
+    forwarded: Option<&str>,
+) -> (StatusCode, Option<String>, Value) {
     let mut request = Request::builder()
         .method("POST")
         .uri("/v1/databases")
-        .header("content-type", "application/json")
-        .body(Body::from(r#"{"ref": "bound"}"#))
-        .unwrap();
-    request
-        .extensions_mut()
-        .insert(ConnectInfo(SocketAddr::from((from, 40000))));
+        .header("content-type", "application/json");
+    if let Some(forwarded) = forwarded {
+        request = request.header("x-forwarded-for", forwarded);
+    }
+    let mut request = request.body(Body::from(r#"{"ref": "bound"}"#)).unwrap();
+    request.extensions_mut().insert(ConnectInfo(peer));
     let response = capy_api::router(app.state.clone())
         .oneshot(request)
         .await
@@ -114,12 +123,9 @@ async fn post(app: &TestApp, from: [u8; 4]) -> (StatusCode, Option<String>, Valu
     (status, retry_after, serde_json::from_slice(&bytes).unwrap())
 }
 
-#[tokio::test]
-async fn at_the_bound_the_answer_is_503_nothing_is_queued_and_projects_keep_their_room() {
-    let mut app = TestApp::new().await;
-    app.state.settings.instant_max_per_cluster = 2;
-    // Two ready pool entries, made by hand (no worker runs here): the bound is reached.
-    for _ in 0..2 {
+/// `count` ready pool entries, made by hand (no worker runs in these tests).
+async fn ready_pool(app: &TestApp, count: usize) {
+    for _ in 0..count {
         let mut tx = app.db.pool.begin().await.unwrap();
         instant::create(
             &mut tx,
@@ -136,6 +142,75 @@ async fn at_the_bound_the_answer_is_503_nothing_is_queued_and_projects_keep_thei
         .execute(&app.db.pool)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn forwarded_for_counts_only_from_a_trusted_proxy_and_ipv6_by_its_64() {
+    let mut app = TestApp::new().await;
+    app.state.settings.instant_rate_limit_per_minute = 1;
+    app.state.settings.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    ready_pool(&app, 4).await;
+    let status = |answer: (StatusCode, Option<String>, Value)| answer.0;
+
+    // A client connecting directly cannot pose as others by writing the header.
+    let direct = SocketAddr::from(([203, 0, 113, 5], 40000));
+    let first = post_via(&app, direct, Some("198.51.100.1")).await;
+    assert_eq!(first.0, StatusCode::CREATED, "{}", first.2);
+    let spoofed = post_via(&app, direct, Some("198.51.100.2")).await;
+    assert_eq!(
+        status(spoofed),
+        StatusCode::TOO_MANY_REQUESTS,
+        "spoofed X-Forwarded-For believed"
+    );
+
+    // Through the trusted proxy, each client is itself, whatever it prepends.
+    let proxy = SocketAddr::from(([10, 0, 0, 1], 40000));
+    assert_eq!(
+        status(post_via(&app, proxy, Some("198.51.100.1")).await),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        status(post_via(&app, proxy, Some("198.51.100.2")).await),
+        StatusCode::CREATED
+    );
+    let prepended = post_via(&app, proxy, Some("198.51.100.3, 198.51.100.2")).await;
+    assert_eq!(status(prepended), StatusCode::TOO_MANY_REQUESTS);
+    // Another address of the same IPv6 /64 is the same client.
+    assert_eq!(
+        status(post_via(&app, proxy, Some("2001:db8:7:7::1")).await),
+        StatusCode::CREATED
+    );
+    let same_64 = post_via(&app, proxy, Some("2001:db8:7:7:ffff::2")).await;
+    assert_eq!(
+        status(same_64),
+        StatusCode::TOO_MANY_REQUESTS,
+        "a /64 is one client"
+    );
+
+    // The address recorded for abuse investigations is the client's.
+    let recorded: Vec<String> = sqlx::query_scalar(
+        "select client_addr from projects where client_addr is not null order by assigned_at",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded,
+        [
+            "203.0.113.5",
+            "198.51.100.1",
+            "198.51.100.2",
+            "2001:db8:7:7::1"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn at_the_bound_the_answer_is_503_nothing_is_queued_and_projects_keep_their_room() {
+    let mut app = TestApp::new().await;
+    app.state.settings.instant_max_per_cluster = 2;
+    // Two ready pool entries: the bound is reached.
+    ready_pool(&app, 2).await;
 
     // Pool entries already hold their places: they are handed out, and not replaced.
     for n in 1..=2 {

@@ -176,7 +176,8 @@ impl FromRequestParts<AppState> for ClientAddr {
             .headers
             .get_all(rate_limit::FORWARDED_FOR)
             .iter()
-            .filter_map(|value| value.to_str().ok());
+            // An unreadable header is an unreadable entry: the walk stops there.
+            .map(|value| value.to_str().unwrap_or(""));
         let client = rate_limit::client_ip(peer.ip(), forwarded, &state.settings.trusted_proxies);
         Ok(Self {
             address: client.to_string(),
