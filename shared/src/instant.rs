@@ -97,7 +97,8 @@ pub async fn clusters_by_load(pool: &PgPool, logical_only: bool) -> sqlx::Result
 
 /// [`create`] if `cluster_id` holds fewer than `limits.max_per_cluster` instant
 /// databases, counted under the cluster's lock; `None` (nothing recorded, nothing
-/// queued) at the bound.
+/// queued) at the bound. The transaction must be READ COMMITTED (the default), so the
+/// count taken once the lock is held sees every place taken before.
 pub async fn create_within(
     conn: &mut PgConnection,
     secrets: &SecretBox,

@@ -92,9 +92,7 @@ impl Refusal {
             retry_after: None,
         }
     }
-}
 
-impl Refusal {
     /// Every cluster holds its bound of instant databases: nothing was recorded.
     fn at_capacity() -> Self {
         Self {
