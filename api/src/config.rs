@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use capy_shared::telemetry::LogFormat;
 
+use crate::rate_limit::Cidr;
+
 #[derive(Debug, clap::Parser)]
 #[command(name = "capy-api", version, about = "capy's REST API")]
 pub struct Cli {
@@ -55,6 +57,23 @@ pub struct ServeArgs {
     /// minute.
     #[arg(long, env = "CAPY_INSTANT_RATE_LIMIT_PER_MINUTE", default_value_t = 30, value_parser = clap::value_parser!(i64).range(1..))]
     pub instant_rate_limit_per_minute: i64,
+    /// Pool entries and unclaimed instant databases one cluster may hold; past it,
+    /// `POST /v1/databases` answers 503 with Retry-After. Give the workers the same.
+    #[arg(long, env = "CAPY_INSTANT_MAX_PER_CLUSTER", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_CLUSTER, value_parser = clap::value_parser!(i64).range(0..))]
+    pub instant_max_per_cluster: i64,
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For` is
+    /// believed: the client is its right-most address that is not one of them. Without
+    /// any, the peer's address is the client's.
+    #[arg(long, env = "CAPY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<Cidr>,
+    /// Serve `/metrics` (and `/healthz`) on this address only, e.g. `0.0.0.0:9090`,
+    /// keeping it off the public port; unset, `/metrics` is on the public port.
+    #[arg(long, env = "CAPY_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// `capy_jobs` counts the jobs that finished (completed, failed, cancelled) in this
+    /// many last seconds.
+    #[arg(long, env = "CAPY_METRICS_FINISHED_WINDOW_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub metrics_finished_window_seconds: u64,
 }
 
 #[derive(Debug, clap::Args)]

@@ -11,10 +11,14 @@ pub mod config;
 pub mod error;
 pub mod extract;
 mod idempotency;
+pub mod job_metrics;
 mod pagination;
 pub mod rate_limit;
 mod routes;
 
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::IntoResponse as _;
 use axum::Router;
 use capy_shared::crypto::SecretBox;
 use sqlx::PgPool;
@@ -30,6 +34,13 @@ pub struct ApiSettings {
     pub instant_rate_limit_per_minute: i64,
     /// How long a request for an instant database waits for one made on the spot.
     pub instant_wait: std::time::Duration,
+    /// Pool entries and unclaimed instant databases one cluster may hold at once.
+    pub instant_max_per_cluster: i64,
+    /// Peers whose `X-Forwarded-For` names the client (for the rate limit).
+    pub trusted_proxies: Vec<rate_limit::Cidr>,
+    /// `capy_jobs` counts finished jobs (completed, failed, cancelled) of this last
+    /// period: a range of the `jobs_finished` index, never the whole history.
+    pub metrics_finished_window: std::time::Duration,
 }
 
 impl Default for ApiSettings {
@@ -39,6 +50,9 @@ impl Default for ApiSettings {
             public_url: "http://127.0.0.1:8080".into(),
             instant_rate_limit_per_minute: 30,
             instant_wait: std::time::Duration::from_secs(30),
+            instant_max_per_cluster: capy_shared::instant::DEFAULT_MAX_PER_CLUSTER,
+            trusted_proxies: Vec::new(),
+            metrics_finished_window: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -54,6 +68,41 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     routes::router(state)
+}
+
+/// The paths the metrics listener serves.
+const METRICS_PATHS: [&str; 2] = ["/metrics", "/healthz"];
+
+/// The public port's app: [`router`], less `/metrics` when `metrics_apart` (it is
+/// served on its own listener, [`metrics_router`]).
+pub fn public_router(state: AppState, metrics_apart: bool) -> Router {
+    let app = router(state);
+    if !metrics_apart {
+        return app;
+    }
+    app.layer(axum::middleware::from_fn(|request: Request, next: Next| {
+        let hidden = request.uri().path() == "/metrics";
+        async move {
+            if hidden {
+                return error::ApiError::NotFound("route").into_response();
+            }
+            next.run(request).await
+        }
+    }))
+}
+
+/// The metrics listener's app (`CAPY_METRICS_ADDR`): `/metrics` and `/healthz`, nothing
+/// else.
+pub fn metrics_router(state: AppState) -> Router {
+    router(state).layer(axum::middleware::from_fn(|request: Request, next: Next| {
+        let served = METRICS_PATHS.contains(&request.uri().path());
+        async move {
+            if !served {
+                return error::ApiError::NotFound("route").into_response();
+            }
+            next.run(request).await
+        }
+    }))
 }
 
 /// The OpenAPI document of every endpoint, as `/openapi.json` serves it.

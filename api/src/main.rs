@@ -1,8 +1,9 @@
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use capy_api::config::{Cli, Command};
-use capy_api::{router, ApiSettings, AppState};
+use capy_api::config::{Cli, Command, ServeArgs};
+use capy_api::{metrics_router, public_router, ApiSettings, AppState};
 use capy_shared::crypto::SecretBox;
 use capy_shared::{db, telemetry};
 use clap::Parser as _;
@@ -17,31 +18,58 @@ async fn main() -> anyhow::Result<()> {
             let pool = db::pool(&args.database.database_url, 2)?;
             capy_api::bootstrap::run(&pool, &args).await
         }
-        Command::Serve(args) => {
-            let state = AppState {
-                pool: db::pool(&args.database.database_url, args.pool_size)?,
-                secrets: SecretBox::from_key_text(&args.secret_key)?,
-                settings: ApiSettings {
-                    job_max_attempts: args.job_max_attempts,
-                    public_url: args
-                        .public_url
-                        .clone()
-                        .unwrap_or_else(|| format!("http://{}", args.listen)),
-                    instant_rate_limit_per_minute: args.instant_rate_limit_per_minute,
-                    ..ApiSettings::default()
-                },
-                instant_limiter: Default::default(),
-            };
-            let listener = tokio::net::TcpListener::bind(args.listen)
-                .await
-                .with_context(|| format!("binding {}", args.listen))?;
-            tracing::info!(address = %listener.local_addr()?, "capy-api listening");
-            // Client addresses feed the instant databases' rate limit.
-            let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(capy_shared::telemetry::shutdown_signal())
-                .await
-                .context("serving HTTP")
-        }
+        Command::Serve(args) => serve(args).await,
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let state = AppState {
+        pool: db::pool(&args.database.database_url, args.pool_size)?,
+        secrets: SecretBox::from_key_text(&args.secret_key)?,
+        settings: ApiSettings {
+            job_max_attempts: args.job_max_attempts,
+            public_url: args
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", args.listen)),
+            instant_rate_limit_per_minute: args.instant_rate_limit_per_minute,
+            instant_max_per_cluster: args.instant_max_per_cluster,
+            trusted_proxies: args.trusted_proxies.clone(),
+            metrics_finished_window: Duration::from_secs(args.metrics_finished_window_seconds),
+            ..ApiSettings::default()
+        },
+        instant_limiter: Default::default(),
+    };
+    let metrics = match args.metrics_addr {
+        Some(address) => {
+            let listener = bind(address, "capy-api metrics listening").await?;
+            let app = metrics_router(state.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(telemetry::shutdown_signal())
+                    .await
+            }))
+        }
+        None => None,
+    };
+    let listener = bind(args.listen, "capy-api listening").await?;
+    // Client addresses feed the instant databases' rate limit.
+    let app = public_router(state, args.metrics_addr.is_some())
+        .into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(telemetry::shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    if let Some(metrics) = metrics {
+        metrics.await?.context("serving metrics")?;
+    }
+    Ok(())
+}
+
+async fn bind(address: SocketAddr, message: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    tracing::info!(address = %listener.local_addr()?, "{message}");
+    Ok(listener)
 }

@@ -1,8 +1,15 @@
-//! A sliding-window limit per client address, kept in this process: each API pod
-//! counts for itself, so with N pods a client gets up to N times the limit. It takes
-//! no lock or query in the control database, so a burst costs the database nothing.
+//! A sliding-window limit per client, kept in this process: each API pod counts for
+//! itself, so with N pods a client gets up to N times the limit. It takes no lock or
+//! query in the control database, so a burst costs the database nothing.
+//!
+//! Who the client is: the peer's address, or, when the peer is a trusted proxy
+//! (`CAPY_TRUSTED_PROXIES`), the right-most `X-Forwarded-For` address that is not one
+//! of them ([`client_ip`]). An IPv6 client is counted by its /64, which one host
+//! usually holds whole ([`limit_key`]).
 
 use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
+use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,9 +44,227 @@ impl RateLimiter {
     }
 }
 
+/// The header proxies append the address of their peer to.
+pub const FORWARDED_FOR: &str = "x-forwarded-for";
+
+/// An address block such as `10.0.0.0/8` or `fd00::/8`; a bare address is a block of
+/// one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, address: IpAddr) -> bool {
+        match (self.network, canonical(address)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                u128::from(u32::from(net)) << 96,
+                u128::from(u32::from(ip)) << 96,
+                self.prefix,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(u128::from(net), u128::from(ip), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether the first `prefix` bits of `a` and `b` (left-aligned) are equal.
+fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
+    let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+    a & mask == b & mask
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network = canonical(
+            address
+                .parse::<IpAddr>()
+                .map_err(|_| format!("{text:?} is not an address or CIDR block"))?,
+        );
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Self { network, prefix })
+    }
+}
+
+/// An IPv4 address written as IPv6 (`::ffff:1.2.3.4`, as a dual-stack socket reports
+/// it) is the IPv4 address.
+fn canonical(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// One `X-Forwarded-For` entry: an address, possibly with a port (`1.2.3.4:5`,
+/// `[::1]:5`) as some proxies write it.
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|s| s.ip()))
+        .ok()
+        .map(canonical)
+}
+
+/// The client's address. From a peer that is not a trusted proxy, the peer itself:
+/// `X-Forwarded-For` is whatever the client wrote. From a trusted proxy, the
+/// `X-Forwarded-For` entries (all headers, in order) are read right to left, each
+/// appended by the hop after it, and the first one that is not a trusted proxy is the
+/// client; should none be (or an entry be unreadable), the last trusted hop read.
+pub fn client_ip<'a>(
+    peer: IpAddr,
+    forwarded_for: impl Iterator<Item = &'a str>,
+    trusted: &[Cidr],
+) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|cidr| cidr.contains(ip));
+    let mut client = canonical(peer);
+    if !is_trusted(client) {
+        return client;
+    }
+    let entries: Vec<&str> = forwarded_for.flat_map(|h| h.split(',')).collect();
+    for entry in entries.iter().rev() {
+        let Some(hop) = parse_forwarded(entry) else {
+            break;
+        };
+        client = hop;
+        if !is_trusted(hop) {
+            break;
+        }
+    }
+    client
+}
+
+/// The key the rate limit counts `client` under: an IPv4 address whole, an IPv6
+/// address by its /64 (one host commonly holds a whole /64 and may pick any address in
+/// it).
+pub fn limit_key(client: IpAddr) -> String {
+    match canonical(client) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let network = Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64));
+            format!("{network}/64")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cidrs(list: &[&str]) -> Vec<Cidr> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn cidr_blocks_parse_and_contain() {
+        let block: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(block.contains(ip("10.1.200.3")));
+        assert!(!block.contains(ip("10.2.0.1")));
+        assert!(block.contains(ip("::ffff:10.1.0.9")), "IPv4-mapped");
+        let one: Cidr = "192.168.1.1".parse().unwrap();
+        assert!(one.contains(ip("192.168.1.1")) && !one.contains(ip("192.168.1.2")));
+        let v6: Cidr = "fd00:1::/32".parse().unwrap();
+        assert!(v6.contains(ip("fd00:1:ffff::1")) && !v6.contains(ip("fd00:2::1")));
+        assert!(!v6.contains(ip("10.1.0.1")));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("8.8.8.8")));
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "x/8",
+            "10.0.0.0/-1",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_64() {
+        let a = limit_key(ip("2001:db8:1:2:aaaa::1"));
+        assert_eq!(a, "2001:db8:1:2::/64");
+        assert_eq!(limit_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")), a);
+        assert_ne!(limit_key(ip("2001:db8:1:3::1")), a);
+        assert_eq!(limit_key(ip("203.0.113.7")), "203.0.113.7");
+        assert_eq!(limit_key(ip("::ffff:203.0.113.7")), "203.0.113.7");
+        // So one host rotating through its /64 gets one limit.
+        let limiter = RateLimiter::default();
+        assert!(limiter.check(&limit_key(ip("2001:db8::1")), 1).is_ok());
+        assert!(limiter.check(&limit_key(ip("2001:db8::2")), 1).is_err());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted = cidrs(&["10.0.0.0/8", "fd00::/8"]);
+        let headers = ["6.6.6.6, 1.2.3.4"];
+        // A spoofed header from a client connecting directly: ignored.
+        let peer = ip("198.51.100.9");
+        assert_eq!(client_ip(peer, headers.into_iter(), &trusted), peer);
+        // Without trusted proxies, never read.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), headers.into_iter(), &[]),
+            ip("10.0.0.1")
+        );
+        // Through a trusted proxy: the right-most untrusted entry, not the spoofed one
+        // the client put in front.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), headers.into_iter(), &trusted),
+            ip("1.2.3.4")
+        );
+        // Through two trusted hops, over several headers.
+        let chain = ["6.6.6.6", "2001:db8::5, 10.9.9.9", "fd00::7"];
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), chain.into_iter(), &trusted),
+            ip("2001:db8::5")
+        );
+        // Ports, spaces and IPv4-mapped addresses.
+        let ported = ["[2001:db8::9]:443 , 1.2.3.4:5678"];
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.1"), ported.into_iter(), &trusted),
+            ip("1.2.3.4")
+        );
+        // Nothing but trusted hops, or garbage next to them: the last trusted hop.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), ["10.0.0.2"].into_iter(), &trusted),
+            ip("10.0.0.2")
+        );
+        assert_eq!(
+            client_ip(
+                ip("10.0.0.1"),
+                ["1.2.3.4, garbage, 10.0.0.3"].into_iter(),
+                &trusted
+            ),
+            ip("10.0.0.3")
+        );
+        // No header from a trusted proxy: the proxy.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), std::iter::empty(), &trusted),
+            ip("10.0.0.1")
+        );
+    }
 
     #[test]
     fn a_client_gets_its_limit_and_others_theirs() {

@@ -3,6 +3,7 @@
 //! the API and workers as real processes from the same target folder.
 
 mod instant;
+mod metrics;
 mod provision;
 mod queue;
 mod stats;
@@ -47,6 +48,8 @@ enum Bench {
         #[arg(long, default_value_t = 50)]
         runs: usize,
     },
+    /// The API's /metrics scrape time: an empty jobs table, then 1,000,000 finished jobs.
+    Metrics(metrics::MetricsArgs),
 }
 
 #[tokio::main]
@@ -62,5 +65,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Latency(args) => queue::latency(&args).await,
         Bench::History(args) => queue::history(&args).await,
         Bench::Instant { runs } => instant::instant(runs).await,
+        Bench::Metrics(args) => metrics::metrics(&args).await,
     }
 }

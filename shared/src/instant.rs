@@ -1,6 +1,11 @@
 //! Instant databases: projects nobody owns yet. Workers keep a warm pool of them per
 //! cluster; the API hands one out at once and queues its replacement; unclaimed ones
 //! past their expiry are deleted. All of their SQL is here.
+//!
+//! Each cluster holds at most `max_per_cluster` of them (pool entries and unclaimed
+//! databases together): every new one is counted and inserted under a lock of its
+//! cluster's ([`create_within`]), so concurrent requests cannot both take the last
+//! place. They have their own bound: organizations' `max_projects` does not count them.
 
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -15,6 +20,8 @@ pub struct InstantLimits {
     pub max_connections: i32,
     pub storage_limit_bytes: i64,
     pub max_attempts: i32,
+    /// Pool entries and unclaimed databases one cluster may hold at once.
+    pub max_per_cluster: i64,
 }
 
 impl Default for InstantLimits {
@@ -23,8 +30,91 @@ impl Default for InstantLimits {
             max_connections: 5,
             storage_limit_bytes: 512 * 1024 * 1024,
             max_attempts: 5,
+            max_per_cluster: DEFAULT_MAX_PER_CLUSTER,
         }
     }
+}
+
+/// Instant databases a cluster may hold unless configured otherwise.
+pub const DEFAULT_MAX_PER_CLUSTER: i64 = 100;
+
+/// The rule of the bound: the instant databases that hold a place on cluster `c`,
+/// pool entries and unclaimed ones, until they are deleted (one being deleted still
+/// exists on the cluster). The index `projects_instant_live` serves it.
+const HOLDS_A_PLACE: &str = "p.instant_status in ('pool', 'unclaimed') and p.deleted_at is null";
+
+/// What a cluster holds of instant databases, read under its lock.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+struct Held {
+    /// Pool entries and unclaimed databases.
+    total: i64,
+    /// Pool entries provisioning or ready.
+    pooled: i64,
+}
+
+/// Takes the lock of `cluster_id`'s instant databases (until the transaction ends) and
+/// counts them: whoever holds the lock sees every place taken before it.
+async fn lock_cluster(conn: &mut PgConnection, cluster_id: Uuid) -> sqlx::Result<Held> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('capy:instant:' || $1::text, 0))")
+        .bind(cluster_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query_as(&format!(
+        "select count(*) as total,
+                count(*) filter (where p.instant_status = 'pool'
+                                   and p.state in ('provisioning', 'ready')) as pooled
+         from projects p where p.cluster_id = $1 and {HOLDS_A_PLACE}"
+    ))
+    .bind(cluster_id)
+    .fetch_one(conn)
+    .await
+}
+
+/// The instant databases `cluster_id` holds, without its lock (a hint: it may be
+/// out of date by the time it is read).
+async fn count_on_cluster(conn: &mut PgConnection, cluster_id: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar(&format!(
+        "select count(*) from projects p where p.cluster_id = $1 and {HOLDS_A_PLACE}"
+    ))
+    .bind(cluster_id)
+    .fetch_one(conn)
+    .await
+}
+
+/// The clusters (only those whose `wal_level` is `logical` when `logical_only`) with
+/// how many instant databases each holds, fewest first; not locked, so a choice made
+/// from it is checked again by [`create_within`].
+pub async fn clusters_by_load(pool: &PgPool, logical_only: bool) -> sqlx::Result<Vec<(Uuid, i64)>> {
+    sqlx::query_as(&format!(
+        "select c.id, (select count(*) from projects p where p.cluster_id = c.id and {HOLDS_A_PLACE}) as held
+         from clusters c where (not $1 or c.wal_level = 'logical')
+         order by held, c.created_at"
+    ))
+    .bind(logical_only)
+    .fetch_all(pool)
+    .await
+}
+
+/// [`create`] if `cluster_id` holds fewer than `limits.max_per_cluster` instant
+/// databases, counted under the cluster's lock; `None` (nothing recorded, nothing
+/// queued) at the bound. The transaction must be READ COMMITTED (the default), so the
+/// count taken once the lock is held sees every place taken before.
+pub async fn create_within(
+    conn: &mut PgConnection,
+    secrets: &SecretBox,
+    cluster_id: Uuid,
+    entry: Entry,
+    limits: InstantLimits,
+) -> sqlx::Result<Option<(Uuid, Uuid)>> {
+    // At the bound, most callers are refused by a probe that waits for no lock.
+    if count_on_cluster(&mut *conn, cluster_id).await? >= limits.max_per_cluster
+        || lock_cluster(&mut *conn, cluster_id).await?.total >= limits.max_per_cluster
+    {
+        return Ok(None);
+    }
+    create(conn, secrets, cluster_id, entry, limits)
+        .await
+        .map(Some)
 }
 
 /// What kind of instant database to record.
@@ -62,7 +152,8 @@ async fn queue_job(
 }
 
 /// Records an instant database on `cluster_id` and queues its `project.create` job;
-/// answers the project's id and the job's id.
+/// answers the project's id and the job's id. It does not look at the bound: the
+/// service goes through [`create_within`].
 pub async fn create(
     conn: &mut PgConnection,
     secrets: &SecretBox,
@@ -161,9 +252,9 @@ pub async fn assign(
     Ok(())
 }
 
-/// Keeps `size` pool entries (provisioning or ready) on every cluster with room.
-/// Answers how many were queued. Workers call it on every maintenance tick; an
-/// advisory lock makes concurrent calls take turns.
+/// Keeps `size` pool entries (provisioning or ready) on every cluster, within the
+/// cluster's bound of instant databases. Answers how many were queued. Workers call it
+/// on every maintenance tick; an advisory lock makes concurrent calls take turns.
 pub async fn top_up(
     pool: &PgPool,
     secrets: &SecretBox,
@@ -179,22 +270,15 @@ pub async fn top_up(
     if !got {
         return Ok(0);
     }
-    let missing: Vec<(Uuid, i64)> = sqlx::query_as(
-        "select c.id,
-                least($1 - (select count(*) from projects p
-                            where p.cluster_id = c.id and p.instant_status = 'pool'
-                              and p.deleted_at is null and p.state in ('provisioning', 'ready')),
-                      coalesce(c.max_projects, 2147483647)
-                        - (select count(*) from projects p
-                           where p.cluster_id = c.id and p.deleted_at is null))
-         from clusters c",
-    )
-    .bind(size)
-    .fetch_all(&mut *tx)
-    .await?;
+    // In the order project placement locks clusters, so the two never deadlock.
+    let clusters: Vec<Uuid> = sqlx::query_scalar("select id from clusters order by created_at")
+        .fetch_all(&mut *tx)
+        .await?;
     let mut queued = 0;
-    for (cluster_id, count) in missing {
-        for _ in 0..count.max(0) {
+    for cluster_id in clusters {
+        let held = lock_cluster(&mut tx, cluster_id).await?;
+        let missing = (size - held.pooled).min(limits.max_per_cluster - held.total);
+        for _ in 0..missing.max(0) {
             create(&mut tx, secrets, cluster_id, Entry::Pool, limits).await?;
             queued += 1;
         }

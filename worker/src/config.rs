@@ -73,6 +73,10 @@ pub struct Cli {
     /// `POST /v1/databases` answers without waiting for provisioning (0: no pool).
     #[arg(long, env = "CAPY_INSTANT_POOL_SIZE", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1000))]
     pub instant_pool_size: i64,
+    /// Pool entries and unclaimed instant databases one cluster may hold: the pool is
+    /// not topped up past it. Give the API the same.
+    #[arg(long, env = "CAPY_INSTANT_MAX_PER_CLUSTER", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_CLUSTER, value_parser = clap::value_parser!(i64).range(0..))]
+    pub instant_max_per_cluster: i64,
     /// Seconds between checks of an unclaimed instant database's size against its
     /// storage limit (past it, the database refuses connections until claimed).
     #[arg(long, env = "CAPY_INSTANT_STORAGE_CHECK_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
@@ -134,6 +138,7 @@ impl Cli {
             retention: (self.job_retention_seconds > 0)
                 .then(|| Duration::from_secs(self.job_retention_seconds)),
             instant_pool_size: self.instant_pool_size,
+            instant_max_per_cluster: self.instant_max_per_cluster,
             instant_storage_check: Duration::from_secs(self.instant_storage_check_seconds),
         })
     }

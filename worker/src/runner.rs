@@ -46,6 +46,8 @@ pub struct WorkerSettings {
     pub retention: Option<Duration>,
     /// Ready, unassigned instant databases to keep per cluster (0: no pool).
     pub instant_pool_size: i64,
+    /// Pool entries and unclaimed instant databases one cluster may hold.
+    pub instant_max_per_cluster: i64,
     /// How often an unclaimed instant database's size is checked against its limit.
     pub instant_storage_check: Duration,
 }
@@ -533,7 +535,10 @@ impl Worker {
 
     /// Deletes expired instant databases and keeps the warm pool full.
     async fn tend_instant_databases(&self) {
-        let limits = instant::InstantLimits::default();
+        let limits = instant::InstantLimits {
+            max_per_cluster: self.settings.instant_max_per_cluster,
+            ..instant::InstantLimits::default()
+        };
         match instant::expire(&self.pool, limits.max_attempts, 100).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(

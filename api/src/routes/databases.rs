@@ -28,11 +28,14 @@ use crate::bodies::{ErrorBody, ErrorResponses};
 use crate::cluster_access;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Path;
+use crate::rate_limit;
 use crate::AppState;
 use capy_shared::model::{Project, PROJECT_SELECT};
 
 /// An unclaimed database lives this long.
 const TTL: Duration = Duration::from_secs(72 * 3600);
+/// Retry-After of a refusal at the bound of instant databases.
+const AT_CAPACITY_RETRY_SECONDS: u64 = 60;
 /// It may be claimed this long after creation.
 const CLAIM_WINDOW: chrono::Duration = chrono::Duration::days(7);
 
@@ -72,7 +75,7 @@ pub struct CreateDatabase {
     logical_replication: Option<bool>,
 }
 
-/// A refusal in Instagres's shape; 429 carries Retry-After.
+/// A refusal in Instagres's shape; 429 and 503 carry Retry-After.
 struct Refusal {
     status: StatusCode,
     message: String,
@@ -87,6 +90,20 @@ impl Refusal {
             message: message.into(),
             hint: None,
             retry_after: None,
+        }
+    }
+
+    /// Every cluster holds its bound of instant databases: nothing was recorded.
+    fn at_capacity() -> Self {
+        Self {
+            retry_after: Some(AT_CAPACITY_RETRY_SECONDS),
+            hint: Some(
+                "Instant databases free up as others expire or are claimed; try again later, or create a project with an API key.".into(),
+            ),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "No more instant databases can be created right now.",
+            )
         }
     }
 }
@@ -132,20 +149,38 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The client's address, for the rate limit ("unknown" without a socket, as in tests
-/// driving the router directly).
-pub struct ClientAddr(pub String);
+/// The client's address (`X-Forwarded-For` believed only from a trusted proxy) and the
+/// key the rate limit counts it under (its /64 for IPv6); "unknown" without a socket,
+/// as in tests driving the router directly.
+pub struct ClientAddr {
+    pub address: String,
+    pub limit_key: String,
+}
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+impl FromRequestParts<AppState> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or_else(|| "unknown".into(), |info| info.0.ip().to_string()),
-        ))
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {
+            return Ok(Self {
+                address: "unknown".into(),
+                limit_key: "unknown".into(),
+            });
+        };
+        let forwarded = parts
+            .headers
+            .get_all(rate_limit::FORWARDED_FOR)
+            .iter()
+            // An unreadable header is an unreadable entry: the walk stops there.
+            .map(|value| value.to_str().unwrap_or(""));
+        let client = rate_limit::client_ip(peer.ip(), forwarded, &state.settings.trusted_proxies);
+        Ok(Self {
+            address: client.to_string(),
+            limit_key: rate_limit::limit_key(client),
+        })
     }
 }
 
@@ -156,14 +191,10 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
               (status = 400, description = "Missing referrer or bad input", body = InstantError),
               (status = 413, description = "Request body over 64 KiB", body = ErrorBody),
               (status = 422, description = "Logical replication needs a cluster with wal_level 'logical'", body = InstantError),
-              (status = 429, description = "Too many databases from this address; see Retry-After", body = InstantError),
+              (status = 429, description = "Too many databases from this address (IPv6: its /64); see Retry-After", body = InstantError),
               (status = 500, description = "Creating the database failed", body = InstantError),
-              (status = 503, description = "No database could be made in time, or the control database is unavailable", body = InstantError)))]
-pub async fn create(
-    State(state): State<AppState>,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
+              (status = 503, description = "Every cluster holds its bound of instant databases, no database could be made in time, or the control database is unavailable; see Retry-After", body = InstantError)))]
+pub async fn create(State(state): State<AppState>, client: ClientAddr, body: Bytes) -> Response {
     match create_database(&state, &client, &body).await {
         Ok(database) => (StatusCode::CREATED, Json(database)).into_response(),
         Err(refusal) => refusal.into_response(),
@@ -172,7 +203,7 @@ pub async fn create(
 
 async fn create_database(
     state: &AppState,
-    client: &str,
+    client: &ClientAddr,
     body: &[u8],
 ) -> Result<InstantDatabase, Refusal> {
     let request: CreateDatabase = serde_json::from_slice(body).map_err(|e| Refusal {
@@ -203,27 +234,30 @@ async fn create_database(
     let ttl = TTL.as_secs() as i64;
     let limits = InstantLimits {
         max_attempts: state.settings.job_max_attempts,
+        max_per_cluster: state.settings.instant_max_per_cluster,
         ..InstantLimits::default()
     };
 
-    if let Err(wait) = state
-        .instant_limiter
-        .check(client, state.settings.instant_rate_limit_per_minute)
-    {
+    if let Err(wait) = state.instant_limiter.check(
+        &client.limit_key,
+        state.settings.instant_rate_limit_per_minute,
+    ) {
         return Err(Refusal {
             retry_after: Some(wait.as_secs().max(1)),
             hint: Some("Wait for the time in the Retry-After header.".into()),
             ..Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
-                    "Too many databases: {} per minute from one address",
+                    "Too many databases: {} per minute from one address (IPv6: one /64)",
                     state.settings.instant_rate_limit_per_minute
                 ),
             )
         });
     }
+    let client = client.address.as_str();
     if !logical_replication {
         let mut tx = state.pool.begin().await?;
+        // A pool entry already holds its place under the bound: taking it adds none.
         if let Some((id, cluster_id)) =
             instant::take_from_pool(&mut tx, reference, client, ttl).await?
         {
@@ -241,12 +275,16 @@ async fn create_database(
         }
     }
     // (Outside any transaction: it may use connections of its own.)
-    let cluster_id = pick_cluster(state, logical_replication).await?;
+    let cluster_id = pick_cluster(state, logical_replication, limits.max_per_cluster).await?;
     let entry = Entry::OnTheSpot {
         logical_replication,
     };
     let mut tx = state.pool.begin().await?;
-    let (id, job_id) = instant::create(&mut tx, &state.secrets, cluster_id, entry, limits).await?;
+    // Counted again under the cluster's lock: another request may have taken the
+    // last place since it was picked.
+    let (id, job_id) = instant::create_within(&mut tx, &state.secrets, cluster_id, entry, limits)
+        .await?
+        .ok_or_else(Refusal::at_capacity)?;
     instant::assign(&mut tx, id, reference, client, ttl).await?;
     tx.commit().await?;
     match wait_for(state, job_id).await? {
@@ -281,47 +319,47 @@ async fn refill_pool(
     limits: InstantLimits,
 ) -> sqlx::Result<()> {
     let mut tx = state.pool.begin().await?;
-    instant::create(&mut tx, &state.secrets, cluster_id, Entry::Pool, limits).await?;
-    tx.commit().await
+    let made =
+        instant::create_within(&mut tx, &state.secrets, cluster_id, Entry::Pool, limits).await?;
+    tx.commit().await?;
+    if made.is_none() {
+        tracing::debug!(%cluster_id, "no pool replacement: the cluster is at its bound of instant databases");
+    }
+    Ok(())
 }
 
-/// The cluster with the most room; for logical replication, one whose `wal_level` is
-/// `logical` (read again from clusters not checked yet).
-async fn pick_cluster(state: &AppState, logical_replication: bool) -> Result<Uuid, Refusal> {
-    let find = || async {
-        sqlx::query_scalar::<_, Uuid>(
-            "select c.id from clusters c
-             where (not $1 or c.wal_level = 'logical')
-               and (c.max_projects is null or c.max_projects >
-                    (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null))
-             order by (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null),
-                      c.created_at
-             limit 1",
-        )
-        .bind(logical_replication)
-        .fetch_optional(&state.pool)
-        .await
-    };
-    if let Some(id) = find().await? {
-        return Ok(id);
+/// The cluster holding the fewest instant databases, under the bound; for logical
+/// replication, one whose `wal_level` is `logical` (read again from clusters not
+/// checked yet). At the bound everywhere: 503, before anything is recorded.
+async fn pick_cluster(
+    state: &AppState,
+    logical_replication: bool,
+    max_per_cluster: i64,
+) -> Result<Uuid, Refusal> {
+    let mut clusters = instant::clusters_by_load(&state.pool, logical_replication).await?;
+    if clusters.is_empty() && logical_replication {
+        let unchecked: Vec<Uuid> =
+            sqlx::query_scalar("select id from clusters where wal_level is null")
+                .fetch_all(&state.pool)
+                .await?;
+        for cluster_id in unchecked {
+            cluster_access::check_cluster(&state.pool, &state.secrets, cluster_id)
+                .await
+                .map_err(ApiError::from_anyhow)?;
+        }
+        clusters = instant::clusters_by_load(&state.pool, logical_replication).await?;
+    }
+    if let Some((id, _)) = clusters.iter().find(|(_, held)| *held < max_per_cluster) {
+        return Ok(*id);
+    }
+    if !clusters.is_empty() {
+        return Err(Refusal::at_capacity());
     }
     if !logical_replication {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "No cluster has room for a new database.",
         ));
-    }
-    let unchecked: Vec<Uuid> =
-        sqlx::query_scalar("select id from clusters where wal_level is null")
-            .fetch_all(&state.pool)
-            .await?;
-    for cluster_id in unchecked {
-        cluster_access::check_cluster(&state.pool, &state.secrets, cluster_id)
-            .await
-            .map_err(ApiError::from_anyhow)?;
-    }
-    if let Some(id) = find().await? {
-        return Ok(id);
     }
     let levels: Vec<String> = sqlx::query_scalar(
         "select distinct coalesce(wal_level, 'unknown') from clusters order by 1",

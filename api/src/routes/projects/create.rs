@@ -140,9 +140,12 @@ async fn place(
     region: Option<&str>,
     cluster_id: Option<Uuid>,
 ) -> ApiResult<Placement> {
+    // `max_projects` is the organizations' room: instant databases nobody has claimed
+    // (organization_id null) have a bound of their own and take none of it.
     let candidates: Vec<(Uuid, String, Option<i32>, i64)> = sqlx::query_as(
         "select c.id, c.region, c.max_projects,
-                (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null)
+                (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null
+                   and p.organization_id is not null)
          from clusters c
          where ($1::text is null or c.region = $1) and ($2::uuid is null or c.id = $2)
          order by c.created_at
