@@ -207,6 +207,10 @@ pub struct FinishedAttempt {
 /// `completed`, back to `pending` (retried after its delay) or to `failed`, and its
 /// attempt record is written.
 ///
+/// A cancel asked while the attempt ran wins over its retryable failure (transient,
+/// timeout): the job ends `cancelled` instead of going back to `pending`; the attempt
+/// is still recorded with its real classification.
+///
 /// Fenced: an attempt whose job `worker` no longer holds (lease lost, job cancelled)
 /// writes nothing. Answers the jobs that were updated. Call it inside a transaction.
 pub async fn finish(
@@ -248,16 +252,20 @@ pub async fn finish(
                  as t(id, attempt, outcome, class, error, exit_code, stdout, stderr, delay_ms)
          ), updated as (
              update jobs j set
-                 state = case when i.outcome = 'retry' then
-                             case when j.attempts < j.max_attempts then 'pending' else 'failed' end
-                         else i.outcome end,
+                 state = case when i.outcome <> 'retry' then i.outcome
+                              when j.cancel_requested_at is not null then 'cancelled'
+                              when j.attempts < j.max_attempts then 'pending'
+                              else 'failed' end,
                  run_at = case when i.outcome = 'retry'
                               then now() + i.delay_ms * interval '1 millisecond' else j.run_at end,
                  completed_at = case when i.outcome = 'retry' and j.attempts < j.max_attempts
+                                          and j.cancel_requested_at is null
                                      then null else now() end,
                  lease_expires_at = null,
                  retry_classification = i.class,
-                 error = i.error,
+                 error = case when i.outcome = 'retry' and j.cancel_requested_at is not null
+                              then 'cancelled by request; the last attempt failed: ' || coalesce(i.error, '?')
+                              else i.error end,
                  last_exit_code = i.exit_code,
                  last_stdout = i.stdout,
                  last_stderr = i.stderr,
