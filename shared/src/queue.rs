@@ -12,7 +12,7 @@ use rand::Rng as _;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::model::{Job, RetryClassification, JOB_COLUMNS};
+use crate::model::{job_type, Job, RetryClassification, JOB_COLUMNS};
 
 /// NOTIFY channel that wakes idle workers when a job is queued.
 pub const NOTIFY_CHANNEL: &str = "capy_jobs";
@@ -392,6 +392,8 @@ pub enum Transition {
     Done(Job),
     /// The job is in a state the request does not apply to.
     Refused(Job),
+    /// The job's project is deleted or being deleted: only its delete may run again.
+    ProjectGone(Job),
     NotFound,
 }
 
@@ -435,6 +437,9 @@ pub async fn cancel(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Trans
 }
 
 /// Queues a failed or cancelled job again, with `extra_attempts` more attempts.
+///
+/// A deleted project stays deleted: no job of a project that is deleted or being
+/// deleted runs again, except its `project.delete`.
 pub async fn retry(
     conn: &mut PgConnection,
     job_id: Uuid,
@@ -445,6 +450,9 @@ pub async fn retry(
     };
     if job.state != "failed" && job.state != "cancelled" {
         return Ok(Transition::Refused(job));
+    }
+    if job.job_type != job_type::PROJECT_DELETE && project_is_gone(conn, job.project_id).await? {
+        return Ok(Transition::ProjectGone(job));
     }
     if let Some(resource) = &job.locked_resource {
         lock_resource(conn, resource).await?;
@@ -466,6 +474,27 @@ pub async fn retry(
     wake_workers(&mut *conn).await?;
     Ok(Transition::Done(job))
 }
+
+/// Whether project `id` is deleted or being deleted. Its row stays share-locked until
+/// the transaction ends, so a delete queued meanwhile waits for it (and the retried
+/// job, if any, is then refused by the worker: see `PROJECT_IS_LIVE`).
+async fn project_is_gone(conn: &mut PgConnection, id: Option<Uuid>) -> sqlx::Result<bool> {
+    let Some(id) = id else {
+        return Ok(false);
+    };
+    let live: Option<bool> = sqlx::query_scalar(&format!(
+        "select {PROJECT_IS_LIVE} from projects where id = $1 for share"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(live != Some(true))
+}
+
+/// The condition (on `projects`) under which a project's jobs other than its delete
+/// may run: it is neither deleted nor being deleted. The API's retry and the worker's
+/// step input both read it.
+pub const PROJECT_IS_LIVE: &str = "(state not in ('deleting', 'deleted') and deleted_at is null)";
 
 async fn lock_job(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(

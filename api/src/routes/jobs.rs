@@ -203,7 +203,8 @@ pub async fn cancel(
     transition(&state, &principal, id, Change::Cancel).await
 }
 
-/// Queues a failed or cancelled job again.
+/// Queues a failed or cancelled job again; 409 for a job of a project that is deleted
+/// or being deleted (except its `project.delete`).
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id"),
            ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
@@ -264,6 +265,10 @@ async fn transition(
         Transition::Refused(job) => Err(ApiError::Conflict(format!(
             "a {} job cannot be {verb}",
             job.state
+        ))),
+        Transition::ProjectGone(job) => Err(ApiError::Conflict(format!(
+            "this {} job belongs to a project that is deleted or being deleted: it cannot run again",
+            job.job_type
         ))),
         Transition::NotFound => Err(ApiError::NotFound("job")),
     }
