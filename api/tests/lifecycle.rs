@@ -9,10 +9,15 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use capy_api::router;
 use capy_testkit::{cluster, ProcessStack};
+use chrono::{DateTime, Utc};
 use common::TestApp;
-use serde_json::Value;
+use http_body_util::BodyExt as _;
+use serde_json::{json, Value};
+use tower::ServiceExt as _;
 
 fn error_of(body: &Value) -> &str {
     body["error"]
@@ -186,4 +191,330 @@ async fn a_deleted_project_stays_deleted_whatever_job_is_retried() {
         !database_exists(&database).await,
         "database {database} (role {role}) came back after its project was deleted"
     );
+}
+
+// ---------------------------------------------------------------------------------
+// Keys: none outlives the key that made it, nor the project it is narrowed to.
+
+/// Creates a key with `creator`; answers its plaintext and record.
+async fn make_key(app: &TestApp, creator: &str, body: Value) -> (String, Value) {
+    let (status, answer) = app
+        .call(
+            "POST",
+            "/v1/api_keys",
+            Some(creator),
+            Some(&body.to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body} → {answer}");
+    (
+        answer["key"].as_str().unwrap().to_string(),
+        answer["api_key"].clone(),
+    )
+}
+
+/// What `GET /v1/me` answers `key`: 200, or 401 with the reason.
+async fn me(app: &TestApp, key: &str) -> (StatusCode, Value) {
+    app.call("GET", "/v1/me", Some(key), None).await
+}
+
+async fn assert_refused(app: &TestApp, key: &str, why: &str) {
+    let (status, body) = me(app, key).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the key still works: {body}");
+    assert!(error_of(&body).contains(why), "{body}");
+}
+
+fn expiry(record: &Value) -> Option<DateTime<Utc>> {
+    record["expires_at"].as_str().map(|at| at.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_key_cannot_outlive_the_key_that_made_it() {
+    let app = TestApp::new().await;
+    let in_an_hour = Utc::now() + chrono::Duration::hours(1);
+    let (k1, r1) = make_key(
+        &app,
+        &app.key,
+        json!({"name": "k1", "expires_at": in_an_hour.to_rfc3339()}),
+    )
+    .await;
+    // No expiry asked: the maker's.
+    let (k2, r2) = make_key(&app, &k1, json!({"name": "k2"})).await;
+    assert_eq!(expiry(&r2), expiry(&r1), "{r2}");
+    assert_eq!(r2["created_by_key_id"], r1["id"], "{r2}");
+    // Later than the maker's: refused, with the reason.
+    let later = in_an_hour + chrono::Duration::hours(1);
+    let (status, body) = app
+        .call(
+            "POST",
+            "/v1/api_keys",
+            Some(&k2),
+            Some(&json!({"name": "k3", "expires_at": later.to_rfc3339()}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a key made a key that outlives it: {body}"
+    );
+    assert!(error_of(&body).contains("outlive"), "{body}");
+    // Earlier is fine.
+    let sooner = Utc::now() + chrono::Duration::minutes(30);
+    let (k4, r4) = make_key(
+        &app,
+        &k2,
+        json!({"name": "k4", "expires_at": sooner.to_rfc3339()}),
+    )
+    .await;
+    assert_eq!(
+        expiry(&r4).map(|at| at.timestamp()),
+        Some(sooner.timestamp())
+    );
+    assert_eq!(me(&app, &k4).await.0, StatusCode::OK);
+
+    // When k1 expires (brought forward here, as time would), everything it made ends
+    // with it, whatever their own expiry says.
+    sqlx::query("update api_keys set expires_at = now() - interval '1 second' where id = $1::uuid")
+        .bind(r1["id"].as_str().unwrap())
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_refused(&app, &k1, "expired").await;
+    for key in [&k2, &k4] {
+        assert_refused(&app, key, "made this key has expired").await;
+    }
+    assert_eq!(me(&app, &app.key).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn revoking_a_key_ends_every_key_it_made_transitively() {
+    let app = TestApp::new().await;
+    let (k1, r1) = make_key(&app, &app.key, json!({"name": "k1"})).await;
+    let (k2, r2) = make_key(&app, &k1, json!({"name": "k2"})).await;
+    let (k3, r3) = make_key(&app, &k2, json!({"name": "k3"})).await;
+    let (sibling, sibling_record) = make_key(&app, &app.key, json!({"name": "sibling"})).await;
+    for key in [&k1, &k2, &k3, &sibling] {
+        assert_eq!(me(&app, key).await.0, StatusCode::OK);
+    }
+
+    let (status, body) = app
+        .call(
+            "DELETE",
+            &format!("/v1/api_keys/{}", r1["id"].as_str().unwrap()),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for key in [&k1, &k2, &k3] {
+        assert_refused(&app, key, "revoked").await;
+    }
+    assert_eq!(me(&app, &sibling).await.0, StatusCode::OK);
+    assert_eq!(me(&app, &app.key).await.0, StatusCode::OK);
+    let (_, list) = app
+        .call("GET", "/v1/api_keys", Some(&app.key), None)
+        .await;
+    for made in [&r2, &r3] {
+        let shown = list["api_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == made["id"])
+            .unwrap();
+        assert!(shown["revoked_at"].is_string(), "shown as live: {shown}");
+    }
+
+    // Authentication reads the lineage itself: a maker revoked without the cascade
+    // (a key made while the revoke ran, say) still ends what it made.
+    let (made_by_sibling, _) = make_key(&app, &sibling, json!({"name": "grandchild"})).await;
+    sqlx::query("update api_keys set revoked_at = now() where id = $1::uuid")
+        .bind(sibling_record["id"].as_str().unwrap())
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_refused(&app, &made_by_sibling, "made this key has been revoked").await;
+}
+
+#[tokio::test]
+async fn deleting_a_project_ends_the_keys_narrowed_to_it() {
+    let app = TestApp::new().await;
+    let mut projects = Vec::new();
+    for name in ["doomed", "gone-by-worker"] {
+        let (status, body) = app
+            .call(
+                "POST",
+                "/v1/projects",
+                Some(&app.key),
+                Some(&json!({ "name": name }).to_string()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        projects.push(id_of(&body["project"]));
+    }
+    let (narrowed, _) = make_key(
+        &app,
+        &app.key,
+        json!({"name": "narrowed", "project_id": projects[0]}),
+    )
+    .await;
+    let (made_by_narrowed, _) = make_key(&app, &narrowed, json!({"name": "its own"})).await;
+    let path = format!("/v1/projects/{}", projects[0]);
+    assert_eq!(
+        app.call("GET", &path, Some(&made_by_narrowed), None).await.0,
+        StatusCode::OK
+    );
+
+    let (status, body) = app.call("DELETE", &path, Some(&app.key), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    for key in [&narrowed, &made_by_narrowed] {
+        assert_refused(&app, key, "revoked").await;
+    }
+    // No new key narrowed to it either.
+    let (status, body) = app
+        .call(
+            "POST",
+            "/v1/api_keys",
+            Some(&app.key),
+            Some(&json!({"name": "late", "project_id": projects[0]}).to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    // A project deleted by other means (a worker's delete, an instant database's
+    // expiry) ends its keys at authentication.
+    let (other, _) = make_key(
+        &app,
+        &app.key,
+        json!({"name": "other", "project_id": projects[1]}),
+    )
+    .await;
+    assert_eq!(me(&app, &other).await.0, StatusCode::OK);
+    sqlx::query("update projects set state = 'deleted', deleted_at = now() where id = $1::uuid")
+        .bind(&projects[1])
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_refused(&app, &other, "narrowed to is deleted").await;
+    assert_eq!(me(&app, &app.key).await.0, StatusCode::OK);
+}
+
+// ---------------------------------------------------------------------------------
+// Idempotency-Key: the answer commits with the work it guards.
+
+/// Sends a POST with an Idempotency-Key; answers status and body.
+async fn post_with_key(
+    app: &TestApp,
+    idempotency_key: &str,
+    path: &str,
+    body: &str,
+) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("authorization", format!("Bearer {}", app.key))
+        .header("content-type", "application/json")
+        .header("idempotency-key", idempotency_key)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = router(app.state.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn keys_named(app: &TestApp, name: &str) -> i64 {
+    sqlx::query_scalar("select count(*) from api_keys where name = $1")
+        .bind(name)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Makes storing an Idempotency-Key's answer fail, in the database itself, until the
+/// answer returned is dropped.
+async fn break_answer_storage(app: &TestApp) {
+    for statement in [
+        "create function capy_test_refuse_answer() returns trigger language plpgsql as $$
+         begin raise exception 'injected failure: the answer cannot be stored'; end $$",
+        "create trigger refuse_answer before update on idempotency_keys for each row
+         when (new.status is not null) execute function capy_test_refuse_answer()",
+    ] {
+        sqlx::query(statement).execute(&app.db.pool).await.unwrap();
+    }
+}
+
+async fn repair_answer_storage(app: &TestApp) {
+    sqlx::query("drop trigger refuse_answer on idempotency_keys")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_failure_storing_the_answer_never_runs_the_request_twice() {
+    let app = TestApp::new().await;
+    let body = r#"{"name":"exactly-once"}"#;
+    break_answer_storage(&app).await;
+    let (status, answer) = post_with_key(&app, "idem-1", "/v1/api_keys", body).await;
+    assert!(status.is_server_error(), "{status} {answer}");
+    repair_answer_storage(&app).await;
+    // The request is presumed dead once its hold runs out (brought forward here): its
+    // key may be taken again.
+    sqlx::query(
+        "update idempotency_keys set created_at = now() - interval '10 minutes'
+         where status is null",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let (status, answer) = post_with_key(&app, "idem-1", "/v1/api_keys", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(
+        keys_named(&app, "exactly-once").await,
+        1,
+        "the request ran twice: its work committed without its answer"
+    );
+    let (status, replayed) = post_with_key(&app, "idem-1", "/v1/api_keys", body).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(replayed, answer, "the stored answer is the one sent");
+    assert_eq!(keys_named(&app, "exactly-once").await, 1);
+}
+
+#[tokio::test]
+async fn a_reservation_holds_while_its_request_lives_and_is_taken_again_after() {
+    let app = TestApp::new().await;
+    let scope = capy_shared::crypto::hash_api_key(&format!("Bearer {}", app.key));
+    let path = "/v1/projects";
+    let body = r#"{"name":"held"}"#;
+    // A request holding the key (no answer yet): a repeat is refused, not run.
+    sqlx::query(
+        "insert into idempotency_keys (scope, key, request_hash, reservation)
+         values ($1, 'held',
+                 sha256(convert_to($2, 'UTF8') || '\\x00'::bytea || convert_to($3, 'UTF8')),
+                 gen_random_uuid())",
+    )
+    .bind(&scope)
+    .bind(path)
+    .bind(body)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let (status, answer) = post_with_key(&app, "held", path, body).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(error_of(&answer).contains("still running"), "{answer}");
+    // Once its request is presumed dead, the key is taken again and the work done.
+    sqlx::query("update idempotency_keys set created_at = now() - interval '10 minutes'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let (status, answer) = post_with_key(&app, "held", path, body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let stored: (Option<i16>, bool) = sqlx::query_as(
+        "select status, body is not null from idempotency_keys where key = 'held'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, (Some(202), true));
 }
