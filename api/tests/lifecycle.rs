@@ -220,7 +220,11 @@ async fn me(app: &TestApp, key: &str) -> (StatusCode, Value) {
 
 async fn assert_refused(app: &TestApp, key: &str, why: &str) {
     let (status, body) = me(app, key).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "the key still works: {body}");
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the key still works: {body}"
+    );
     assert!(error_of(&body).contains(why), "{body}");
 }
 
@@ -311,9 +315,7 @@ async fn revoking_a_key_ends_every_key_it_made_transitively() {
     }
     assert_eq!(me(&app, &sibling).await.0, StatusCode::OK);
     assert_eq!(me(&app, &app.key).await.0, StatusCode::OK);
-    let (_, list) = app
-        .call("GET", "/v1/api_keys", Some(&app.key), None)
-        .await;
+    let (_, list) = app.call("GET", "/v1/api_keys", Some(&app.key), None).await;
     for made in [&r2, &r3] {
         let shown = list["api_keys"]
             .as_array()
@@ -360,7 +362,9 @@ async fn deleting_a_project_ends_the_keys_narrowed_to_it() {
     let (made_by_narrowed, _) = make_key(&app, &narrowed, json!({"name": "its own"})).await;
     let path = format!("/v1/projects/{}", projects[0]);
     assert_eq!(
-        app.call("GET", &path, Some(&made_by_narrowed), None).await.0,
+        app.call("GET", &path, Some(&made_by_narrowed), None)
+            .await
+            .0,
         StatusCode::OK
     );
 
@@ -419,7 +423,10 @@ async fn post_with_key(
     let response = router(app.state.clone()).oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 async fn keys_named(app: &TestApp, name: &str) -> i64 {
@@ -510,11 +517,10 @@ async fn a_reservation_holds_while_its_request_lives_and_is_taken_again_after() 
         .unwrap();
     let (status, answer) = post_with_key(&app, "held", path, body).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    let stored: (Option<i16>, bool) = sqlx::query_as(
-        "select status, body is not null from idempotency_keys where key = 'held'",
-    )
-    .fetch_one(&app.db.pool)
-    .await
-    .unwrap();
+    let stored: (Option<i16>, bool) =
+        sqlx::query_as("select status, body is not null from idempotency_keys where key = 'held'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
     assert_eq!(stored, (Some(202), true));
 }
