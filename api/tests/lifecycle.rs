@@ -524,3 +524,114 @@ async fn a_reservation_holds_while_its_request_lives_and_is_taken_again_after() 
             .unwrap();
     assert_eq!(stored, (Some(202), true));
 }
+
+/// How many backends of this database wait on a lock.
+async fn lock_waiters(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_stat_activity
+         where datname = current_database() and wait_event_type = 'Lock'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until `count` backends of this database wait on a lock.
+async fn wait_for_lock_waiters(app: &TestApp, count: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting = lock_waiters(app).await;
+        if waiting >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} of {count} requests waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_presumed_dead_cannot_commit_once_its_key_is_taken_again() {
+    let app = TestApp::new().await;
+    let body = r#"{"name":"slow"}"#;
+    // New keys wait (their insert needs a lock this holds); reads go on.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("lock table api_keys in share mode")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let first = {
+        let app_state = app.state.clone();
+        let key = app.key.clone();
+        tokio::spawn(async move { send_post(app_state, &key, "slow", body).await })
+    };
+    wait_for_lock_waiters(&app, 1).await;
+    // The first request has held its key past the hold: presumed dead, the repeat
+    // takes the key and runs.
+    sqlx::query("update idempotency_keys set created_at = now() - interval '10 minutes'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let second = {
+        let app_state = app.state.clone();
+        let key = app.key.clone();
+        tokio::spawn(async move { send_post(app_state, &key, "slow", body).await })
+    };
+    wait_for_lock_waiters(&app, 2).await;
+    // The key's row (now the second request's) is held too, so whichever request
+    // would store its answer there waits: the first request, if it tried (it must
+    // not), would be first in line.
+    let mut row_holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("select 1 from idempotency_keys where key = 'slow' for update")
+        .execute(&mut *row_holder)
+        .await
+        .unwrap();
+    blocker.commit().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !first.is_finished() && lock_waiters(&app).await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the first request neither ended nor waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    row_holder.commit().await.unwrap();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+
+    assert_eq!(
+        keys_named(&app, "slow").await,
+        1,
+        "both requests did the work: {first:?} / {second:?}"
+    );
+    assert_eq!(first.0, StatusCode::CONFLICT, "{first:?}");
+    assert!(
+        error_of(&first.1).contains("taken by a repeat"),
+        "{first:?}"
+    );
+    assert_eq!(second.0, StatusCode::CREATED, "{second:?}");
+    // The key answers the second request's answer from now on.
+    let (status, replayed) = post_with_key(&app, "slow", "/v1/api_keys", body).await;
+    assert_eq!((status, &replayed), (StatusCode::CREATED, &second.1));
+}
+
+async fn send_post(
+    state: capy_api::AppState,
+    key: &str,
+    idempotency_key: &str,
+    body: &str,
+) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/api_keys")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", idempotency_key)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = router(state).oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
