@@ -13,19 +13,17 @@
 //! are stored by the layer afterwards. Server errors are not stored: the key is
 //! released and the client may retry.
 
+use std::convert::Infallible;
+
 use axum::body::{to_bytes, Body};
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
-
-use std::convert::Infallible;
-
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::Json;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
