@@ -27,15 +27,22 @@ pub struct KeyGrant {
     /// `None`: every scope.
     pub scopes: Option<Vec<String>>,
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The key that made this one: revoking or expiring it ends this one too.
+    pub created_by_key_id: Option<Uuid>,
 }
 
-/// Creates a key; answers its id and the plaintext, which is not stored.
-pub async fn create_api_key(pool: &PgPool, grant: &KeyGrant) -> anyhow::Result<(Uuid, String)> {
+/// Creates a key (on a pool, or inside the caller's transaction); answers its id and
+/// the plaintext, which is not stored.
+pub async fn create_api_key(
+    db: impl sqlx::PgExecutor<'_>,
+    grant: &KeyGrant,
+) -> anyhow::Result<(Uuid, String)> {
     let key = crypto::generate_api_key();
     let id = Uuid::now_v7();
     sqlx::query(
-        "insert into api_keys (id, organization_id, is_admin, name, key_prefix, key_hash, project_id, scopes, expires_at)
-         values ($1, $2, $3, $4, $5, $6, $7, coalesce($8, '{read,write,credentials:read}'::text[]), $9)",
+        "insert into api_keys (id, organization_id, is_admin, name, key_prefix, key_hash, project_id, scopes,
+                               expires_at, created_by_key_id)
+         values ($1, $2, $3, $4, $5, $6, $7, coalesce($8, '{read,write,credentials:read}'::text[]), $9, $10)",
     )
     .bind(id)
     .bind(grant.organization_id)
@@ -46,7 +53,8 @@ pub async fn create_api_key(pool: &PgPool, grant: &KeyGrant) -> anyhow::Result<(
     .bind(grant.project_id)
     .bind(&grant.scopes)
     .bind(grant.expires_at)
-    .execute(pool)
+    .bind(grant.created_by_key_id)
+    .execute(db)
     .await
     .context("creating an API key")?;
     Ok((id, key.plaintext))

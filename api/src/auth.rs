@@ -1,5 +1,8 @@
 //! Bearer API keys. A key belongs to an organization (or is a platform admin key), may
-//! be narrowed to one project, and carries scopes.
+//! be narrowed to one project, and carries scopes. A key works only while it, every key
+//! that made it (transitively) and the project it is narrowed to are live.
+
+use std::sync::LazyLock;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -9,6 +12,7 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::AppState;
 use capy_shared::crypto;
+use capy_shared::queue::PROJECT_IS_LIVE;
 
 pub const SCOPE_READ: &str = "read";
 pub const SCOPE_WRITE: &str = "write";
@@ -24,6 +28,9 @@ pub struct Principal {
     pub is_admin: bool,
     pub project_id: Option<Uuid>,
     pub scopes: Vec<String>,
+    /// When this key stops working: its own expiry or the earliest of the keys that
+    /// made it, whichever comes first. A key it makes expires no later.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl Principal {
@@ -73,6 +80,9 @@ impl Principal {
     }
 }
 
+/// A key with what its lineage says: whether a key that made it (transitively) is
+/// revoked, the earliest expiry among them, and whether the project it is narrowed to
+/// is deleted or being deleted.
 #[derive(sqlx::FromRow)]
 struct KeyRow {
     id: Uuid,
@@ -82,6 +92,76 @@ struct KeyRow {
     scopes: Vec<String>,
     expires_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
+    maker_revoked: bool,
+    maker_expires_at: Option<DateTime<Utc>>,
+    project_gone: bool,
+}
+
+/// How deep authentication follows a key's makers (keys make keys a few levels deep
+/// at most; the bound only guards the query).
+const MAX_LINEAGE: i32 = 64;
+
+/// One query: the key by its hash, its makers up the lineage (a primary-key probe per
+/// level) and its project's state.
+static KEY_QUERY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with recursive lineage as (
+             select k.id, k.created_by_key_id, k.revoked_at, k.expires_at, 0 as depth
+             from api_keys k where k.key_hash = $1
+           union all
+             select m.id, m.created_by_key_id, m.revoked_at, m.expires_at, l.depth + 1
+             from lineage l join api_keys m on m.id = l.created_by_key_id
+             where l.depth < $2
+         )
+         select k.id, k.organization_id, k.is_admin, k.project_id, k.scopes, k.expires_at,
+                k.revoked_at,
+                coalesce((select bool_or(revoked_at is not null) from lineage where depth > 0),
+                         false) as maker_revoked,
+                (select min(expires_at) from lineage where depth > 0) as maker_expires_at,
+                coalesce((select not {PROJECT_IS_LIVE} from projects where id = k.project_id),
+                         false) as project_gone
+         from api_keys k where k.key_hash = $1"
+    )
+});
+
+impl KeyRow {
+    /// The principal this key stands for, or why it no longer works.
+    fn into_principal(self) -> Result<Principal, ApiError> {
+        let now = Utc::now();
+        if self.revoked_at.is_some() {
+            return Err(ApiError::Unauthorized("this API key has been revoked"));
+        }
+        if self.expires_at.is_some_and(|at| at <= now) {
+            return Err(ApiError::Unauthorized("this API key has expired"));
+        }
+        if self.maker_revoked {
+            return Err(ApiError::Unauthorized(
+                "the API key that made this key has been revoked, which ends this key too",
+            ));
+        }
+        if self.maker_expires_at.is_some_and(|at| at <= now) {
+            return Err(ApiError::Unauthorized(
+                "the API key that made this key has expired, which ends this key too",
+            ));
+        }
+        if self.project_gone {
+            return Err(ApiError::Unauthorized(
+                "the project this API key is narrowed to is deleted, which ends the key",
+            ));
+        }
+        let expires_at = match (self.expires_at, self.maker_expires_at) {
+            (Some(own), Some(maker)) => Some(own.min(maker)),
+            (own, maker) => own.or(maker),
+        };
+        Ok(Principal {
+            key_id: self.id,
+            organization_id: self.organization_id,
+            is_admin: self.is_admin,
+            project_id: self.project_id,
+            scopes: self.scopes,
+            expires_at,
+        })
+    }
 }
 
 impl FromRequestParts<AppState> for Principal {
@@ -108,26 +188,12 @@ impl FromRequestParts<AppState> for Principal {
             .ok_or(ApiError::Unauthorized(
                 "malformed API key: expected Authorization: Bearer capy_live_…",
             ))?;
-        let row: Option<KeyRow> = sqlx::query_as(
-            "select id, organization_id, is_admin, project_id, scopes, expires_at, revoked_at
-             from api_keys where key_hash = $1",
-        )
-        .bind(crypto::hash_api_key(key))
-        .fetch_optional(&state.pool)
-        .await?;
-        let row = row.ok_or(ApiError::Unauthorized("invalid API key"))?;
-        if row.revoked_at.is_some() {
-            return Err(ApiError::Unauthorized("this API key has been revoked"));
-        }
-        if row.expires_at.is_some_and(|at| at <= Utc::now()) {
-            return Err(ApiError::Unauthorized("this API key has expired"));
-        }
-        Ok(Principal {
-            key_id: row.id,
-            organization_id: row.organization_id,
-            is_admin: row.is_admin,
-            project_id: row.project_id,
-            scopes: row.scopes,
-        })
+        let row: Option<KeyRow> = sqlx::query_as(KEY_QUERY.as_str())
+            .bind(crypto::hash_api_key(key))
+            .bind(MAX_LINEAGE)
+            .fetch_optional(&state.pool)
+            .await?;
+        row.ok_or(ApiError::Unauthorized("invalid API key"))?
+            .into_principal()
     }
 }

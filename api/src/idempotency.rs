@@ -3,21 +3,32 @@
 //! scoped to the caller's credentials (requests without any are not
 //! deduplicated) and kept for a day.
 //!
-//! A request holds its key while it runs (a row without a status), so a concurrent
-//! repeat gets a 409 instead of doing the work twice. Server errors are not stored:
-//! the key is released and the client may retry.
+//! A request holds its key while it runs (a row without a status, reserved with a
+//! fresh token), so a concurrent repeat gets a 409 instead of doing the work twice.
+//! Handlers that do work end their transaction with [`Idempotent::commit`], which
+//! stores the answer in that same transaction, fenced on the token: the work and its
+//! recorded answer commit together or not at all, so no failure between the two can
+//! run the request twice, and a request presumed dead (its key taken again after
+//! `HOLD`) cannot commit. Answers a handler did not store (refusals before any work)
+//! are stored by the layer afterwards. Server errors are not stored: the key is
+//! released and the client may retry.
+
+use std::convert::Infallible;
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
-
-use axum::extract::FromRequestParts as _;
+use sqlx::{PgConnection, Postgres, Transaction};
+use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::error::{ApiError, BODY_LIMIT_BYTES};
+use crate::error::{ApiError, ApiResult, BODY_LIMIT_BYTES};
 use crate::AppState;
 
 pub const HEADER: &str = "idempotency-key";
@@ -25,6 +36,80 @@ const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// A key is kept this long; a request holding a key for longer is presumed dead.
 const KEEP: &str = "24 hours";
 const HOLD: &str = "5 minutes";
+
+/// The key this request holds, put in its extensions by the layer.
+#[derive(Debug, Clone)]
+struct Reservation {
+    scope: Vec<u8>,
+    key: String,
+    token: Uuid,
+}
+
+/// The request's Idempotency-Key reservation, if it carries a key: a handler ends its
+/// transaction with [`Idempotent::commit`], so the answer is stored with its work.
+#[derive(Debug, Clone, Default)]
+pub struct Idempotent(Option<Reservation>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Idempotent {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self(parts.extensions.get::<Reservation>().cloned()))
+    }
+}
+
+impl Idempotent {
+    /// Commits the handler's transaction `tx` with the answer `status` / `body`,
+    /// stored first (in `tx`) for the request's Idempotency-Key, if it has one.
+    /// When the key is no longer this request's (it ran past `HOLD` and a repeat took
+    /// the key), nothing commits: 409.
+    pub async fn commit<T: Serialize>(
+        &self,
+        state: &AppState,
+        mut tx: Transaction<'_, Postgres>,
+        status: StatusCode,
+        body: T,
+    ) -> ApiResult<(StatusCode, Json<T>)> {
+        if let Some(reservation) = &self.0 {
+            let bytes = serde_json::to_vec(&body)
+                .map_err(|e| ApiError::Internal(anyhow::anyhow!("encoding the answer: {e}")))?;
+            if !store(&mut tx, state, reservation, status, &bytes).await? {
+                return Err(ApiError::Conflict(
+                    "this request ran so long that its Idempotency-Key was taken by a repeat; \
+                     nothing was done"
+                        .into(),
+                ));
+            }
+        }
+        tx.commit().await?;
+        Ok((status, Json(body)))
+    }
+}
+
+/// Stores `body` as the answer of the key `reservation` still holds; answers whether
+/// it did (false: the key is no longer held by this reservation, or already answered).
+async fn store(
+    conn: &mut PgConnection,
+    state: &AppState,
+    reservation: &Reservation,
+    status: StatusCode,
+    body: &[u8],
+) -> sqlx::Result<bool> {
+    // Sealed: an answer may carry a secret (a new API key's plaintext).
+    let sealed = state.secrets.seal(&String::from_utf8_lossy(body));
+    let stored = sqlx::query(
+        "update idempotency_keys set status = $4, body = $5
+         where scope = $1 and key = $2 and reservation = $3 and status is null",
+    )
+    .bind(&reservation.scope)
+    .bind(&reservation.key)
+    .bind(reservation.token)
+    .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
+    .bind(&sealed)
+    .execute(conn)
+    .await?;
+    Ok(stored.rows_affected() == 1)
+}
 
 #[derive(sqlx::FromRow)]
 struct Stored {
@@ -65,7 +150,6 @@ async fn handle(
     let principal = Principal::from_request_parts(&mut parts, state).await?;
     // The handler takes it from here instead of looking the key up again.
     parts.extensions.insert(principal);
-    let request = Request::from_parts(parts, body);
     let key = key
         .to_str()
         .ok()
@@ -75,14 +159,13 @@ async fn handle(
         })?
         .to_string();
     let scope = Sha256::digest(
-        request
-            .headers()
+        parts
+            .headers
             .get(axum::http::header::AUTHORIZATION)
             .map(HeaderValue::as_bytes)
             .unwrap_or_default(),
     )
     .to_vec();
-    let (parts, body) = request.into_parts();
     let body = to_bytes(body, BODY_LIMIT_BYTES)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(BODY_LIMIT_BYTES))?;
@@ -92,62 +175,87 @@ async fn handle(
     hasher.update(&body);
     let request_hash = hasher.finalize().to_vec();
 
-    // Forget this key's expired or abandoned use, then try to take it.
+    let Some(reservation) = reserve(state, &scope, &key, &request_hash).await? else {
+        return replay(state, &scope, &key, &request_hash).await;
+    };
+    parts.extensions.insert(reservation.clone());
+    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+    settle(state, &reservation, response).await
+}
+
+/// Takes the key for this request, after forgetting its expired or abandoned use;
+/// `None` when another request holds it or answered it.
+async fn reserve(
+    state: &AppState,
+    scope: &[u8],
+    key: &str,
+    request_hash: &[u8],
+) -> Result<Option<Reservation>, ApiError> {
     sqlx::query(&format!(
         "delete from idempotency_keys where scope = $1 and key = $2
            and (created_at < now() - interval '{KEEP}'
                 or (status is null and created_at < now() - interval '{HOLD}'))"
     ))
-    .bind(&scope)
-    .bind(&key)
+    .bind(scope)
+    .bind(key)
     .execute(&state.pool)
     .await?;
+    let token = Uuid::new_v4();
     let taken = sqlx::query(
-        "insert into idempotency_keys (scope, key, request_hash) values ($1, $2, $3)
+        "insert into idempotency_keys (scope, key, request_hash, reservation)
+         values ($1, $2, $3, $4)
          on conflict do nothing",
     )
-    .bind(&scope)
-    .bind(&key)
-    .bind(&request_hash)
+    .bind(scope)
+    .bind(key)
+    .bind(request_hash)
+    .bind(token)
     .execute(&state.pool)
     .await?
     .rows_affected()
         == 1;
-    if !taken {
-        return replay(state, &scope, &key, &request_hash).await;
-    }
+    Ok(taken.then(|| Reservation {
+        scope: scope.to_vec(),
+        key: key.to_string(),
+        token,
+    }))
+}
 
-    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+/// After the handler: releases the key when its answer is not to be remembered,
+/// otherwise stores the answer unless the handler stored it with its work.
+async fn settle(
+    state: &AppState,
+    reservation: &Reservation,
+    response: Response,
+) -> Result<Response, ApiError> {
     let status = response.status();
     // Server errors and refusals that depend on the moment (auth, rate limits) are
-    // not remembered: the client may retry with the same key.
+    // not remembered: the client may retry with the same key. (A handler that stored
+    // its answer with its work left no reservation to release.)
     let remember = !status.is_server_error()
         && status != StatusCode::UNAUTHORIZED
         && status != StatusCode::TOO_MANY_REQUESTS;
     if !remember {
-        sqlx::query("delete from idempotency_keys where scope = $1 and key = $2")
-            .bind(&scope)
-            .bind(&key)
-            .execute(&state.pool)
-            .await?;
+        sqlx::query(
+            "delete from idempotency_keys
+             where scope = $1 and key = $2 and reservation = $3 and status is null",
+        )
+        .bind(&reservation.scope)
+        .bind(&reservation.key)
+        .bind(reservation.token)
+        .execute(&state.pool)
+        .await?;
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
     let body = to_bytes(body, usize::MAX)
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("reading the response: {e}")))?;
-    // Sealed: an answer may carry a secret (a new API key's plaintext).
-    let sealed = state.secrets.seal(&String::from_utf8_lossy(&body));
-    sqlx::query("update idempotency_keys set status = $3, body = $4 where scope = $1 and key = $2")
-        .bind(&scope)
-        .bind(&key)
-        .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
-        .bind(&sealed)
-        .execute(&state.pool)
-        .await?;
+    // An answer the handler did not store with work (a refusal before any): now.
+    let mut conn = state.pool.acquire().await?;
+    store(&mut conn, state, reservation, status, &body).await?;
     Ok(Response::from_parts(parts, Body::from(body)))
 }
-
 async fn replay(
     state: &AppState,
     scope: &[u8],

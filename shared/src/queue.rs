@@ -12,7 +12,7 @@ use rand::Rng as _;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::model::{Job, RetryClassification, JOB_COLUMNS};
+use crate::model::{job_type, Job, RetryClassification, JOB_COLUMNS};
 
 /// NOTIFY channel that wakes idle workers when a job is queued.
 pub const NOTIFY_CHANNEL: &str = "capy_jobs";
@@ -207,6 +207,10 @@ pub struct FinishedAttempt {
 /// `completed`, back to `pending` (retried after its delay) or to `failed`, and its
 /// attempt record is written.
 ///
+/// A cancel asked while the attempt ran wins over its retryable failure (transient,
+/// timeout): the job ends `cancelled` instead of going back to `pending`; the attempt
+/// is still recorded with its real classification.
+///
 /// Fenced: an attempt whose job `worker` no longer holds (lease lost, job cancelled)
 /// writes nothing. Answers the jobs that were updated. Call it inside a transaction.
 pub async fn finish(
@@ -248,16 +252,20 @@ pub async fn finish(
                  as t(id, attempt, outcome, class, error, exit_code, stdout, stderr, delay_ms)
          ), updated as (
              update jobs j set
-                 state = case when i.outcome = 'retry' then
-                             case when j.attempts < j.max_attempts then 'pending' else 'failed' end
-                         else i.outcome end,
+                 state = case when i.outcome <> 'retry' then i.outcome
+                              when j.cancel_requested_at is not null then 'cancelled'
+                              when j.attempts < j.max_attempts then 'pending'
+                              else 'failed' end,
                  run_at = case when i.outcome = 'retry'
                               then now() + i.delay_ms * interval '1 millisecond' else j.run_at end,
                  completed_at = case when i.outcome = 'retry' and j.attempts < j.max_attempts
+                                          and j.cancel_requested_at is null
                                      then null else now() end,
                  lease_expires_at = null,
                  retry_classification = i.class,
-                 error = i.error,
+                 error = case when i.outcome = 'retry' and j.cancel_requested_at is not null
+                              then 'cancelled by request; the last attempt failed: ' || coalesce(i.error, '?')
+                              else i.error end,
                  last_exit_code = i.exit_code,
                  last_stdout = i.stdout,
                  last_stderr = i.stderr,
@@ -384,6 +392,8 @@ pub enum Transition {
     Done(Job),
     /// The job is in a state the request does not apply to.
     Refused(Job),
+    /// The job's project is deleted or being deleted: only its delete may run again.
+    ProjectGone(Job),
     NotFound,
 }
 
@@ -427,6 +437,9 @@ pub async fn cancel(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Trans
 }
 
 /// Queues a failed or cancelled job again, with `extra_attempts` more attempts.
+///
+/// A deleted project stays deleted: no job of a project that is deleted or being
+/// deleted runs again, except its `project.delete`.
 pub async fn retry(
     conn: &mut PgConnection,
     job_id: Uuid,
@@ -437,6 +450,9 @@ pub async fn retry(
     };
     if job.state != "failed" && job.state != "cancelled" {
         return Ok(Transition::Refused(job));
+    }
+    if job.job_type != job_type::PROJECT_DELETE && project_is_gone(conn, job.project_id).await? {
+        return Ok(Transition::ProjectGone(job));
     }
     if let Some(resource) = &job.locked_resource {
         lock_resource(conn, resource).await?;
@@ -458,6 +474,27 @@ pub async fn retry(
     wake_workers(&mut *conn).await?;
     Ok(Transition::Done(job))
 }
+
+/// Whether project `id` is deleted or being deleted. Its row stays share-locked until
+/// the transaction ends, so a delete queued meanwhile waits for it (and the retried
+/// job, if any, is then refused by the worker: see `PROJECT_IS_LIVE`).
+async fn project_is_gone(conn: &mut PgConnection, id: Option<Uuid>) -> sqlx::Result<bool> {
+    let Some(id) = id else {
+        return Ok(false);
+    };
+    let live: Option<bool> = sqlx::query_scalar(&format!(
+        "select {PROJECT_IS_LIVE} from projects where id = $1 for share"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(live != Some(true))
+}
+
+/// The condition (on `projects`) under which a project's jobs other than its delete
+/// may run: it is neither deleted nor being deleted. The API's retry and the worker's
+/// step input both read it.
+pub const PROJECT_IS_LIVE: &str = "(state not in ('deleting', 'deleted') and deleted_at is null)";
 
 async fn lock_job(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(

@@ -3,7 +3,8 @@
 
 use anyhow::Context as _;
 use capy_shared::crypto::SecretBox;
-use capy_shared::model::Job;
+use capy_shared::model::{job_type, Job};
+use capy_shared::queue::PROJECT_IS_LIVE;
 use capy_shared::step::{StepCluster, StepInput, StepProject};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -37,18 +38,23 @@ pub async fn load_input(
     job: &Job,
 ) -> anyhow::Result<StepInput> {
     let project: Option<ProjectRow> = match job.project_id {
-        Some(id) => sqlx::query_as(
+        Some(id) => sqlx::query_as(&format!(
             "select id, cluster_id, database_name, role_name, password_encrypted, max_connections,
                     statement_timeout, idle_transaction_timeout, storage_limit_bytes,
                     logical_replication
-             from projects where id = $1",
-        )
+             from projects where id = $1 and ($2 or {PROJECT_IS_LIVE})"
+        ))
         .bind(id)
+        .bind(job.job_type == job_type::PROJECT_DELETE)
         .fetch_optional(pool)
         .await
         .context("loading the job's project")?,
         None => None,
     };
+    // A deleted project stays deleted: once it is being deleted, only its delete runs.
+    if job.project_id.is_some() && project.is_none() {
+        return Err(ProjectGone(job.job_type.clone()).into());
+    }
     let cluster_id = job.cluster_id.or(project.as_ref().map(|p| p.cluster_id));
     let cluster: Option<ClusterRow> = match cluster_id {
         Some(id) => sqlx::query_as(
@@ -95,3 +101,20 @@ pub async fn load_input(
         cluster,
     })
 }
+
+/// A job of a project that is deleted or being deleted (other than its delete): its
+/// step must not run, whatever queued it.
+#[derive(Debug)]
+pub struct ProjectGone(pub String);
+
+impl std::fmt::Display for ProjectGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the project is deleted or being deleted: this {} job does not run",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ProjectGone {}

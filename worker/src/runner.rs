@@ -287,6 +287,10 @@ impl Worker {
     ) -> Result<AttemptOutcome, StopReason> {
         let input = match handlers::load_input(&self.pool, &self.secrets, job).await {
             Ok(input) => input,
+            Err(error) if error.is::<handlers::ProjectGone>() => {
+                tracing::warn!(error = %error, "the step does not run");
+                return Ok(failure(RetryClassification::Permanent, error.to_string()));
+            }
             Err(error) => {
                 return Ok(failure(
                     RetryClassification::Transient,

@@ -1,10 +1,12 @@
 //! API keys: created (the plaintext is shown once), listed (never a secret) and
 //! revoked. An organization's key manages its organization's keys, a project-scoped
-//! key those of its project; a new key never gets a scope its creator lacks.
+//! key those of its project; a new key never gets a scope its creator lacks, nor
+//! outlives it: revoking a key revokes every key it made, transitively.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use capy_shared::queue::PROJECT_IS_LIVE;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -15,11 +17,12 @@ use crate::auth::{Principal, SCOPES, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::ErrorResponses;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Path};
+use crate::idempotency::Idempotent;
 use crate::pagination::{self, Listing, OrganizationFilter, PageParams};
 use crate::AppState;
 
 const KEY_COLUMNS: &str = "id, name, key_prefix, organization_id, project_id, is_admin as admin, \
-    scopes, expires_at, revoked_at, created_at";
+    scopes, expires_at, revoked_at, created_by_key_id, created_at";
 
 #[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
 pub struct ApiKey {
@@ -34,6 +37,8 @@ pub struct ApiKey {
     pub scopes: Vec<String>,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The key that made this one: revoking or expiring it ends this one too.
+    pub created_by_key_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -66,10 +71,14 @@ pub struct CreateApiKey {
     project_id: Option<Uuid>,
     /// Any of `read`, `write`, `credentials:read`; all of the creator's when left out.
     scopes: Option<Vec<String>>,
+    /// No later than the creating key's expiry (422 otherwise); the creating key's
+    /// when left out.
     expires_at: Option<DateTime<Utc>>,
 }
 
-/// Creates a key; the answer carries its plaintext, once.
+/// Creates a key; the answer carries its plaintext, once. The new key never outlives
+/// the key creating it: its `expires_at` defaults to the creator's and may not be
+/// later (422); revoking or expiring the creator ends it too.
 #[utoipa::path(post, path = "/v1/api_keys", tag = "api_keys",
     params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
     request_body = CreateApiKey,
@@ -77,38 +86,53 @@ pub struct CreateApiKey {
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
+    idempotent: Idempotent,
     extract::Json(body): extract::Json<CreateApiKey>,
 ) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
     principal.require_scope(SCOPE_WRITE)?;
+    let grant = grant_for(&principal, body)?;
+    let mut tx = state.pool.begin().await?;
+    let organization_exists: bool =
+        sqlx::query_scalar("select exists (select 1 from organizations where id = $1)")
+            .bind(grant.organization_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !organization_exists {
+        return Err(ApiError::NotFound("organization"));
+    }
+    if let Some(project_id) = grant.project_id {
+        let live: bool = sqlx::query_scalar(&format!(
+            "select exists (select 1 from projects
+                            where id = $1 and organization_id = $2 and {PROJECT_IS_LIVE})"
+        ))
+        .bind(project_id)
+        .bind(grant.organization_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !live {
+            return Err(ApiError::NotFound("project"));
+        }
+    }
+    let (id, key) = admin::create_api_key(&mut *tx, &grant)
+        .await
+        .map_err(ApiError::from_anyhow)?;
+    let api_key = fetch(&mut *tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("API key"))?;
+    let created = CreatedApiKey { api_key, key };
+    idempotent
+        .commit(&state, tx, StatusCode::CREATED, created)
+        .await
+}
+
+/// The key `principal` asks for with `body`, checked: name, scopes, owner, expiry.
+fn grant_for(principal: &Principal, body: CreateApiKey) -> ApiResult<KeyGrant> {
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
         return Err(ApiError::BadRequest(
             "name must be 1 to 100 characters, without control characters".into(),
         ));
     }
-    if body.expires_at.is_some_and(|at| at <= Utc::now()) {
-        return Err(ApiError::BadRequest(
-            "expires_at must be in the future".into(),
-        ));
-    }
-    let scopes = match body.scopes {
-        Some(scopes) => {
-            if scopes.is_empty() || scopes.iter().any(|s| !SCOPES.contains(&s.as_str())) {
-                return Err(ApiError::BadRequest(format!(
-                    "scopes must be a non-empty list of {}",
-                    SCOPES.join(", ")
-                )));
-            }
-            if scopes.iter().any(|s| principal.require_scope(s).is_err()) {
-                return Err(ApiError::Forbidden(
-                    "a key cannot grant a scope its creator lacks",
-                ));
-            }
-            scopes
-        }
-        None if principal.is_admin => SCOPES.iter().map(|s| s.to_string()).collect(),
-        None => principal.scopes.clone(),
-    };
     let organization_id = match (principal.is_admin, body.organization_id) {
         (true, Some(id)) => id,
         (true, None) => {
@@ -126,42 +150,59 @@ pub async fn create(
         (Some(own), _) => Some(own),
         (None, asked) => asked,
     };
-    let organization_exists: bool =
-        sqlx::query_scalar("select exists (select 1 from organizations where id = $1)")
-            .bind(organization_id)
-            .fetch_one(&state.pool)
-            .await?;
-    if !organization_exists {
-        return Err(ApiError::NotFound("organization"));
-    }
-    if let Some(project_id) = project_id {
-        let live: bool = sqlx::query_scalar(
-            "select exists (select 1 from projects
-                            where id = $1 and organization_id = $2 and deleted_at is null)",
-        )
-        .bind(project_id)
-        .bind(organization_id)
-        .fetch_one(&state.pool)
-        .await?;
-        if !live {
-            return Err(ApiError::NotFound("project"));
-        }
-    }
-    let grant = KeyGrant {
+    Ok(KeyGrant {
         name: name.to_string(),
         organization_id: Some(organization_id),
         is_admin: false,
         project_id,
-        scopes: Some(scopes),
-        expires_at: body.expires_at,
-    };
-    let (id, key) = admin::create_api_key(&state.pool, &grant)
-        .await
-        .map_err(ApiError::from_anyhow)?;
-    let api_key = fetch(&state, id)
-        .await?
-        .ok_or(ApiError::NotFound("API key"))?;
-    Ok((StatusCode::CREATED, Json(CreatedApiKey { api_key, key })))
+        scopes: Some(scopes_for(principal, body.scopes)?),
+        expires_at: expiry_for(principal, body.expires_at)?,
+        created_by_key_id: Some(principal.key_id),
+    })
+}
+
+/// The scopes asked for, none its creator lacks; all of the creator's when none.
+fn scopes_for(principal: &Principal, asked: Option<Vec<String>>) -> ApiResult<Vec<String>> {
+    match asked {
+        Some(scopes) => {
+            if scopes.is_empty() || scopes.iter().any(|s| !SCOPES.contains(&s.as_str())) {
+                return Err(ApiError::BadRequest(format!(
+                    "scopes must be a non-empty list of {}",
+                    SCOPES.join(", ")
+                )));
+            }
+            if scopes.iter().any(|s| principal.require_scope(s).is_err()) {
+                return Err(ApiError::Forbidden(
+                    "a key cannot grant a scope its creator lacks",
+                ));
+            }
+            Ok(scopes)
+        }
+        None if principal.is_admin => Ok(SCOPES.iter().map(|s| s.to_string()).collect()),
+        None => Ok(principal.scopes.clone()),
+    }
+}
+
+/// The new key's expiry: the one asked for, never later than its creator's (which
+/// already counts the creator's own makers); the creator's when none is asked.
+fn expiry_for(
+    principal: &Principal,
+    asked: Option<DateTime<Utc>>,
+) -> ApiResult<Option<DateTime<Utc>>> {
+    if asked.is_some_and(|at| at <= Utc::now()) {
+        return Err(ApiError::BadRequest(
+            "expires_at must be in the future".into(),
+        ));
+    }
+    match (asked, principal.expires_at) {
+        (Some(at), Some(cap)) if at > cap => Err(ApiError::Unprocessable(format!(
+            "expires_at must not be later than {}, when the key creating it expires: a key \
+             cannot outlive the key that made it",
+            cap.to_rfc3339()
+        ))),
+        (Some(at), _) => Ok(Some(at)),
+        (None, cap) => Ok(cap),
+    }
 }
 
 /// The keys the caller manages, newest first; never their secrets.
@@ -206,7 +247,7 @@ pub async fn revoke(
     Path(id): Path<Uuid>,
 ) -> ApiResult<Json<ApiKeyBody>> {
     principal.require_scope(SCOPE_WRITE)?;
-    let visible = fetch(&state, id).await?.filter(|key| {
+    let visible = fetch(&state.pool, id).await?.filter(|key| {
         principal.is_admin
             || (!key.admin
                 && principal.can_see(key.organization_id, key.project_id)
@@ -215,21 +256,46 @@ pub async fn revoke(
     if visible.is_none() {
         return Err(ApiError::NotFound("API key"));
     }
-    sqlx::query("update api_keys set revoked_at = now() where id = $1 and revoked_at is null")
-        .bind(id)
-        .execute(&state.pool)
-        .await?;
-    let api_key = fetch(&state, id)
+    // The key and every key it made, transitively. (Authentication checks the lineage
+    // itself, so a key made while this runs is refused too; this shows it revoked.)
+    sqlx::query(
+        "with recursive made as (
+             select id from api_keys where id = $1
+           union
+             select k.id from api_keys k join made m on k.created_by_key_id = m.id
+         )
+         update api_keys set revoked_at = now()
+         where id in (select id from made) and revoked_at is null",
+    )
+    .bind(id)
+    .execute(&state.pool)
+    .await?;
+    let api_key = fetch(&state.pool, id)
         .await?
         .ok_or(ApiError::NotFound("API key"))?;
     Ok(Json(ApiKeyBody { api_key }))
 }
 
-async fn fetch(state: &AppState, id: Uuid) -> ApiResult<Option<ApiKey>> {
+/// Ends the keys narrowed to project `project_id` (it is being deleted), in the
+/// caller's transaction. Keys they made are narrowed to it too.
+pub(crate) async fn revoke_keys_of_project(
+    conn: &mut sqlx::PgConnection,
+    project_id: Uuid,
+) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "update api_keys set revoked_at = now() where project_id = $1 and revoked_at is null",
+    )
+    .bind(project_id)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+async fn fetch(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> ApiResult<Option<ApiKey>> {
     Ok(
         sqlx::query_as(&format!("select {KEY_COLUMNS} from api_keys where id = $1"))
             .bind(id)
-            .fetch_optional(&state.pool)
+            .fetch_optional(db)
             .await?,
     )
 }

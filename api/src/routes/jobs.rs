@@ -16,6 +16,7 @@ use crate::auth::{Principal, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Path, Query};
+use crate::idempotency::Idempotent;
 use crate::pagination::{self, Filter, Listing, NoFilter, PageParams};
 use crate::AppState;
 
@@ -197,13 +198,15 @@ async fn visible_job(state: &AppState, principal: &Principal, id: Uuid) -> ApiRe
 pub async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
+    idempotent: Idempotent,
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     principal.require_scope(SCOPE_WRITE)?;
-    transition(&state, &principal, id, Change::Cancel).await
+    transition(&state, &principal, &idempotent, id, Change::Cancel).await
 }
 
-/// Queues a failed or cancelled job again.
+/// Queues a failed or cancelled job again; 409 for a job of a project that is deleted
+/// or being deleted (except its `project.delete`).
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id"),
            ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for a repeated key")),
@@ -211,13 +214,14 @@ pub async fn cancel(
 pub async fn retry(
     State(state): State<AppState>,
     principal: Principal,
+    idempotent: Idempotent,
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     principal.require_scope(SCOPE_WRITE)?;
     let change = Change::Retry {
         extra_attempts: state.settings.job_max_attempts,
     };
-    transition(&state, &principal, id, change).await
+    transition(&state, &principal, &idempotent, id, change).await
 }
 
 /// What a caller asks of a job.
@@ -230,6 +234,7 @@ enum Change {
 async fn transition(
     state: &AppState,
     principal: &Principal,
+    idempotent: &Idempotent,
     id: Uuid,
     change: Change,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
@@ -253,17 +258,22 @@ async fn transition(
     match outcome {
         Transition::Done(job) => {
             effects::apply(&mut tx, &job).await?;
-            tx.commit().await?;
             let status = if job.state == "claimed" {
                 StatusCode::ACCEPTED
             } else {
                 StatusCode::OK
             };
-            Ok((status, Json(JobBody { job })))
+            idempotent
+                .commit(state, tx, status, JobBody { job })
+                .await
         }
         Transition::Refused(job) => Err(ApiError::Conflict(format!(
             "a {} job cannot be {verb}",
             job.state
+        ))),
+        Transition::ProjectGone(job) => Err(ApiError::Conflict(format!(
+            "this {} job belongs to a project that is deleted or being deleted: it cannot run again",
+            job.job_type
         ))),
         Transition::NotFound => Err(ApiError::NotFound("job")),
     }

@@ -16,6 +16,8 @@ use crate::auth::{Principal, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Path};
+use crate::idempotency::Idempotent;
+use crate::routes::api_keys;
 use crate::AppState;
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -128,8 +130,8 @@ pub async fn update(
 }
 
 /// Deletes the project: a `project.delete` job ends its connections and drops its
-/// database and role; the project then leaves the list. Deleting a project already
-/// being deleted answers with that job.
+/// database and role; the project then leaves the list. Keys narrowed to the project
+/// are revoked at once. Deleting a project already being deleted answers with that job.
 #[utoipa::path(delete, path = "/v1/projects/{id}", tag = "projects",
     params(("id" = Uuid, Path, description = "Project id")),
     responses((status = 202, body = JobBody), ErrorResponses))]
@@ -150,6 +152,8 @@ pub async fn delete(
     .bind(id)
     .execute(&mut *tx)
     .await?;
+    // A key narrowed to a deleted project ends with it.
+    api_keys::revoke_keys_of_project(&mut tx, id).await?;
     let job = queue_project_job(&mut tx, &state, id, job_type::PROJECT_DELETE, json!({})).await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(JobBody { job })))
@@ -166,6 +170,7 @@ pub async fn delete(
 pub async fn retry_provisioning(
     State(state): State<AppState>,
     principal: Principal,
+    idempotent: Idempotent,
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     principal.require_scope(SCOPE_WRITE)?;
@@ -185,8 +190,9 @@ pub async fn retry_provisioning(
         .execute(&mut *tx)
         .await?;
     let job = queue_project_job(&mut tx, &state, id, job_type::PROJECT_CREATE, json!({})).await?;
-    tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(JobBody { job })))
+    idempotent
+        .commit(&state, tx, StatusCode::ACCEPTED, JobBody { job })
+        .await
 }
 
 /// The project's pending or claimed job of `job_type`, if any.

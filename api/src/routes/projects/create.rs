@@ -16,6 +16,7 @@ use crate::auth::{Principal, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobAndProject};
 use crate::error::{ApiError, ApiResult};
 use crate::extract;
+use crate::idempotency::Idempotent;
 use crate::AppState;
 
 pub(crate) const DEFAULT_MAX_CONNECTIONS: i32 = 20;
@@ -70,6 +71,7 @@ struct Placement {
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
+    idempotent: Idempotent,
     extract::Json(body): extract::Json<CreateProject>,
 ) -> ApiResult<(StatusCode, Json<JobAndProject>)> {
     principal.require_scope(SCOPE_WRITE)?;
@@ -129,8 +131,14 @@ pub async fn create(
     let project = fetch_project(&mut tx, id)
         .await?
         .ok_or(ApiError::NotFound("project"))?;
-    tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(JobAndProject { job, project })))
+    idempotent
+        .commit(
+            &state,
+            tx,
+            StatusCode::ACCEPTED,
+            JobAndProject { job, project },
+        )
+        .await
 }
 
 /// The cluster asked for, or the one of the region (any region if none) with the most
