@@ -13,6 +13,7 @@ use crate::auth::{Principal, SCOPE_READ};
 use crate::bodies::ErrorResponses;
 use crate::error::{ApiError, ApiResult};
 use crate::extract;
+use crate::idempotency::Idempotent;
 use crate::pagination::{self, Listing, NoFilter, PageParams};
 use crate::AppState;
 
@@ -50,6 +51,7 @@ pub struct CreateOrganization {
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
+    idempotent: Idempotent,
     extract::Json(body): extract::Json<CreateOrganization>,
 ) -> ApiResult<(StatusCode, Json<OrganizationBody>)> {
     principal.require_admin()?;
@@ -59,15 +61,23 @@ pub async fn create(
             "name must be 1 to 100 characters, without control characters".into(),
         ));
     }
+    let mut tx = state.pool.begin().await?;
     let organization: Organization = sqlx::query_as(
         "insert into organizations (id, name) values ($1, $2)
          returning id, name, created_at, updated_at",
     )
     .bind(Uuid::now_v7())
     .bind(name)
-    .fetch_one(&state.pool)
+    .fetch_one(&mut *tx)
     .await?;
-    Ok((StatusCode::CREATED, Json(OrganizationBody { organization })))
+    idempotent
+        .commit(
+            &state,
+            tx,
+            StatusCode::CREATED,
+            OrganizationBody { organization },
+        )
+        .await
 }
 
 /// Every organization (platform admins), or the caller's own.

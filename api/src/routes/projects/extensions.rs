@@ -22,6 +22,7 @@ use crate::bodies::{ErrorResponses, JobBody};
 use crate::cluster_access;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Path};
+use crate::idempotency::Idempotent;
 use crate::pagination::{self, Listing, NoFilter, PageParams};
 use crate::AppState;
 
@@ -123,6 +124,7 @@ pub async fn list_extensions(
 pub async fn enable_extension(
     State(state): State<AppState>,
     principal: Principal,
+    idempotent: Idempotent,
     Path(id): Path<Uuid>,
     extract::Json(body): extract::Json<EnableExtension>,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
@@ -143,6 +145,7 @@ pub async fn enable_extension(
     queue_extension_job(
         state,
         principal,
+        &idempotent,
         id,
         &body.name,
         job_type::PROJECT_EXTENSION_ENABLE,
@@ -164,9 +167,11 @@ pub async fn disable_extension(
     principal.require_scope(SCOPE_WRITE)?;
     check_extension_name(&name)?;
     let args = json!({ "name": name });
+    // A DELETE carries no Idempotency-Key: it is idempotent by itself.
     queue_extension_job(
         state,
         principal,
+        &Idempotent::default(),
         id,
         &name,
         job_type::PROJECT_EXTENSION_DISABLE,
@@ -194,6 +199,7 @@ pub(crate) fn check_extension_name(name: &str) -> ApiResult<()> {
 async fn queue_extension_job(
     state: AppState,
     principal: Principal,
+    idempotent: &Idempotent,
     id: Uuid,
     name: &str,
     job_type: &str,
@@ -214,8 +220,9 @@ async fn queue_extension_job(
         return Err(ApiError::Conflict("the project is being deleted".into()));
     }
     let job = queue_project_job(&mut tx, &state, id, job_type, args).await?;
-    tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(JobBody { job })))
+    idempotent
+        .commit(&state, tx, StatusCode::ACCEPTED, JobBody { job })
+        .await
 }
 
 /// 422 unless the tenant may enable `name` on the cluster (see [`POLICY_COLUMNS`]).
