@@ -92,8 +92,14 @@ pub async fn converge(
     ensure_database(client, &names, provision).await?;
     converge_database(client, &names).await?;
     converge_database_acl(client, &names).await?;
-    converge_connections(client, &names).await?;
-    converge_schema(admin_url, &names).await
+    if converge_connections(client, &names).await? == Connections::Allowed {
+        converge_schema(admin_url, &names).await?;
+    } else {
+        // Nobody gets in, the admin included; the next update that allows
+        // connections again (a claim, or a lifted limit) gives schema public over.
+        println!("schema public: left as it is while connections are refused");
+    }
+    Ok(())
 }
 
 async fn converge_owner_role(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
@@ -291,9 +297,19 @@ async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(),
     Ok(())
 }
 
+/// Whether a database takes connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Connections {
+    Allowed,
+    Refused,
+}
+
 /// Allows connections unless the database is over its storage limit: a database the
 /// storage check refused stays refused.
-async fn converge_connections(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
+async fn converge_connections(
+    client: &Client,
+    names: &Names<'_>,
+) -> Result<Connections, StepError> {
     let project = names.project;
     let row = client
         .query_one(
@@ -317,13 +333,16 @@ async fn converge_connections(client: &Client, names: &Names<'_>) -> Result<(), 
         )
         .await?;
     }
-    let state = if allow {
-        "connections allowed"
+    let (state, connections) = if allow {
+        ("connections allowed", Connections::Allowed)
     } else {
-        "over its storage limit; connections stay refused"
+        (
+            "over its storage limit; connections stay refused",
+            Connections::Refused,
+        )
     };
     println!("database {}: {state}", project.database_name);
-    Ok(())
+    Ok(connections)
 }
 
 /// Inside the database: the tenant owns schema `public` (if it still exists). The
