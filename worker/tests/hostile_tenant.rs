@@ -185,9 +185,10 @@ impl Holes {
                 .push(format!("ALLOWED: {} connects to {dbname}", tenant.role)),
             Err(e) if e.code() == Some(code) => {}
             Err(e) => self.0.push(format!(
-                "connecting {} to {dbname}: expected SQLSTATE {}, got {e}",
+                "connecting {} to {dbname}: expected SQLSTATE {}, got {}",
                 tenant.role,
-                code.code()
+                code.code(),
+                describe(&e)
             )),
         }
     }
@@ -199,6 +200,13 @@ impl Holes {
             self.0.len(),
             self.0.join("\n")
         );
+    }
+}
+
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
     }
 }
 
