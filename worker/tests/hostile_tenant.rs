@@ -171,9 +171,11 @@ impl Holes {
         match client.batch_execute(sql).await {
             Ok(()) => self.0.push(format!("ALLOWED: {sql}")),
             Err(e) if e.code() == Some(code) => {}
-            Err(e) => self
-                .0
-                .push(format!("{sql}: expected SQLSTATE {}, got {e}", code.code())),
+            Err(e) => self.0.push(format!(
+                "{sql}: expected SQLSTATE {}, got {}",
+                code.code(),
+                describe(&e)
+            )),
         }
     }
 
@@ -438,9 +440,33 @@ async fn a_tenant_builds_its_app_itself_including_trusted_extensions() {
     assert_eq!(owners, vec![a.role.clone()]);
     // A session may set its own timeouts: capy's are defaults, not limits (README).
     session
-        .batch_execute("SET statement_timeout = 0")
+        .batch_execute(&format!(
+            "SET statement_timeout = 0; ALTER ROLE {} SET statement_timeout = 0",
+            a.role
+        ))
         .await
         .unwrap();
+    drop(session);
+
+    // Deleting the project drops its database and both roles.
+    let path = format!("/v1/projects/{}", a.id);
+    let (status, deleted) = capy.call("DELETE", &path, &capy.key, None).await;
+    assert_eq!(status, 202, "{deleted}");
+    capy.completed(deleted["job"]["id"].as_str().unwrap()).await;
+    let left: i64 = admin("postgres")
+        .await
+        .query_one(
+            "select (select count(*) from pg_roles where rolname::text in ($1::text, $1::text || '_owner'))
+                  + (select count(*) from pg_database where datname = $2)",
+            &[&a.role, &a.database],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        left, 0,
+        "the project's roles or database survived its deletion"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,6 +607,8 @@ async fn old_style_project(db: &TestDatabase) -> Tenant {
              REVOKE CONNECT, TEMPORARY ON DATABASE {name} FROM PUBLIC;
              GRANT CONNECT, TEMPORARY ON DATABASE {name} TO {name};"
         ),
+        // A role of the new model's name, granted to the tenant by someone.
+        format!("CREATE ROLE {name}_owner NOLOGIN; GRANT {name}_owner TO {name}"),
     ] {
         postgres.batch_execute(&sql).await.unwrap();
     }
@@ -644,6 +672,7 @@ async fn the_migration_moves_an_old_project_so_its_tenant_can_no_longer_lift_its
             "ALTER DATABASE {} SET statement_timeout = 0",
             tenant.database
         ),
+        format!("SET ROLE {}_owner", tenant.role),
     ] {
         holes.refused(&session, &sql, DENIED).await;
     }
