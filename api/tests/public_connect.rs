@@ -206,4 +206,31 @@ async fn check_access_closes_public_connect_where_capy_does_not_manage_the_datab
     connect(&probe, "pw", &theirs)
         .await
         .expect("a database the admin does not own was changed");
+
+    // 4. `capy-api bootstrap` registers its cluster with the same check.
+    let later = format!("capy_later_{}", Uuid::new_v4().simple());
+    admin
+        .batch_execute(&format!("create database {later}"))
+        .await
+        .unwrap();
+    connect(&probe, "pw", &later).await.unwrap();
+    let env_file = std::env::temp_dir().join(format!("capy-bootstrap-{}.env", Uuid::new_v4()));
+    let status = std::process::Command::new(capy_testkit::bin_path("capy-api").unwrap())
+        .arg("bootstrap")
+        .env("CAPY_DATABASE_URL", &app.db.url)
+        .env("CAPY_SECRET_KEY", capy_testkit::TEST_SECRET_KEY)
+        .env("CAPY_ENV_FILE", &env_file)
+        .env("CAPY_API_URL", "http://127.0.0.1:1")
+        .env("CAPY_BOOTSTRAP_CLUSTER", "bootstrapped")
+        .env(
+            "CAPY_BOOTSTRAP_CLUSTER_URL",
+            cluster().unwrap().admin_url_for("postgres"),
+        )
+        .env("CAPY_BOOTSTRAP_CLUSTER_SSL_MODE", "disable")
+        .status()
+        .unwrap();
+    let _ = std::fs::remove_file(&env_file);
+    assert!(status.success(), "capy-api bootstrap: {status}");
+    assert_refused(&probe, &later).await;
+    assert_refused(&probe, &theirs).await;
 }
