@@ -646,6 +646,21 @@ async fn the_migration_moves_an_old_project_so_its_tenant_can_no_longer_lift_its
             .await
             .unwrap();
     let project_id: Uuid = tenant.id.parse().unwrap();
+    // The job is the project's: its organization and cluster, and an id in time order
+    // (UUIDv7, as every job id) so it lists where it belongs.
+    let (same_owner, version): (bool, i32) = sqlx::query_as(
+        "select j.organization_id = p.organization_id and j.cluster_id = p.cluster_id,
+                get_byte(uuid_send(j.id), 6) >> 4
+         from jobs j join projects p on p.id = j.project_id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        same_owner,
+        "the job lacks the project's organization or cluster"
+    );
+    assert_eq!(version, 7, "the job's id is not a UUIDv7");
     assert_eq!(
         jobs,
         vec![(
