@@ -335,6 +335,7 @@ async fn reach_out(holes: &mut Holes, session: &Client, a: &Tenant, b: &Tenant, 
     holes
         .no_entry(a, "template0", &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
         .await;
+    physical_replication(holes, a);
     // Not as the owner role either: it cannot log in.
     let mut as_owner = a.config.clone();
     as_owner.user(format!("{}_owner", a.role));
@@ -386,6 +387,42 @@ async fn reach_out(holes: &mut Holes, session: &Client, a: &Tenant, b: &Tenant, 
         .await;
     holes.no_entry(b, &a.database, DENIED).await;
     b_session.query_one("select 1", &[]).await.unwrap();
+}
+
+/// A replication connection (the walsender, which streams the whole cluster's WAL)
+/// needs REPLICATION, which a project's role lacks unless logical replication was asked
+/// for (see the README). tokio-postgres cannot open one; psql can.
+fn physical_replication(holes: &mut Holes, a: &Tenant) {
+    let psql = capy_testkit::postgres_bin_dir().unwrap().join("psql");
+    let test_cluster = cluster().unwrap();
+    let output = std::process::Command::new(psql)
+        .arg(format!(
+            "host={} port={} user={} dbname={} replication=true",
+            test_cluster.host(),
+            test_cluster.port,
+            a.role,
+            a.database
+        ))
+        .args(["-c", "IDENTIFY_SYSTEM"])
+        .env(
+            "PGPASSWORD",
+            String::from_utf8(a.config.get_password().unwrap().to_vec()).unwrap(),
+        )
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // PostgreSQL 15 says "must be superuser or replication role to start walsender";
+    // 16 and later "permission denied to start WAL sender".
+    let refused = ["start walsender", "start WAL sender"]
+        .iter()
+        .any(|m| stderr.contains(m));
+    if output.status.success() || !refused {
+        holes.0.push(format!(
+            "a replication connection as {}: {} {stderr}",
+            a.role, output.status
+        ));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
