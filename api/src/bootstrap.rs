@@ -42,7 +42,7 @@ pub async fn run(pool: &PgPool, args: &BootstrapArgs) -> anyhow::Result<()> {
 
     let url = url::Url::parse(&args.cluster_url).context("the cluster URL is not a URL")?;
     let port = i32::from(url.port().unwrap_or(5432));
-    admin::upsert_cluster(
+    let cluster_id = admin::upsert_cluster(
         pool,
         &secrets,
         &ClusterSpec {
@@ -57,6 +57,16 @@ pub async fn run(pool: &PgPool, args: &BootstrapArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    // As registering through the API does: the access check, which also closes PUBLIC's
+    // CONNECT on the databases capy does not manage.
+    let access =
+        crate::cluster_access::check_and_record(pool, cluster_id, &args.cluster_url).await?;
+    tracing::info!(
+        reachable = access.reachable,
+        public_connect_closed = ?access.public_connect_closed,
+        public_connect_open = ?access.public_connect_open,
+        "cluster access checked"
+    );
 
     let contents = format!(
         "CAPY_API_URL={}\nCAPY_ADMIN_KEY={admin_key}\nCAPY_API_KEY={api_key}\n",

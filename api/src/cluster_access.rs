@@ -1,6 +1,9 @@
 //! Checking a cluster's admin access, the one place the API connects to a target
 //! cluster: reachable? which version? may the role create roles and databases? It also
-//! reads the extensions the cluster offers, so listing them never waits on the cluster.
+//! reads the extensions the cluster offers, so listing them never waits on the cluster,
+//! and closes PUBLIC's CONNECT on every database capy does not manage (`postgres`,
+//! `template1`, the control database if it lives there, anything else), so a tenant's
+//! login reaches its own database alone.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +14,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use capy_shared::crypto::SecretBox;
+use capy_shared::ident::quote_ident;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -31,6 +35,13 @@ pub struct AccessReport {
     pub error_kind: Option<String>,
     pub error: Option<String>,
     pub checked_at: DateTime<Utc>,
+    /// Databases capy does not manage whose CONNECT (and TEMPORARY) for PUBLIC this
+    /// check revoked.
+    pub public_connect_closed: Vec<String>,
+    /// Databases capy does not manage that PUBLIC may still connect to: the admin is
+    /// neither superuser nor their owner, or one is the control database and the control
+    /// plane's own role connects to it through PUBLIC. Close them by hand.
+    pub public_connect_open: Vec<String>,
 }
 
 struct Extension {
@@ -46,7 +57,8 @@ pub async fn check_and_record(
     cluster_id: Uuid,
     admin_url: &str,
 ) -> anyhow::Result<AccessReport> {
-    let (report, extensions) = check(admin_url).await;
+    let spare = SparePublic::read(pool).await?;
+    let (report, extensions) = check(admin_url, &spare).await;
     let mut tx = pool.begin().await?;
     sqlx::query(
         "update clusters set last_checked_at = $2, wal_level = coalesce($3, wal_level) where id = $1",
@@ -92,7 +104,7 @@ pub async fn check_cluster(
     check_and_record(pool, cluster_id, &admin_url).await
 }
 
-async fn check(admin_url: &str) -> (AccessReport, Option<Vec<Extension>>) {
+async fn check(admin_url: &str, spare: &SparePublic) -> (AccessReport, Option<Vec<Extension>>) {
     let started = Instant::now();
     let mut report = AccessReport {
         reachable: false,
@@ -105,8 +117,10 @@ async fn check(admin_url: &str) -> (AccessReport, Option<Vec<Extension>>) {
         error_kind: None,
         error: None,
         checked_at: Utc::now(),
+        public_connect_closed: Vec::new(),
+        public_connect_open: Vec::new(),
     };
-    let outcome = connect_and_read(admin_url, &mut report).await;
+    let outcome = connect_and_read(admin_url, spare, &mut report).await;
     report.latency_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
     match outcome {
         Ok(extensions) => (report, Some(extensions)),
@@ -122,6 +136,7 @@ type Failure = (&'static str, String);
 
 async fn connect_and_read(
     admin_url: &str,
+    spare: &SparePublic,
     report: &mut AccessReport,
 ) -> Result<Vec<Extension>, Failure> {
     let mut config: tokio_postgres::Config = admin_url.parse().map_err(|_| {
@@ -158,6 +173,7 @@ async fn connect_and_read(
     report.is_superuser = row.get(1);
     report.can_create_roles = row.get::<_, bool>(1) || row.get::<_, bool>(2);
     report.can_create_databases = row.get::<_, bool>(1) || row.get::<_, bool>(3);
+    close_public_connect(&client, spare, report).await?;
     let rows = client
         .query(
             "select e.name::text, e.comment, e.default_version, coalesce(v.trusted, false)
@@ -178,6 +194,75 @@ async fn connect_and_read(
             trusted: row.get(3),
         })
         .collect())
+}
+
+/// What closing PUBLIC's CONNECT must leave alone: capy's project databases
+/// (capy grants those itself) and, when the control plane's own role connects to its
+/// database only through PUBLIC, a database of that name.
+struct SparePublic {
+    project_databases: Vec<String>,
+    control_database: Option<String>,
+}
+
+impl SparePublic {
+    async fn read(pool: &PgPool) -> anyhow::Result<Self> {
+        // Every cluster's: two registrations may name one server.
+        let project_databases = sqlx::query_scalar("select database_name from projects")
+            .fetch_all(pool)
+            .await?;
+        // Superuser or (a member of) the owner keeps CONNECT without PUBLIC.
+        let control_database = sqlx::query_scalar(
+            "select d.datname::text from pg_database d, pg_roles me
+             where d.datname = current_database() and me.rolname = current_user
+               and not me.rolsuper and not pg_has_role(current_user, d.datdba, 'USAGE')",
+        )
+        .fetch_optional(pool)
+        .await?;
+        Ok(Self {
+            project_databases,
+            control_database,
+        })
+    }
+}
+
+/// Revokes CONNECT and TEMPORARY from PUBLIC on every database that takes connections
+/// and that capy does not manage, where the admin may (superuser, or the owner's
+/// privileges); reports the rest as open. Never revokes what the admin itself needs:
+/// its rights come from superuser or ownership, which PUBLIC's grant does not touch.
+async fn close_public_connect(
+    client: &tokio_postgres::Client,
+    spare: &SparePublic,
+    report: &mut AccessReport,
+) -> Result<(), Failure> {
+    let rows = client
+        .query(
+            "select d.datname::text, me.rolsuper or pg_has_role(current_user, d.datdba, 'USAGE')
+             from pg_database d, pg_roles me
+             where me.rolname = current_user and d.datallowconn
+               and not d.datname = any($1)
+               and (has_database_privilege('public', d.oid, 'CONNECT')
+                    or has_database_privilege('public', d.oid, 'TEMPORARY'))
+             order by d.datname",
+            &[&spare.project_databases],
+        )
+        .await
+        .map_err(|e| ("other", format!("reading the databases' grants: {e}")))?;
+    for row in rows {
+        let (name, may_change): (String, bool) = (row.get(0), row.get(1));
+        if !may_change || spare.control_database.as_deref() == Some(name.as_str()) {
+            report.public_connect_open.push(name);
+            continue;
+        }
+        let revoke = format!(
+            "REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC",
+            quote_ident(&name)
+        );
+        match client.batch_execute(&revoke).await {
+            Ok(()) => report.public_connect_closed.push(name),
+            Err(_) => report.public_connect_open.push(name),
+        }
+    }
+    Ok(())
 }
 
 fn describe_target(config: &tokio_postgres::Config) -> String {

@@ -905,7 +905,8 @@ async fn a_role_without_rights_is_reachable_but_reported_as_such() {
     tokio::spawn(connection);
     client
         .batch_execute(&format!(
-            "create role {role} login password 'weak-pw-123' nosuperuser nocreaterole nocreatedb"
+            "create role {role} login password 'weak-pw-123' nosuperuser nocreaterole nocreatedb;
+             grant connect on database postgres to {role}"
         ))
         .await
         .unwrap();
@@ -920,12 +921,16 @@ async fn a_role_without_rights_is_reachable_but_reported_as_such() {
     )
     .await;
     client
-        .batch_execute(&format!("drop role {role}"))
+        .batch_execute(&format!(
+            "revoke connect on database postgres from {role}; drop role {role}"
+        ))
         .await
         .unwrap();
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let access = &body["access"];
     assert_eq!(access["reachable"], true, "{body}");
+    // It owns no database, so it closes none (PUBLIC's CONNECT is not its to revoke).
+    assert_eq!(access["public_connect_closed"], json!([]), "{body}");
     assert_eq!(access["is_superuser"], false, "{body}");
     assert_eq!(access["can_create_roles"], false, "{body}");
     assert_eq!(access["can_create_databases"], false, "{body}");

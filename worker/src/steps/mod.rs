@@ -7,6 +7,7 @@ mod project_create;
 mod project_delete;
 mod project_update;
 mod storage_check;
+mod tenant_database;
 
 use std::time::Duration;
 

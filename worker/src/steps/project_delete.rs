@@ -1,11 +1,13 @@
 //! `project.delete`: stops new connections to the project's database, drops it with
-//! FORCE (which ends the open ones), then drops its role. Whatever is already gone is
+//! FORCE (which ends the open ones), then drops its role and the NOLOGIN role that owned
+//! the database (a project made by an older capy has none). Whatever is already gone is
 //! skipped, so a re-run or a run after a partial one succeeds.
 
 use capy_shared::ident::quote_ident;
 use capy_shared::model::job_type;
 use capy_shared::step::StepInput;
 
+use super::tenant_database::owner_role_name;
 use super::{
     connect, execute, exists, require_cluster, require_project, validate_names, StepError,
     DATABASE_EXISTS, ROLE_EXISTS,
@@ -86,6 +88,27 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     } else {
         println!("role {}: already gone", project.role_name);
     }
+    drop_owner_role(&client, &project.role_name).await?;
     println!("project {} is deleted", project.id);
+    Ok(())
+}
+
+/// The database's owner role owns nothing once the database is gone.
+async fn drop_owner_role(
+    client: &tokio_postgres::Client,
+    role_name: &str,
+) -> Result<(), StepError> {
+    let owner = owner_role_name(role_name)?;
+    if exists(client, ROLE_EXISTS, &owner).await? {
+        execute(
+            client,
+            &format!("DROP ROLE IF EXISTS {}", quote_ident(&owner)),
+            "dropping the owner role",
+        )
+        .await?;
+        println!("owner role {owner}: dropped");
+    } else {
+        println!("owner role {owner}: already gone");
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ use capy_shared::ident::quote_ident;
 use capy_shared::model::job_type;
 use capy_shared::step::StepInput;
 
+use super::tenant_database::storage_allows;
 use super::{connect, execute, require_cluster, require_project, validate_names, StepError};
 
 pub async fn run(input: &StepInput) -> Result<(), StepError> {
@@ -28,9 +29,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     };
     let (size, allowed): (i64, bool) = (row.get(0), row.get(1));
     let database = quote_ident(&project.database_name);
-    let over = project
-        .storage_limit_bytes
-        .is_some_and(|limit| size > limit);
+    let over = !storage_allows(size, project.storage_limit_bytes);
     let limit = project
         .storage_limit_bytes
         .map_or_else(|| "none".to_string(), |l| l.to_string());

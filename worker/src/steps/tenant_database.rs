@@ -1,0 +1,402 @@
+//! The one routine that brings a project's roles and database to capy's ownership
+//! model, called by `project.create` and `project.update` alike. Running it again, or on
+//! a project made by an older capy (a database owned by the tenant's own login), moves
+//! it to the model below and changes nothing else.
+//!
+//! The model: the database is owned by `<role>_owner`, a per-project NOLOGIN role the
+//! tenant is not a member of (so it can neither log in as it nor `SET ROLE` to it). Only
+//! a database's owner (or a superuser) may `ALTER DATABASE` it, so the tenant cannot lift
+//! its connection limit, re-allow connections the storage check refused, or change the
+//! database's default timeouts. The tenant's login gets CONNECT, TEMPORARY and CREATE on
+//! its database (CREATE lets it make schemas and install *trusted* extensions by
+//! PostgreSQL's own rules) and owns schema `public`; what it made stays its own.
+//!
+//! Why an owner role of its own rather than the cluster admin: the admin then owns no
+//! tenant's objects, a project's ownership is dropped with the project, and an
+//! operator (or a later capy) may act as the owner with `SET ROLE` for that one
+//! database without holding the admin's rights.
+//!
+//! The tenant role is INHERIT: inheritance only matters for roles it is a member of, and
+//! it is a member of none (it cannot be: NOCREATEROLE, and converge revokes the owner
+//! role from it); NOINHERIT would not stop `SET ROLE` to a role it was granted anyway.
+
+use capy_shared::ident::{is_valid_identifier, quote_ident, quote_literal};
+use capy_shared::step::StepProject;
+use tokio_postgres::Client;
+
+use super::{connect_database, execute, exists, StepError, DATABASE_EXISTS, ROLE_EXISTS};
+
+/// Whether converge may create what is missing (`project.create`) or only fixes what
+/// exists (`project.update`: a missing role or database is an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provision {
+    Create,
+    Update,
+}
+
+/// The project's names, validated and quoted for SQL text.
+struct Names<'a> {
+    project: &'a StepProject,
+    owner_name: String,
+    role: String,
+    owner: String,
+    database: String,
+}
+
+impl<'a> Names<'a> {
+    fn new(project: &'a StepProject) -> Result<Self, StepError> {
+        let owner_name = owner_role_name(&project.role_name)?;
+        Ok(Self {
+            project,
+            role: quote_ident(&project.role_name),
+            owner: quote_ident(&owner_name),
+            database: quote_ident(&project.database_name),
+            owner_name,
+        })
+    }
+}
+
+/// The name of the NOLOGIN role that owns the project's database.
+pub fn owner_role_name(role_name: &str) -> Result<String, StepError> {
+    let name = format!("{role_name}_owner");
+    if is_valid_identifier(&name) {
+        Ok(name)
+    } else {
+        Err(StepError::permanent(format!(
+            "invalid owner role name {name:?}"
+        )))
+    }
+}
+
+/// Whether a database of `size` bytes may take connections under `limit`: the storage
+/// check's rule, which converge keeps (it never re-allows a database over its limit).
+pub fn storage_allows(size: i64, limit: Option<i64>) -> bool {
+    limit.is_none_or(|limit| size <= limit)
+}
+
+/// Brings the project's roles and database to the model above. `client` is the
+/// cluster admin's session; `admin_url` reaches the project's database as the admin.
+pub async fn converge(
+    client: &Client,
+    admin_url: &str,
+    project: &StepProject,
+    provision: Provision,
+) -> Result<(), StepError> {
+    let names = Names::new(project)?;
+    if provision == Provision::Update {
+        // Settings are applied to what project.create made; nothing is created here.
+        require_provisioned(client, project).await?;
+    }
+    converge_owner_role(client, &names).await?;
+    converge_tenant_role(client, &names, provision).await?;
+    ensure_database(client, &names, provision).await?;
+    converge_database(client, &names).await?;
+    converge_database_acl(client, &names).await?;
+    if converge_connections(client, &names).await? == Connections::Allowed {
+        converge_schema(admin_url, &names).await?;
+    } else {
+        // Nobody gets in, the admin included; the next update that allows
+        // connections again (a claim, or a lifted limit) gives schema public over.
+        println!("schema public: left as it is while connections are refused");
+    }
+    Ok(())
+}
+
+async fn converge_owner_role(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
+    let attributes =
+        "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS";
+    let (verb, done) = if exists(client, ROLE_EXISTS, &names.owner_name).await? {
+        ("ALTER", "exists, NOLOGIN")
+    } else {
+        ("CREATE", "created, NOLOGIN")
+    };
+    execute(
+        client,
+        &format!("{verb} ROLE {} {attributes}", names.owner),
+        "making the database's owner role",
+    )
+    .await?;
+    println!("owner role {}: {done}", names.owner_name);
+    Ok(())
+}
+
+/// The tenant's login: its limits and no attribute that lifts one. On create it gets its
+/// password (as a SCRAM verifier); an update leaves the password alone.
+async fn converge_tenant_role(
+    client: &Client,
+    names: &Names<'_>,
+    provision: Provision,
+) -> Result<(), StepError> {
+    let project = names.project;
+    let replication = if project.replication {
+        "REPLICATION"
+    } else {
+        "NOREPLICATION"
+    };
+    let mut attributes = format!(
+        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT {replication} NOBYPASSRLS \
+         CONNECTION LIMIT {}",
+        project.max_connections
+    );
+    if provision == Provision::Create {
+        // The server stores a SCRAM verifier; the plain password never reaches its logs.
+        let verifier = postgres_protocol::password::scram_sha_256(project.password.as_bytes());
+        attributes.push_str(&format!(" PASSWORD {}", quote_literal(&verifier)));
+    }
+    let verb = match (
+        exists(client, ROLE_EXISTS, &project.role_name).await?,
+        provision,
+    ) {
+        (true, _) => "ALTER",
+        (false, Provision::Create) => "CREATE",
+        (false, Provision::Update) => return Err(not_provisioned("role", &project.role_name)),
+    };
+    execute(
+        client,
+        &format!("{verb} ROLE {} {attributes}", names.role),
+        "configuring the role",
+    )
+    .await?;
+    println!(
+        "role {}: {}, connection limit {}",
+        project.role_name,
+        if verb == "CREATE" {
+            "created"
+        } else {
+            "exists"
+        },
+        project.max_connections
+    );
+    revoke_owner_membership(client, names).await
+}
+
+/// The tenant must not be able to `SET ROLE` to the owner, by any grant.
+async fn revoke_owner_membership(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
+    let (role, owner) = (&names.project.role_name, &names.owner_name);
+    if !is_member(client, role, owner).await? {
+        return Ok(());
+    }
+    execute(
+        client,
+        &format!("REVOKE {} FROM {}", names.owner, names.role),
+        "revoking the owner role from the tenant",
+    )
+    .await?;
+    if is_member(client, role, owner).await? {
+        return Err(StepError::permanent(format!(
+            "role {role} is still a member of {owner} through another role; revoke it by hand"
+        )));
+    }
+    println!("role {role}: no longer a member of {owner}");
+    Ok(())
+}
+
+/// Whether `role` is a member of `group`, directly or through other roles.
+async fn is_member(client: &Client, role: &str, group: &str) -> Result<bool, StepError> {
+    client
+        .query_opt(
+            "select 1 where pg_has_role($1::text::name, $2::text::name, 'MEMBER')",
+            &[&role, &group],
+        )
+        .await
+        .map(|row| row.is_some())
+        .map_err(|e| StepError::from_db("reading the role's memberships", &e))
+}
+
+async fn ensure_database(
+    client: &Client,
+    names: &Names<'_>,
+    provision: Provision,
+) -> Result<(), StepError> {
+    let name = &names.project.database_name;
+    if exists(client, DATABASE_EXISTS, name).await? {
+        println!("database {name}: exists");
+        return Ok(());
+    }
+    if provision == Provision::Update {
+        return Err(not_provisioned("database", name));
+    }
+    // CREATE DATABASE cannot run in a transaction block, so it runs alone.
+    execute(
+        client,
+        &format!("CREATE DATABASE {} OWNER {}", names.database, names.owner),
+        "creating the database",
+    )
+    .await?;
+    println!("database {name}: created");
+    Ok(())
+}
+
+/// Owner, limit and default timeouts: what only the owner may change.
+async fn converge_database(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
+    let project = names.project;
+    let database = &names.database;
+    execute(
+        client,
+        &format!(
+            "ALTER DATABASE {database} OWNER TO {owner};
+             ALTER DATABASE {database} IS_TEMPLATE false;
+             ALTER DATABASE {database} CONNECTION LIMIT {limit};
+             ALTER DATABASE {database} SET statement_timeout = {statement};
+             ALTER DATABASE {database} SET idle_in_transaction_session_timeout = {idle};",
+            owner = names.owner,
+            limit = project.max_connections,
+            statement = quote_literal(&project.statement_timeout),
+            idle = quote_literal(&project.idle_transaction_timeout),
+        ),
+        "configuring the database",
+    )
+    .await?;
+    println!(
+        "database {}: owned by {}, connection limit {}, statement_timeout {}, idle_in_transaction_session_timeout {}",
+        project.database_name,
+        names.owner_name,
+        project.max_connections,
+        project.statement_timeout,
+        project.idle_transaction_timeout
+    );
+    Ok(())
+}
+
+/// Only the tenant (and the owner) may connect: every other grant on the database,
+/// PUBLIC's included (and any an older owner-tenant made), is revoked.
+async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
+    let rows = client
+        .query(
+            "select distinct r.rolname::text
+             from pg_database d,
+                  aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+                  left join pg_roles r on r.oid = a.grantee
+             where d.datname = $1 and a.grantee <> d.datdba
+               and r.rolname is distinct from $2",
+            &[&names.project.database_name, &names.project.role_name],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading the database's grants", &e))?;
+    let database = &names.database;
+    let mut sql = format!("REVOKE ALL ON DATABASE {database} FROM PUBLIC;");
+    for row in &rows {
+        // A null name is PUBLIC (grantee 0), revoked above.
+        if let Some(grantee) = row.get::<_, Option<String>>(0) {
+            sql.push_str(&format!(
+                "REVOKE ALL ON DATABASE {database} FROM {} CASCADE;",
+                quote_ident(&grantee)
+            ));
+        }
+    }
+    sql.push_str(&format!(
+        "REVOKE GRANT OPTION FOR ALL ON DATABASE {database} FROM {role} CASCADE;
+         GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {database} TO {role};",
+        role = names.role
+    ));
+    execute(client, &sql, "granting the database to the role alone").await?;
+    println!(
+        "database {}: CONNECT, TEMPORARY, CREATE for {} alone",
+        names.project.database_name, names.project.role_name
+    );
+    Ok(())
+}
+
+/// Whether a database takes connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Connections {
+    Allowed,
+    Refused,
+}
+
+/// Allows connections unless the database is over its storage limit: a database the
+/// storage check refused stays refused.
+async fn converge_connections(
+    client: &Client,
+    names: &Names<'_>,
+) -> Result<Connections, StepError> {
+    let project = names.project;
+    let row = client
+        .query_one(
+            "select case when $2::bigint is null then 0 else pg_database_size(datname) end,
+                    datallowconn
+             from pg_database where datname = $1",
+            &[&project.database_name, &project.storage_limit_bytes],
+        )
+        .await
+        .map_err(|e| StepError::from_db("measuring the database", &e))?;
+    let (size, allowed): (i64, bool) = (row.get(0), row.get(1));
+    let allow = storage_allows(size, project.storage_limit_bytes);
+    if allow != allowed {
+        execute(
+            client,
+            &format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+                names.database
+            ),
+            "allowing or refusing connections",
+        )
+        .await?;
+    }
+    let (state, connections) = if allow {
+        ("connections allowed", Connections::Allowed)
+    } else {
+        (
+            "over its storage limit; connections stay refused",
+            Connections::Refused,
+        )
+    };
+    println!("database {}: {state}", project.database_name);
+    Ok(connections)
+}
+
+/// Inside the database: the tenant owns schema `public` (if it still exists). The
+/// session's search_path is pg_catalog alone, so nothing the tenant made in its
+/// database (a schema named after the admin, an operator) can stand in for a catalog
+/// object in what the admin runs there.
+async fn converge_schema(admin_url: &str, names: &Names<'_>) -> Result<(), StepError> {
+    let project = names.project;
+    let inside = connect_database(admin_url, &project.database_name, "project's database").await?;
+    execute(
+        &inside,
+        "SET search_path = pg_catalog",
+        "securing the session",
+    )
+    .await?;
+    let owner: Option<String> = inside
+        .query_opt(
+            "select pg_catalog.pg_get_userbyid(nspowner)::text from pg_catalog.pg_namespace
+             where nspname operator(pg_catalog.=) 'public'",
+            &[],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading schema public", &e))?
+        .map(|row| row.get(0));
+    match owner {
+        None => println!("schema public: dropped by the tenant; nothing to own"),
+        Some(owner) if owner == project.role_name => {
+            println!("schema public: owned by {}", project.role_name)
+        }
+        Some(_) => {
+            execute(
+                &inside,
+                &format!("ALTER SCHEMA public OWNER TO {}", names.role),
+                "giving schema public to the role",
+            )
+            .await?;
+            println!("schema public: now owned by {}", project.role_name);
+        }
+    }
+    Ok(())
+}
+
+async fn require_provisioned(client: &Client, project: &StepProject) -> Result<(), StepError> {
+    if !exists(client, ROLE_EXISTS, &project.role_name).await? {
+        return Err(not_provisioned("role", &project.role_name));
+    }
+    if !exists(client, DATABASE_EXISTS, &project.database_name).await? {
+        return Err(not_provisioned("database", &project.database_name));
+    }
+    Ok(())
+}
+
+fn not_provisioned(what: &str, name: &str) -> StepError {
+    StepError::permanent(format!(
+        "{what} {name} does not exist: the project is not provisioned"
+    ))
+}
