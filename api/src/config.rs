@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// `POST /v1/databases` answers 503 with Retry-After. Give the workers the same.
     #[arg(long, env = "CAPY_INSTANT_MAX_PER_CLUSTER", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_CLUSTER, value_parser = clap::value_parser!(i64).range(0..))]
     pub instant_max_per_cluster: i64,
+    /// The warm pool's size per cluster, as the workers keep it: a request that takes
+    /// an entry refills the pool up to it at once (0: the workers' top-up alone does).
+    #[arg(long, env = "CAPY_INSTANT_POOL_SIZE", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1000))]
+    pub instant_pool_size: i64,
     /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For` is
     /// believed: the client is its right-most address that is not one of them. Without
     /// any, the peer's address is the client's.

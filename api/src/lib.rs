@@ -36,6 +36,9 @@ pub struct ApiSettings {
     pub instant_wait: std::time::Duration,
     /// Pool entries and unclaimed instant databases one cluster may hold at once.
     pub instant_max_per_cluster: i64,
+    /// The warm pool's size per cluster (the workers' `CAPY_INSTANT_POOL_SIZE`): a
+    /// request that takes an entry refills the pool to it (0: only the workers do).
+    pub instant_pool_size: i64,
     /// Peers whose `X-Forwarded-For` names the client (for the rate limit).
     pub trusted_proxies: Vec<rate_limit::Cidr>,
     /// `capy_jobs` counts finished jobs (completed, failed, cancelled) of this last
@@ -51,6 +54,7 @@ impl Default for ApiSettings {
             instant_rate_limit_per_minute: 30,
             instant_wait: std::time::Duration::from_secs(30),
             instant_max_per_cluster: capy_shared::instant::DEFAULT_MAX_PER_CLUSTER,
+            instant_pool_size: 0,
             trusted_proxies: Vec::new(),
             metrics_finished_window: std::time::Duration::from_secs(300),
         }

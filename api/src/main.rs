@@ -34,6 +34,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("http://{}", args.listen)),
             instant_rate_limit_per_minute: args.instant_rate_limit_per_minute,
             instant_max_per_cluster: args.instant_max_per_cluster,
+            instant_pool_size: args.instant_pool_size,
             trusted_proxies: args.trusted_proxies.clone(),
             metrics_finished_window: Duration::from_secs(args.metrics_finished_window_seconds),
             ..ApiSettings::default()

@@ -276,15 +276,29 @@ pub async fn top_up(
         .await?;
     let mut queued = 0;
     for cluster_id in clusters {
-        let held = lock_cluster(&mut tx, cluster_id).await?;
-        let missing = (size - held.pooled).min(limits.max_per_cluster - held.total);
-        for _ in 0..missing.max(0) {
-            create(&mut tx, secrets, cluster_id, Entry::Pool, limits).await?;
-            queued += 1;
-        }
+        queued += fill_cluster(&mut tx, secrets, cluster_id, size, limits).await?;
     }
     tx.commit().await?;
     Ok(queued)
+}
+
+/// Brings `cluster_id`'s pool up to `size` entries (provisioning or ready), within its
+/// bound, counted under the cluster's lock; answers how many were queued. Filling *up
+/// to* a size, never "one more per entry taken", keeps the pool at its size however
+/// the API's refills and the workers' top-ups interleave.
+pub async fn fill_cluster(
+    conn: &mut PgConnection,
+    secrets: &SecretBox,
+    cluster_id: Uuid,
+    size: i64,
+    limits: InstantLimits,
+) -> sqlx::Result<usize> {
+    let held = lock_cluster(&mut *conn, cluster_id).await?;
+    let missing = (size - held.pooled).min(limits.max_per_cluster - held.total);
+    for _ in 0..missing.max(0) {
+        create(&mut *conn, secrets, cluster_id, Entry::Pool, limits).await?;
+    }
+    Ok(usize::try_from(missing).unwrap_or(0))
 }
 
 /// Queues the deletion of unclaimed databases past their expiry, and of pool entries

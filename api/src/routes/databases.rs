@@ -262,9 +262,8 @@ async fn create_database(
             instant::take_from_pool(&mut tx, reference, client, ttl).await?
         {
             tx.commit().await?;
-            // The pool refills as it is taken from: one new entry for each taken, off
-            // the request's path. Should this be lost (a crash), the workers' top-up
-            // makes it good.
+            // The pool refills to its size as it is taken from, off the request's
+            // path. Should this be lost (a crash), the workers' top-up makes it good.
             let refill = state.clone();
             tokio::spawn(async move {
                 if let Err(error) = refill_pool(&refill, cluster_id, limits).await {
@@ -319,11 +318,11 @@ async fn refill_pool(
     limits: InstantLimits,
 ) -> sqlx::Result<()> {
     let mut tx = state.pool.begin().await?;
-    let made =
-        instant::create_within(&mut tx, &state.secrets, cluster_id, Entry::Pool, limits).await?;
+    let size = state.settings.instant_pool_size;
+    let made = instant::fill_cluster(&mut tx, &state.secrets, cluster_id, size, limits).await?;
     tx.commit().await?;
-    if made.is_none() {
-        tracing::debug!(%cluster_id, "no pool replacement: the cluster is at its bound of instant databases");
+    if made == 0 {
+        tracing::debug!(%cluster_id, "no pool replacement: the pool is full or the cluster at its bound");
     }
     Ok(())
 }
