@@ -16,7 +16,7 @@ use crate::auth::{Principal, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Path, Query};
-use crate::pagination::{self, Filter, Listing, NoFilter, PageParams};
+use crate::pagination::{self, Filter, Listing, NoFilter, NumberPageParams, PageParams};
 use crate::AppState;
 
 const STATES: [&str; 5] = ["pending", "claimed", "completed", "failed", "cancelled"];
@@ -148,7 +148,7 @@ pub struct AttemptList {
 /// Every finished attempt of the job, oldest first: worker, times, exit code,
 /// classification, stdout and stderr.
 #[utoipa::path(get, path = "/v1/jobs/{id}/attempts", tag = "jobs",
-    params(("id" = Uuid, Path, description = "Job id"), PageParams),
+    params(("id" = Uuid, Path, description = "Job id"), NumberPageParams),
     responses((status = 200, body = AttemptList), ErrorResponses))]
 pub async fn attempts(
     State(state): State<AppState>,
