@@ -137,6 +137,39 @@ impl PageParams {
     }
 }
 
+/// The `type` filter of jobs: a job type such as `project.create`.
+pub const JOB_TYPE_PATTERN: &str = "^[a-z0-9_.]{1,63}$";
+
+/// The schema of the `type` filter of jobs.
+pub fn job_type_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(JOB_TYPE_PATTERN))
+        .description(Some("A job type such as `project.create`."))
+        .build()
+}
+
+/// Reads the `type` filter of jobs (`deserialize_with`, with `default`): text
+/// [`JOB_TYPE_PATTERN`] refuses is a 400, never a query the database fails on (NUL).
+pub fn job_type<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    let value = Option::<String>::deserialize(deserializer)?;
+    match value {
+        Some(t)
+            if !(1..=63).contains(&t.len())
+                || !t.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.".contains(&b)
+                }) =>
+        {
+            Err(serde::de::Error::custom(
+                "a job type is 1 to 63 lowercase letters, digits, '_' and '.'",
+            ))
+        }
+        other => Ok(other),
+    }
+}
+
 /// A list's filters: the query parameters it takes besides `limit` and `cursor`.
 pub trait Filter: DeserializeOwned {
     const PARAMS: &'static [&'static str];
@@ -242,6 +275,12 @@ mod tests {
         assert_eq!(bad(None, "").after::<i32>().unwrap(), None);
     }
 
+    #[derive(Deserialize)]
+    struct JobTypeOnly {
+        #[serde(rename = "type", default, deserialize_with = "job_type")]
+        _job_type: Option<String>,
+    }
+
     /// Each key type takes exactly what its pattern in the document allows.
     #[test]
     fn cursor_keys_agree_with_their_patterns() {
@@ -277,6 +316,32 @@ mod tests {
             assert_eq!(page(sample).after::<String>().is_ok(), name, "{sample:?}");
             let number = matches(NUMBER_CURSOR_PATTERN, sample);
             assert_eq!(page(sample).after::<i32>().is_ok(), number, "{sample:?}");
+        }
+    }
+
+    #[test]
+    fn the_job_type_filter_agrees_with_its_pattern() {
+        let pattern = regex::Regex::new(JOB_TYPE_PATTERN).unwrap();
+        let long = "a".repeat(64);
+        for sample in [
+            "project.create",
+            "project.extension_enable",
+            "capy.noop",
+            "",
+            "a\0b",
+            "\0",
+            "Project.Create",
+            "a b",
+            "a-b",
+            &long[1..],
+            &long,
+        ] {
+            let query = format!(
+                "type={}",
+                url::form_urlencoded::byte_serialize(sample.as_bytes()).collect::<String>()
+            );
+            let read = Query::<JobTypeOnly>::try_from_uri(&format!("/?{query}").parse().unwrap());
+            assert_eq!(read.is_ok(), pattern.is_match(sample), "{sample:?}");
         }
     }
 }

@@ -269,12 +269,7 @@ async fn the_server_takes_exactly_what_the_document_states() {
                 .await
         })
         .await;
-    let cursor = &doc["paths"]["/v1/projects"]["get"]["parameters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "cursor")
-        .unwrap()["schema"];
+    let cursor = query_parameter(&doc, "/v1/projects", "cursor");
     let agreement = Agreement {
         what: "cursor",
         pattern: pattern(cursor),
@@ -287,6 +282,40 @@ async fn the_server_takes_exactly_what_the_document_states() {
     agreement
         .check(&cursors, async |sample| {
             let path = format!("/v1/projects?cursor={}", urlencode(sample));
+            app.call("GET", &path, Some(&app.key), None).await
+        })
+        .await;
+}
+
+/// A query parameter of a list, as the document states it.
+fn query_parameter<'a>(doc: &'a Value, path: &str, name: &str) -> &'a Value {
+    let parameters = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
+    let found = parameters.iter().find(|p| p["name"] == name);
+    &found.unwrap_or_else(|| panic!("GET {path} has no {name}"))["schema"]
+}
+
+/// Text filters reach SQL only as the document allows: a NUL is a 400, not a 500.
+#[tokio::test]
+async fn list_filters_take_what_the_document_states() {
+    let app = TestApp::new().await;
+    let doc = document();
+    let agreement = Agreement {
+        what: "jobs' type filter",
+        pattern: pattern(query_parameter(&doc, "/v1/jobs", "type")),
+    };
+    let samples = [
+        "\0",
+        "project.create\0",
+        "project.create",
+        "capy.noop",
+        "",
+        "Project",
+        "a b",
+        "\u{e9}",
+    ];
+    agreement
+        .check(&samples, async |sample| {
+            let path = format!("/v1/jobs?type={}", urlencode(sample));
             app.call("GET", &path, Some(&app.key), None).await
         })
         .await;
@@ -341,4 +370,29 @@ async fn the_idempotency_key_header_is_checked_as_stated() {
             (status, serde_json::from_slice(&bytes).unwrap())
         })
         .await;
+}
+
+/// Requests the document allows that the server once refused: an integer written as
+/// `5.0` (JSON Schema's `integer`), and a `null` claim body (the body is optional).
+#[tokio::test]
+async fn requests_the_document_allows_are_not_refused() {
+    let app = TestApp::new().await;
+    let missing = uuid::Uuid::now_v7();
+    let project = format!("/v1/projects/{missing}");
+    for (body, expected) in [
+        (r#"{"storage_limit_bytes": 5.0}"#, StatusCode::NOT_FOUND),
+        (r#"{"max_connections": 20.0}"#, StatusCode::NOT_FOUND),
+        (r#"{"max_connections": 2.5}"#, StatusCode::BAD_REQUEST),
+        (r#"{"storage_limit_bytes": 1e30}"#, StatusCode::BAD_REQUEST),
+    ] {
+        let (status, answer) = app
+            .call("PATCH", &project, Some(&app.key), Some(body))
+            .await;
+        assert_eq!(status, expected, "PATCH {body}: {answer}");
+    }
+    let claim = format!("/v1/databases/{missing}/claim");
+    for body in ["null", "{}", r#"{"name": null}"#] {
+        let (status, answer) = app.call("POST", &claim, Some(&app.key), Some(body)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "claim with {body}: {answer}");
+    }
 }

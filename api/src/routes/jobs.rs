@@ -29,8 +29,8 @@ pub struct JobFilter {
     #[param(pattern = "^(pending|claimed|completed|failed|cancelled)$")]
     state: Option<String>,
     /// A job type such as `project.create`.
-    #[serde(rename = "type")]
-    #[param(rename = "type")]
+    #[serde(rename = "type", default, deserialize_with = "pagination::job_type")]
+    #[param(rename = "type", schema_with = pagination::job_type_schema)]
     job_type: Option<String>,
     /// Platform admins only: one organization's jobs.
     organization_id: Option<Uuid>,
