@@ -269,6 +269,17 @@ async fn the_server_takes_exactly_what_the_document_states() {
                 .await
         })
         .await;
+    let agreement = Agreement {
+        what: "API key name",
+        pattern: pattern(property(&doc, "CreateApiKey", "name")),
+    };
+    agreement
+        .check(&samples, async |sample| {
+            let body = serde_json::json!({ "name": sample }).to_string();
+            app.call("POST", "/v1/api_keys", Some(&app.key), Some(&body))
+                .await
+        })
+        .await;
     let cursor = query_parameter(&doc, "/v1/projects", "cursor");
     let agreement = Agreement {
         what: "cursor",
