@@ -21,9 +21,37 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\0', "").replace('\'', "''"))
 }
 
-/// Whether `value` is a PostgreSQL duration capy accepts for timeouts: an integer
-/// followed by an optional unit (`ms`, `s`, `min`, `h`, `d`; none means ms), e.g.
-/// `30s` or `0`, of at most 2147483647 ms (PostgreSQL's limit, about 24.8 days).
+/// The durations the API takes for timeouts, as the OpenAPI document states them: an
+/// integer followed by an optional unit (`ms`, `s`, `min`, `h`, `d`; none means ms),
+/// e.g. `30s` or `0`. The digits allowed per unit keep every value within PostgreSQL's
+/// limit of 2147483647 ms (a pattern cannot compare numbers): at most 9 digits of ms
+/// (about 11.6 days), 6 of s, 4 of min, 2 of h and 1 of d. [`is_requestable_duration`]
+/// is this pattern.
+pub const DURATION_PATTERN: &str =
+    "^([0-9]{1,9}(ms)?|[0-9]{1,6}s|[0-9]{1,4}min|[0-9]{1,2}h|[0-9]d)$";
+
+/// The units of [`DURATION_PATTERN`]: suffix, milliseconds, most digits.
+const DURATION_UNITS: [(&str, i64, usize); 6] = [
+    ("", 1, 9),
+    ("ms", 1, 9),
+    ("s", 1_000, 6),
+    ("min", 60_000, 4),
+    ("h", 3_600_000, 2),
+    ("d", 86_400_000, 1),
+];
+
+/// Whether `value` matches [`DURATION_PATTERN`]: what the API accepts for a timeout.
+pub fn is_requestable_duration(value: &str) -> bool {
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    DURATION_UNITS
+        .iter()
+        .any(|(unit, _, most)| &value[digits..] == *unit && (1..=*most).contains(&digits))
+}
+
+/// Whether `value` is a PostgreSQL duration safe to put in SQL: an integer of at most
+/// 10 digits followed by an optional unit as in [`DURATION_PATTERN`], of at most
+/// 2147483647 ms (PostgreSQL's limit, about 24.8 days). Wider than what the API takes
+/// today ([`is_requestable_duration`]), so a value it once took stays valid for steps.
 pub fn is_valid_duration(value: &str) -> bool {
     duration_millis(value).is_some_and(|ms| ms <= i64::from(i32::MAX))
 }
@@ -34,15 +62,10 @@ fn duration_millis(value: &str) -> Option<i64> {
         return None;
     }
     let number: i64 = value[..digits].parse().ok()?;
-    let unit_ms = match &value[digits..] {
-        "" | "ms" => 1,
-        "s" => 1_000,
-        "min" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return None,
-    };
-    number.checked_mul(unit_ms)
+    let (_, unit_ms, _) = DURATION_UNITS
+        .iter()
+        .find(|(unit, _, _)| &value[digits..] == *unit)?;
+    number.checked_mul(*unit_ms)
 }
 
 #[cfg(test)]
@@ -88,6 +111,40 @@ mod tests {
             "99999999999",
         ] {
             assert!(!is_valid_duration(bad), "{bad}");
+            assert!(!is_requestable_duration(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requestable_durations_have_few_digits_per_unit() {
+        for ok in [
+            "0",
+            "30s",
+            "500ms",
+            "5min",
+            "1h",
+            "9d",
+            "999999999",
+            "999999s",
+            "9999min",
+            "99h",
+        ] {
+            assert!(is_requestable_duration(ok), "{ok}");
+            assert!(is_valid_duration(ok), "{ok}");
+        }
+        for bad in [
+            "24d",
+            "100h",
+            "10000min",
+            "1000000s",
+            "1000000000",
+            "2147483647",
+        ] {
+            assert!(!is_requestable_duration(bad), "{bad}");
+        }
+        // The longest of each unit is within PostgreSQL's limit.
+        for longest in ["999999999ms", "999999s", "9999min", "99h", "9d"] {
+            assert!(is_valid_duration(longest), "{longest}");
         }
     }
 }

@@ -63,6 +63,7 @@ pub struct ApiKeyList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
+    #[schema(schema_with = crate::bodies::display_name)]
     name: String,
     /// Platform admins: the organization the key belongs to. Others: their own
     /// (may be left out).
@@ -70,6 +71,7 @@ pub struct CreateApiKey {
     /// Narrows the key to one project of the organization.
     project_id: Option<Uuid>,
     /// Any of `read`, `write`, `credentials:read`; all of the creator's when left out.
+    #[schema(schema_with = crate::bodies::scopes)]
     scopes: Option<Vec<String>>,
     /// No later than the creating key's expiry (422 otherwise); the creating key's
     /// when left out.

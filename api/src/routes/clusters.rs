@@ -98,23 +98,39 @@ pub struct AccessBody {
     pub access: AccessReport,
 }
 
+/// `ssl_mode`: one of [`SSL_MODES`], or null.
+fn ssl_mode_schema() -> utoipa::openapi::schema::Object {
+    crate::bodies::enum_or_null(
+        &SSL_MODES,
+        "`disable`, `allow`, `prefer` (default), `require`, `verify-ca` or `verify-full`.",
+    )
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterCluster {
     /// Unique: 1–63 lowercase letters, digits, '-' and '_'.
+    #[schema(pattern = "^[a-z0-9_-]{1,63}$")]
     name: String,
     /// `postgresql://user:password@host:port/database`, a role that may create roles
     /// and databases.
+    #[schema(pattern = "^postgres(ql)?://.")]
     url: String,
+    #[schema(pattern = "^[a-z0-9_-]{1,32}$")]
     region: String,
     /// Host clients connect to; the URL's host when left out.
+    #[schema(pattern = "^[A-Za-z0-9.:\\[\\]-]{1,253}$")]
     public_host: Option<String>,
+    #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 1, maximum = 65535)]
     direct_port: Option<i32>,
+    #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 1, maximum = 65535)]
     pooled_port: Option<i32>,
     /// `disable`, `allow`, `prefer` (default), `require`, `verify-ca` or `verify-full`.
+    #[schema(schema_with = ssl_mode_schema)]
     ssl_mode: Option<String>,
+    #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 0)]
     max_projects: Option<i32>,
 }

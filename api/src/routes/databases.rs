@@ -53,6 +53,16 @@ pub struct InstantDatabase {
     pub connection_string: String,
 }
 
+/// An error of this endpoint (Instagres's shape) or of the Idempotency-Key check that
+/// precedes it (capy's), for the OpenAPI document.
+#[allow(dead_code)] // Only read by the OpenAPI generator.
+#[derive(ToSchema)]
+#[serde(untagged)]
+pub enum InstantOrApiError {
+    Instant(InstantError),
+    Api(ErrorBody),
+}
+
 /// Instagres's error body.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct InstantError {
@@ -67,7 +77,7 @@ pub struct InstantError {
 pub struct CreateDatabase {
     /// Who is asking (your app's name).
     #[serde(rename = "ref")]
-    #[schema(rename = "ref")]
+    #[schema(rename = "ref", required = true, schema_with = crate::bodies::reference)]
     reference: Option<String>,
     /// The role may replicate; needs a cluster whose `wal_level` is `logical`.
     #[serde(rename = "logicalReplication")]
@@ -188,12 +198,14 @@ impl FromRequestParts<AppState> for ClientAddr {
 #[utoipa::path(post, path = "/v1/databases", tag = "databases", security(()),
     request_body = CreateDatabase,
     responses((status = 201, body = InstantDatabase),
-              (status = 400, description = "Missing referrer or bad input", body = InstantError),
+              (status = 400, description = "Missing referrer or bad input (a malformed Idempotency-Key: capy's error body)", body = InstantOrApiError),
+              (status = 401, description = "An Idempotency-Key sent with an invalid Authorization header", body = ErrorBody),
+              (status = 409, description = "An Idempotency-Key reused with another request, or still in use", body = ErrorBody),
               (status = 413, description = "Request body over 64 KiB", body = ErrorBody),
               (status = 422, description = "Logical replication needs a cluster with wal_level 'logical'", body = InstantError),
               (status = 429, description = "Too many databases from this address (IPv6: its /64); see Retry-After", body = InstantError),
               (status = 500, description = "Creating the database failed", body = InstantError),
-              (status = 503, description = "Every cluster holds its bound of instant databases, no database could be made in time, or the control database is unavailable; see Retry-After", body = InstantError)))]
+              (status = 503, description = "Every cluster holds its bound of instant databases, no database could be made in time, or the control database is unavailable; see Retry-After", body = InstantOrApiError)))]
 pub async fn create(State(state): State<AppState>, client: ClientAddr, body: Bytes) -> Response {
     match create_database(&state, &client, &body).await {
         Ok(database) => (StatusCode::CREATED, Json(database)).into_response(),
@@ -445,6 +457,7 @@ async fn answer(state: &AppState, id: Uuid) -> Result<InstantDatabase, Refusal> 
 #[serde(deny_unknown_fields)]
 pub struct ClaimDatabase {
     /// The project's name in the organization; `instant-…` when left out.
+    #[schema(schema_with = crate::bodies::project_name_or_null)]
     name: Option<String>,
 }
 
@@ -469,11 +482,13 @@ pub async fn claim(
             "a project-scoped API key cannot claim databases",
         ));
     }
+    // No body, or `null`, is an empty claim.
     let request: ClaimDatabase = if body.iter().all(u8::is_ascii_whitespace) {
         ClaimDatabase::default()
     } else {
-        serde_json::from_slice(&body)
+        serde_json::from_slice::<Option<ClaimDatabase>>(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?
+            .unwrap_or_default()
     };
     if let Some(name) = &request.name {
         super::projects::validate_name(name)?;

@@ -17,7 +17,7 @@ use crate::bodies::{ErrorResponses, JobBody};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Path, Query};
 use crate::idempotency::Idempotent;
-use crate::pagination::{self, Filter, Listing, NoFilter, PageParams};
+use crate::pagination::{self, Filter, Listing, NoFilter, NumberPageParams, PageParams};
 use crate::AppState;
 
 const STATES: [&str; 5] = ["pending", "claimed", "completed", "failed", "cancelled"];
@@ -30,8 +30,8 @@ pub struct JobFilter {
     #[param(pattern = "^(pending|claimed|completed|failed|cancelled)$")]
     state: Option<String>,
     /// A job type such as `project.create`.
-    #[serde(rename = "type")]
-    #[param(rename = "type")]
+    #[serde(rename = "type", default, deserialize_with = "pagination::job_type")]
+    #[param(rename = "type", schema_with = pagination::job_type_schema)]
     job_type: Option<String>,
     /// Platform admins only: one organization's jobs.
     organization_id: Option<Uuid>,
@@ -149,7 +149,7 @@ pub struct AttemptList {
 /// Every finished attempt of the job, oldest first: worker, times, exit code,
 /// classification, stdout and stderr.
 #[utoipa::path(get, path = "/v1/jobs/{id}/attempts", tag = "jobs",
-    params(("id" = Uuid, Path, description = "Job id"), PageParams),
+    params(("id" = Uuid, Path, description = "Job id"), NumberPageParams),
     responses((status = 200, body = AttemptList), ErrorResponses))]
 pub async fn attempts(
     State(state): State<AppState>,

@@ -9,7 +9,7 @@ mod jobs;
 mod me;
 mod metrics;
 mod organizations;
-mod projects;
+pub(crate) mod projects;
 
 use std::sync::Arc;
 
@@ -119,6 +119,7 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .split_for_parts();
     // After the split: only then does the document hold the handlers' paths.
     OperationIds.modify(&mut openapi);
+    crate::bodies::IdempotencyKeyHeader.modify(&mut openapi);
     (routes, openapi)
 }
 

@@ -40,6 +40,7 @@ pub struct OrganizationList {
 #[serde(deny_unknown_fields)]
 pub struct CreateOrganization {
     /// 1 to 100 printable characters.
+    #[schema(schema_with = crate::bodies::display_name)]
     name: String,
 }
 

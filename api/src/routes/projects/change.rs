@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::model::{job_type, Job, Project, JOB_COLUMNS};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -23,22 +23,19 @@ use crate::AppState;
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateProject {
+    #[schema(schema_with = crate::bodies::project_name_or_null)]
     name: Option<String>,
+    #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 1, maximum = 1000)]
     max_connections: Option<i32>,
+    #[schema(schema_with = crate::bodies::duration)]
     statement_timeout: Option<String>,
+    #[schema(schema_with = crate::bodies::duration)]
     idle_transaction_timeout: Option<String>,
     /// A number sets the limit; `null` removes it.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::bodies::present_whole")]
     #[schema(value_type = Option<i64>, minimum = 0)]
     storage_limit_bytes: Option<Option<i64>>,
-}
-
-/// Tells a field sent as `null` (`Some(None)`) from one left out (`None`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    deserializer: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::deserialize(deserializer).map(Some)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -27,17 +27,24 @@ const DEFAULT_IDLE_TRANSACTION_TIMEOUT: &str = "60s";
 #[serde(deny_unknown_fields)]
 pub struct CreateProject {
     /// 1–63 letters, digits, '-' and '_'; unique among the organization's projects.
+    #[schema(schema_with = crate::bodies::project_name)]
     name: String,
     /// Place the project on a cluster of this region.
+    #[schema(schema_with = crate::bodies::label_or_null)]
     region: Option<String>,
     /// Place the project on this cluster.
     cluster_id: Option<Uuid>,
+    #[schema(schema_with = crate::bodies::label_or_null)]
     environment: Option<String>,
+    #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 1, maximum = 1000)]
     max_connections: Option<i32>,
     /// A PostgreSQL duration such as "30s"; "0" is no limit.
+    #[schema(schema_with = crate::bodies::duration)]
     statement_timeout: Option<String>,
+    #[schema(schema_with = crate::bodies::duration)]
     idle_transaction_timeout: Option<String>,
+    #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 0)]
     storage_limit_bytes: Option<i64>,
 }

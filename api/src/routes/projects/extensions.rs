@@ -23,7 +23,7 @@ use crate::cluster_access;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Path};
 use crate::idempotency::Idempotent;
-use crate::pagination::{self, Listing, NoFilter, PageParams};
+use crate::pagination::{self, Listing, NamePageParams, NoFilter};
 use crate::AppState;
 
 /// The one rule for what a tenant may enable, as the columns `allowed` and `reason` of
@@ -62,15 +62,16 @@ pub struct ExtensionList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnableExtension {
-    #[schema(example = "pgcrypto")]
+    #[schema(example = "pgcrypto", pattern = "^[a-z0-9_-]{1,63}$")]
     name: String,
     /// A version the cluster offers; the default version when left out.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     version: Option<String>,
 }
 
 /// The extensions the project's cluster offers, with those enabled in its database.
 #[utoipa::path(get, path = "/v1/projects/{id}/extensions", tag = "extensions",
-    params(("id" = Uuid, Path, description = "Project id"), PageParams),
+    params(("id" = Uuid, Path, description = "Project id"), NamePageParams),
     responses((status = 200, body = ExtensionList), ErrorResponses))]
 pub async fn list_extensions(
     State(state): State<AppState>,
@@ -157,7 +158,7 @@ pub async fn enable_extension(
 /// Queues a `project.extension_disable` job.
 #[utoipa::path(delete, path = "/v1/projects/{id}/extensions/{name}", tag = "extensions",
     params(("id" = Uuid, Path, description = "Project id"),
-           ("name" = String, Path, description = "Extension name")),
+           ("name" = String, Path, description = "Extension name", pattern = "^[a-z0-9_-]{1,63}$")),
     responses((status = 202, body = JobBody), ErrorResponses))]
 pub async fn disable_extension(
     State(state): State<AppState>,

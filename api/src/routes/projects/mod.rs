@@ -10,6 +10,7 @@ pub use change::*;
 pub use create::*;
 pub use extensions::*;
 pub(crate) use validate::name as validate_name;
+pub(crate) use validate::{LABEL_PATTERN, NAME_PATTERN};
 
 use axum::extract::State;
 use axum::Json;

@@ -5,6 +5,10 @@ use capy_shared::ident;
 use crate::error::{ApiError, ApiResult};
 
 pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<i32> = 1..=1000;
+/// [`name`], as the OpenAPI document states it.
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$";
+/// [`label`], as the OpenAPI document states it (the same as clusters' regions).
+pub const LABEL_PATTERN: &str = "^[a-z0-9_-]{1,32}$";
 
 fn bad<T>(message: impl Into<String>) -> ApiResult<T> {
     Err(ApiError::BadRequest(message.into()))
@@ -22,16 +26,16 @@ pub fn name(name: &str) -> ApiResult<()> {
     }
 }
 
-/// Regions and environments: short lowercase labels.
+/// Regions and environments: short lowercase labels, as clusters' regions are.
 pub fn label(field: &str, value: Option<&str>) -> ApiResult<()> {
     let valid = |v: &str| {
         (1..=32).contains(&v.len())
             && v.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
     };
     match value {
         Some(v) if !valid(v) => bad(format!(
-            "{field} must be 1 to 32 characters: lowercase letters, digits and '-'"
+            "{field} must be 1 to 32 characters: lowercase letters, digits, '-' and '_'"
         )),
         _ => Ok(()),
     }
@@ -50,8 +54,9 @@ pub fn max_connections(value: Option<i32>) -> ApiResult<()> {
 
 pub fn duration(field: &str, value: Option<&str>) -> ApiResult<()> {
     match value {
-        Some(v) if !ident::is_valid_duration(v) => bad(format!(
-            "{field} must be a duration such as \"30s\", \"500ms\", \"5min\" or \"0\" (no limit)"
+        Some(v) if !ident::is_requestable_duration(v) => bad(format!(
+            "{field} must be a duration such as \"30s\", \"500ms\", \"5min\" or \"0\" (no limit): \
+             at most 9 digits of ms (the default unit), 6 of s, 4 of min, 2 of h or 1 of d"
         )),
         _ => Ok(()),
     }
