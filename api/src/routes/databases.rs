@@ -190,7 +190,7 @@ impl FromRequestParts<AppState> for ClientAddr {
     responses((status = 201, body = InstantDatabase),
               (status = 400, description = "Missing referrer or bad input", body = InstantError),
               (status = 413, description = "Request body over 64 KiB", body = ErrorBody),
-              (status = 422, description = "Logical replication needs a cluster with wal_level 'logical'", body = InstantError),
+              (status = 422, description = "Logical replication needs a cluster with wal_level 'logical' whose pg_hba.conf keeps physical replication to the admin", body = InstantError),
               (status = 429, description = "Too many databases from this address (IPv6: its /64); see Retry-After", body = InstantError),
               (status = 500, description = "Creating the database failed", body = InstantError),
               (status = 503, description = "Every cluster holds its bound of instant databases, no database could be made in time, or the control database is unavailable; see Retry-After", body = InstantError)))]
@@ -329,8 +329,9 @@ async fn refill_pool(
 }
 
 /// The cluster holding the fewest instant databases, under the bound; for logical
-/// replication, one whose `wal_level` is `logical` (read again from clusters not
-/// checked yet). At the bound everywhere: 503, before anything is recorded.
+/// replication, one fit for it (`wal_level` logical and physical replication closed,
+/// read again from clusters where either is unknown). At the bound everywhere: 503,
+/// before anything is recorded.
 async fn pick_cluster(
     state: &AppState,
     logical_replication: bool,
@@ -338,10 +339,11 @@ async fn pick_cluster(
 ) -> Result<Uuid, Refusal> {
     let mut clusters = instant::clusters_by_load(&state.pool, logical_replication).await?;
     if clusters.is_empty() && logical_replication {
-        let unchecked: Vec<Uuid> =
-            sqlx::query_scalar("select id from clusters where wal_level is null")
-                .fetch_all(&state.pool)
-                .await?;
+        let unchecked: Vec<Uuid> = sqlx::query_scalar(
+            "select id from clusters where wal_level is null or physical_replication_open is null",
+        )
+        .fetch_all(&state.pool)
+        .await?;
         for cluster_id in unchecked {
             cluster_access::check_cluster(&state.pool, &state.secrets, cluster_id)
                 .await
@@ -361,18 +363,36 @@ async fn pick_cluster(
             "No cluster has room for a new database.",
         ));
     }
-    let levels: Vec<String> = sqlx::query_scalar(
-        "select distinct coalesce(wal_level, 'unknown') from clusters order by 1",
+    Err(no_cluster_for_logical(state).await?)
+}
+
+/// 422 naming why no cluster may hold a role with REPLICATION, and what the operator
+/// must change.
+async fn no_cluster_for_logical(state: &AppState) -> Result<Refusal, Refusal> {
+    let found: Vec<(String, Option<bool>)> = sqlx::query_as(
+        "select distinct coalesce(wal_level, 'unknown'), physical_replication_open
+         from clusters order by 1, 2",
     )
     .fetch_all(&state.pool)
     .await?;
-    Err(Refusal {
-        hint: Some("Ask without logicalReplication, or have an operator set wal_level = logical on a cluster.".into()),
+    let clusters: Vec<String> = found
+        .iter()
+        .map(|(level, open)| {
+            let physical = match open {
+                Some(true) => "open",
+                Some(false) => "closed",
+                None => "unknown",
+            };
+            format!("wal_level {level} with physical replication {physical}")
+        })
+        .collect();
+    Ok(Refusal {
+        hint: Some("Ask without logicalReplication, or have an operator set wal_level = logical on a cluster and limit its pg_hba.conf `replication` lines to the admin role, then run check-access.".into()),
         ..Refusal::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
-                "Logical replication needs a cluster whose wal_level is 'logical'; the clusters have wal_level {}",
-                levels.join(", ")
+                "Logical replication needs a cluster whose wal_level is 'logical' and whose pg_hba.conf keeps physical replication (which streams every database's WAL) to the admin; the clusters have {}",
+                clusters.join("; ")
             ),
         )
     })
