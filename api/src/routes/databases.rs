@@ -500,6 +500,7 @@ pub async fn claim(
         super::projects::validate_name(name)?;
     }
     let mut tx = state.pool.begin().await?;
+    lock_room(&mut tx, id).await?;
     let found: Option<(Option<String>, Option<DateTime<Utc>>, String)> = sqlx::query_as(
         "select instant_status, assigned_at, name from projects
          where id = $1 and deleted_at is null and state <> 'deleting' for update",
@@ -557,6 +558,30 @@ pub async fn claim(
         project,
         job: Some(job),
     }))
+}
+
+/// Locks the cluster of database `id` (before the database's row, as placement does)
+/// and refuses with 422 when the organizations' projects on it already reach its
+/// `max_projects`: once claimed, the database is one of them. Anything but an unclaimed
+/// database passes, for the caller to answer 404 or 409.
+async fn lock_room(tx: &mut sqlx::PgConnection, id: Uuid) -> ApiResult<()> {
+    let cluster_id: Option<Uuid> = sqlx::query_scalar(
+        "select cluster_id from projects
+         where id = $1 and instant_status = 'unclaimed' and deleted_at is null",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(cluster_id) = cluster_id else {
+        return Ok(());
+    };
+    let rooms = super::projects::lock_clusters(tx, None, Some(cluster_id)).await?;
+    if rooms.iter().all(|room| room.has_room()) {
+        return Ok(());
+    }
+    Err(ApiError::Unprocessable(format!(
+        "cluster {cluster_id}, which holds this database, is full (its project limit is reached); delete a project there or ask an operator to raise max_projects"
+    )))
 }
 
 /// An instant database's status and expiry.
