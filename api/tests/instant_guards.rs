@@ -315,3 +315,47 @@ async fn claims_racing_for_a_clusters_last_places_stop_at_max_projects() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 }
+
+async fn create_project(state: capy_api::AppState, key: String, name: String) -> StatusCode {
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/projects")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(json!({ "name": name }).to_string()))
+        .unwrap();
+    capy_api::router(state)
+        .oneshot(request)
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Placement counts after taking the cluster's lock, by a statement of its own: one
+/// that waited for the lock would count the projects as they were before it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_racing_for_a_clusters_last_places_stop_at_max_projects() {
+    logical_cluster();
+    let app = TestApp::new().await;
+    sqlx::query("update clusters set max_projects = 2")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let mut creations = tokio::task::JoinSet::new();
+    for n in 0..6 {
+        let (state, key) = (app.state.clone(), app.key.clone());
+        creations.spawn(create_project(state, key, format!("racer-{n}")));
+    }
+    let statuses = creations.join_all().await;
+    let accepted = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::ACCEPTED)
+        .count();
+    assert_eq!(accepted, 2, "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| [StatusCode::ACCEPTED, StatusCode::UNPROCESSABLE_ENTITY].contains(s)),
+        "{statuses:?}"
+    );
+}
