@@ -91,8 +91,6 @@ async fn hba(admin: &tokio_postgres::Client, original: &str, rule: Option<&str>)
         .batch_execute("select pg_reload_conf()")
         .await
         .unwrap();
-    // The postmaster reloads asynchronously; new connections see it a moment later.
-    tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
 async fn check_access(app: &TestApp) -> Value {
@@ -156,7 +154,13 @@ async fn a_replication_role_replicates_its_own_database_but_never_streams_the_cl
         Some("host replication all 127.0.0.1/32 scram-sha-256"),
     )
     .await;
-    let opened = identify_system(url, "true");
+    // The postmaster reloads asynchronously: new connections see the rule soon after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut opened = identify_system(url, "true");
+    while opened.is_err() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        opened = identify_system(url, "true");
+    }
     let access = check_access(&app).await;
     let (status, refusal) = create(&http, &processes.api_url).await;
     let queued: i64 = sqlx::query_scalar("select count(*) from projects")
