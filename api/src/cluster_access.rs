@@ -42,6 +42,11 @@ pub struct AccessReport {
     /// neither superuser nor their owner, or one is the control database and the control
     /// plane's own role connects to it through PUBLIC. Close them by hand.
     pub public_connect_open: Vec<String>,
+    /// Whether pg_hba.conf lets roles other than the admin (and superusers) open a
+    /// physical replication connection, which streams the whole cluster's WAL; null
+    /// when pg_hba_file_rules could not be read (it needs a superuser) or holds errors.
+    /// Instant databases with logical replication need `false`.
+    pub physical_replication_open: Option<bool>,
 }
 
 struct Extension {
@@ -61,13 +66,16 @@ pub async fn check_and_record(
     let (report, extensions) = check(admin_url, &spare).await;
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "update clusters set last_checked_at = $2, wal_level = coalesce($3, wal_level) where id = $1",
+        "update clusters set last_checked_at = $2, wal_level = coalesce($3, wal_level),
+             physical_replication_open = case when $3 is null then physical_replication_open else $4 end
+         where id = $1",
     )
     .bind(cluster_id)
     .bind(report.checked_at)
     .bind(&report.wal_level)
-        .execute(&mut *tx)
-        .await?;
+    .bind(report.physical_replication_open)
+    .execute(&mut *tx)
+    .await?;
     if let Some(extensions) = extensions {
         sqlx::query("delete from cluster_extensions where cluster_id = $1")
             .bind(cluster_id)
@@ -119,6 +127,7 @@ async fn check(admin_url: &str, spare: &SparePublic) -> (AccessReport, Option<Ve
         checked_at: Utc::now(),
         public_connect_closed: Vec::new(),
         public_connect_open: Vec::new(),
+        physical_replication_open: None,
     };
     let outcome = connect_and_read(admin_url, spare, &mut report).await;
     report.latency_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
@@ -173,6 +182,7 @@ async fn connect_and_read(
     report.is_superuser = row.get(1);
     report.can_create_roles = row.get::<_, bool>(1) || row.get::<_, bool>(2);
     report.can_create_databases = row.get::<_, bool>(1) || row.get::<_, bool>(3);
+    report.physical_replication_open = physical_replication_open(&client).await;
     close_public_connect(&client, spare, report).await?;
     let rows = client
         .query(
@@ -194,6 +204,31 @@ async fn connect_and_read(
             trusted: row.get(3),
         })
         .collect())
+}
+
+/// Whether a pg_hba.conf rule (not `reject`) for the `replication` keyword names a
+/// role other than the admin and the superusers: `all`, a group (`+g`), a regular
+/// expression or a file all count as open. Only `replication` matches a physical
+/// replication connection; logical ones (`replication=database`) match the ordinary
+/// database rules. None when the rules cannot be read or one has an error.
+async fn physical_replication_open(client: &tokio_postgres::Client) -> Option<bool> {
+    let row = client
+        .query_one(
+            "select coalesce(bool_or(r.error is not null), false),
+                    coalesce(bool_or(r.error is null and 'replication' = any(r.database)
+                        and r.auth_method <> 'reject'
+                        and exists (select 1 from unnest(r.user_name) u
+                                    where u <> current_user::text
+                                      and not exists (select 1 from pg_roles s
+                                                      where s.rolname = u and s.rolsuper))),
+                             false)
+             from pg_hba_file_rules r",
+            &[],
+        )
+        .await
+        .ok()?;
+    let (broken, open): (bool, bool) = (row.get(0), row.get(1));
+    (!broken).then_some(open)
 }
 
 /// What closing PUBLIC's CONNECT must leave alone: capy's project databases

@@ -72,6 +72,12 @@ async fn lock_cluster(conn: &mut PgConnection, cluster_id: Uuid) -> sqlx::Result
 
 /// The instant databases `cluster_id` holds, without its lock (a hint: it may be
 /// out of date by the time it is read).
+/// A cluster (`c`) may hold an instant database with logical replication (whose role
+/// has REPLICATION): its last access check read `wal_level = logical` and found
+/// physical replication (the whole cluster's WAL) closed to roles other than the admin.
+pub const FIT_FOR_LOGICAL: &str =
+    "(c.wal_level = 'logical' and c.physical_replication_open is false)";
+
 async fn count_on_cluster(conn: &mut PgConnection, cluster_id: Uuid) -> sqlx::Result<i64> {
     sqlx::query_scalar(&format!(
         "select count(*) from projects p where p.cluster_id = $1 and {HOLDS_A_PLACE}"
@@ -81,13 +87,13 @@ async fn count_on_cluster(conn: &mut PgConnection, cluster_id: Uuid) -> sqlx::Re
     .await
 }
 
-/// The clusters (only those whose `wal_level` is `logical` when `logical_only`) with
-/// how many instant databases each holds, fewest first; not locked, so a choice made
-/// from it is checked again by [`create_within`].
+/// The clusters (when `logical_only`, only those fit for logical replication: see
+/// [`FIT_FOR_LOGICAL`]) with how many instant databases each holds, fewest first; not
+/// locked, so a choice made from it is checked again by [`create_within`].
 pub async fn clusters_by_load(pool: &PgPool, logical_only: bool) -> sqlx::Result<Vec<(Uuid, i64)>> {
     sqlx::query_as(&format!(
         "select c.id, (select count(*) from projects p where p.cluster_id = c.id and {HOLDS_A_PLACE}) as held
-         from clusters c where (not $1 or c.wal_level = 'logical')
+         from clusters c where (not $1 or {FIT_FOR_LOGICAL})
          order by held, c.created_at"
     ))
     .bind(logical_only)

@@ -100,6 +100,7 @@ impl TestCluster {
         if !output.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
         }
+        restrict_replication(&data.join("pg_hba.conf"), "postgres")?;
         let port = crate::free_port()?;
         let server = ServerCommand {
             postgres: bin_dir.join("postgres"),
@@ -218,6 +219,26 @@ impl ServerCommand {
         }
         command.spawn().context("starting postgres")
     }
+}
+
+/// Keeps physical replication (which streams the whole cluster's WAL) to `admin`:
+/// initdb's `replication all` rules become `replication <admin>`. Logical replication
+/// connections match the ordinary database rules, so they keep working.
+fn restrict_replication(hba: &Path, admin: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(hba).context("reading pg_hba.conf")?;
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) == Some(&"replication") && fields.get(2) == Some(&"all") {
+            let mut rule = fields.clone();
+            rule[2] = admin;
+            out.push_str(&rule.join(" "));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    std::fs::write(hba, out).context("writing pg_hba.conf")
 }
 
 fn wait_until_accepting(host: &str, port: u16) -> anyhow::Result<()> {

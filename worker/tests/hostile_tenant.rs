@@ -412,11 +412,17 @@ fn physical_replication(holes: &mut Holes, a: &Tenant) {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    // PostgreSQL 15 says "must be superuser or replication role to start walsender";
-    // 16 and later "permission denied to start WAL sender".
-    let refused = ["start walsender", "start WAL sender"]
-        .iter()
-        .any(|m| stderr.contains(m));
+    // pg_hba.conf keeps physical replication to the admin ("no pg_hba.conf entry for
+    // replication connection"); past it, PostgreSQL 15 says "must be superuser or
+    // replication role to start walsender", 16 and later "permission denied to start
+    // WAL sender".
+    let refused = [
+        "pg_hba.conf entry for replication connection",
+        "start walsender",
+        "start WAL sender",
+    ]
+    .iter()
+    .any(|m| stderr.contains(m));
     if output.status.success() || !refused {
         holes.0.push(format!(
             "a replication connection as {}: {} {stderr}",

@@ -202,7 +202,7 @@ impl FromRequestParts<AppState> for ClientAddr {
               (status = 401, description = "An Idempotency-Key sent with an invalid Authorization header", body = ErrorBody),
               (status = 409, description = "An Idempotency-Key reused with another request, or still in use", body = ErrorBody),
               (status = 413, description = "Request body over 64 KiB", body = ErrorBody),
-              (status = 422, description = "Logical replication needs a cluster with wal_level 'logical'", body = InstantError),
+              (status = 422, description = "Logical replication needs a cluster with wal_level 'logical' whose pg_hba.conf keeps physical replication to the admin", body = InstantError),
               (status = 429, description = "Too many databases from this address (IPv6: its /64); see Retry-After", body = InstantError),
               (status = 500, description = "Creating the database failed", body = InstantError),
               (status = 503, description = "Every cluster holds its bound of instant databases, no database could be made in time, or the control database is unavailable; see Retry-After", body = InstantOrApiError)))]
@@ -340,8 +340,9 @@ async fn refill_pool(
 }
 
 /// The cluster holding the fewest instant databases, under the bound; for logical
-/// replication, one whose `wal_level` is `logical` (read again from clusters not
-/// checked yet). At the bound everywhere: 503, before anything is recorded.
+/// replication, one fit for it (`wal_level` logical and physical replication closed,
+/// read again from clusters where either is unknown). At the bound everywhere: 503,
+/// before anything is recorded.
 async fn pick_cluster(
     state: &AppState,
     logical_replication: bool,
@@ -349,10 +350,11 @@ async fn pick_cluster(
 ) -> Result<Uuid, Refusal> {
     let mut clusters = instant::clusters_by_load(&state.pool, logical_replication).await?;
     if clusters.is_empty() && logical_replication {
-        let unchecked: Vec<Uuid> =
-            sqlx::query_scalar("select id from clusters where wal_level is null")
-                .fetch_all(&state.pool)
-                .await?;
+        let unchecked: Vec<Uuid> = sqlx::query_scalar(
+            "select id from clusters where wal_level is null or physical_replication_open is null",
+        )
+        .fetch_all(&state.pool)
+        .await?;
         for cluster_id in unchecked {
             cluster_access::check_cluster(&state.pool, &state.secrets, cluster_id)
                 .await
@@ -372,18 +374,36 @@ async fn pick_cluster(
             "No cluster has room for a new database.",
         ));
     }
-    let levels: Vec<String> = sqlx::query_scalar(
-        "select distinct coalesce(wal_level, 'unknown') from clusters order by 1",
+    Err(no_cluster_for_logical(state).await?)
+}
+
+/// 422 naming why no cluster may hold a role with REPLICATION, and what the operator
+/// must change.
+async fn no_cluster_for_logical(state: &AppState) -> Result<Refusal, Refusal> {
+    let found: Vec<(String, Option<bool>)> = sqlx::query_as(
+        "select distinct coalesce(wal_level, 'unknown'), physical_replication_open
+         from clusters order by 1, 2",
     )
     .fetch_all(&state.pool)
     .await?;
-    Err(Refusal {
-        hint: Some("Ask without logicalReplication, or have an operator set wal_level = logical on a cluster.".into()),
+    let clusters: Vec<String> = found
+        .iter()
+        .map(|(level, open)| {
+            let physical = match open {
+                Some(true) => "open",
+                Some(false) => "closed",
+                None => "unknown",
+            };
+            format!("wal_level {level} with physical replication {physical}")
+        })
+        .collect();
+    Ok(Refusal {
+        hint: Some("Ask without logicalReplication, or have an operator set wal_level = logical on a cluster and limit its pg_hba.conf `replication` lines to the admin role, then run check-access.".into()),
         ..Refusal::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
-                "Logical replication needs a cluster whose wal_level is 'logical'; the clusters have wal_level {}",
-                levels.join(", ")
+                "Logical replication needs a cluster whose wal_level is 'logical' and whose pg_hba.conf keeps physical replication (which streams every database's WAL) to the admin; the clusters have {}",
+                clusters.join("; ")
             ),
         )
     })
@@ -494,6 +514,7 @@ pub async fn claim(
         super::projects::validate_name(name)?;
     }
     let mut tx = state.pool.begin().await?;
+    lock_room(&mut tx, id).await?;
     let found: Option<(Option<String>, Option<DateTime<Utc>>, String)> = sqlx::query_as(
         "select instant_status, assigned_at, name from projects
          where id = $1 and deleted_at is null and state <> 'deleting' for update",
@@ -551,6 +572,30 @@ pub async fn claim(
         project,
         job: Some(job),
     }))
+}
+
+/// Locks the cluster of database `id` (before the database's row, as placement does)
+/// and refuses with 422 when the organizations' projects on it already reach its
+/// `max_projects`: once claimed, the database is one of them. Anything but an unclaimed
+/// database passes, for the caller to answer 404 or 409.
+async fn lock_room(tx: &mut sqlx::PgConnection, id: Uuid) -> ApiResult<()> {
+    let cluster_id: Option<Uuid> = sqlx::query_scalar(
+        "select cluster_id from projects
+         where id = $1 and instant_status = 'unclaimed' and deleted_at is null",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(cluster_id) = cluster_id else {
+        return Ok(());
+    };
+    let rooms = super::projects::lock_clusters(tx, None, Some(cluster_id)).await?;
+    if rooms.iter().all(|room| room.has_room()) {
+        return Ok(());
+    }
+    Err(ApiError::Unprocessable(format!(
+        "cluster {cluster_id}, which holds this database, is full (its project limit is reached); delete a project there or ask an operator to raise max_projects"
+    )))
 }
 
 /// An instant database's status and expiry.

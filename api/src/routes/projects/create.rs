@@ -155,21 +155,7 @@ async fn place(
     region: Option<&str>,
     cluster_id: Option<Uuid>,
 ) -> ApiResult<Placement> {
-    // `max_projects` is the organizations' room: instant databases nobody has claimed
-    // (organization_id null) have a bound of their own and take none of it.
-    let candidates: Vec<(Uuid, String, Option<i32>, i64)> = sqlx::query_as(
-        "select c.id, c.region, c.max_projects,
-                (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null
-                   and p.organization_id is not null)
-         from clusters c
-         where ($1::text is null or c.region = $1) and ($2::uuid is null or c.id = $2)
-         order by c.created_at
-         for update of c",
-    )
-    .bind(region)
-    .bind(cluster_id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let candidates = lock_clusters(tx, region, cluster_id).await?;
     if let Some(cluster_id) = cluster_id {
         if candidates.is_empty() {
             let exists: Option<String> =
@@ -188,12 +174,12 @@ async fn place(
     }
     let roomy = candidates
         .iter()
-        .filter(|(_, _, max, count)| max.is_none_or(|max| *count < i64::from(max)))
-        .min_by_key(|(_, _, _, count)| *count);
+        .filter(|c| c.has_room())
+        .min_by_key(|c| c.held);
     match (roomy, candidates.is_empty()) {
-        (Some((id, region, _, _)), _) => Ok(Placement {
-            id: *id,
-            region: region.clone(),
+        (Some(c), _) => Ok(Placement {
+            id: c.id,
+            region: c.region.clone(),
         }),
         (None, true) => Err(ApiError::Unprocessable(match region {
             Some(region) => format!("no cluster is registered in region '{region}'"),
@@ -207,4 +193,55 @@ async fn place(
             (None, None) => "every cluster is full (their project limits are reached)".into(),
         })),
     }
+}
+
+/// A cluster's room for organizations' projects, read under the cluster's lock.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ClusterRoom {
+    id: Uuid,
+    region: String,
+    max_projects: Option<i32>,
+    /// The organizations' projects it holds.
+    held: i64,
+}
+
+impl ClusterRoom {
+    pub(crate) fn has_room(&self) -> bool {
+        self.max_projects
+            .is_none_or(|max| self.held < i64::from(max))
+    }
+}
+
+/// The clusters of `region` (any if none), or cluster `cluster_id` alone, locked (so
+/// two callers cannot both take a cluster's last place) with the projects each holds
+/// against `max_projects`: the one count placement and claiming share.
+pub(crate) async fn lock_clusters(
+    tx: &mut sqlx::PgConnection,
+    region: Option<&str>,
+    cluster_id: Option<Uuid>,
+) -> sqlx::Result<Vec<ClusterRoom>> {
+    let locked: Vec<Uuid> = sqlx::query_scalar(
+        "select id from clusters
+         where ($1::text is null or region = $1) and ($2::uuid is null or id = $2)
+         order by created_at
+         for update",
+    )
+    .bind(region)
+    .bind(cluster_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    // Counted by a statement of its own, after the lock: a statement that waited for
+    // the lock still sees the projects as they were when it began (READ COMMITTED).
+    // `max_projects` is the organizations' room: instant databases nobody has claimed
+    // (organization_id null) have a bound of their own and take none of it.
+    sqlx::query_as(
+        "select c.id, c.region, c.max_projects,
+                (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null
+                   and p.organization_id is not null) as held
+         from clusters c where c.id = any($1)
+         order by c.created_at",
+    )
+    .bind(&locked)
+    .fetch_all(tx)
+    .await
 }
