@@ -16,8 +16,9 @@ use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
+/// The tenant is not told which cluster its project is on: clusters are the operator's.
 const REFUSAL: &str =
-    "extension file_fdw is not trusted; an operator can allow it on cluster local";
+    "extension file_fdw is not trusted; an operator can allow it on the project's cluster";
 
 async fn enable_jobs(app: &TestApp) -> i64 {
     sqlx::query_scalar("select count(*) from jobs where type = 'project.extension_enable'")
