@@ -225,8 +225,11 @@ async fn as_tenant(
 /// only for the tenant and no extension of anyone else in it, and every extension it
 /// requires lives in the locked schema or `pg_catalog`, so PostgreSQL puts no schema
 /// the tenant writes on the script's search_path. The session keeps
-/// [`super::ADMIN_SEARCH_PATH`] throughout, and no extension is created or moved in the
-/// database by anyone else until the transaction ends (`pg_extension` is locked).
+/// [`super::ADMIN_SEARCH_PATH`] throughout. The locked schema is checked again after
+/// the script, before the commit: an extension the tenant put there meanwhile (its
+/// transaction committed while the script ran) undoes the install. PostgreSQL holds no
+/// lock the admin could take first to keep the tenant's `CREATE EXTENSION … SCHEMA`
+/// out for the whole transaction.
 async fn as_locked_admin(
     client: &mut tokio_postgres::Client,
     project: &StepProject,
@@ -238,12 +241,9 @@ async fn as_locked_admin(
     let schema = quote_ident(LOCKED_SCHEMA);
     let role = quote_ident(&project.role_name);
     let tx = client.transaction().await.map_err(err)?;
-    tx.batch_execute(&format!(
-        "LOCK TABLE pg_catalog.pg_extension IN SHARE MODE;
-         CREATE SCHEMA IF NOT EXISTS {schema};"
-    ))
-    .await
-    .map_err(err)?;
+    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema};"))
+        .await
+        .map_err(err)?;
     check_locked_schema(&tx, project).await?;
     check_requirements(&tx, offer).await?;
     tx.batch_execute(&format!(
@@ -253,6 +253,7 @@ async fn as_locked_admin(
     ))
     .await
     .map_err(err)?;
+    check_locked_schema(&tx, project).await?;
     tx.commit().await.map_err(err)
 }
 
