@@ -576,4 +576,28 @@ async fn the_admin_runs_no_script_next_to_what_the_tenant_chose() {
         "{job}"
     );
     assert_eq!(extension(&tenant, "earthdistance").await, None);
+
+    // Where the admin put cube itself, in the locked schema, earthdistance goes next to it.
+    tenant.batch_execute("drop extension cube").await.unwrap();
+    let database: String = tenant
+        .query_one("select current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let url = capy_testkit::cluster().unwrap().admin_url_for(&database);
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute("create extension cube schema extensions")
+        .await
+        .unwrap();
+    let job = stack
+        .job("POST", &path, json!({ "name": "earthdistance" }))
+        .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    let (schema, owner) = extension(&tenant, "earthdistance").await.unwrap();
+    assert_eq!(schema, "extensions");
+    assert_ne!(owner, role);
 }
