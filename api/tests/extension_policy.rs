@@ -382,7 +382,7 @@ async fn the_step_refuses_what_the_operator_did_not_allow_and_a_schema_the_tenan
         job["error"]
             .as_str()
             .unwrap()
-            .contains("is not trusted and not on the allow-list of cluster 'local'"),
+            .contains("is not trusted and not on the allow-list of the project's cluster"),
         "{job}"
     );
     assert_eq!(extension(&tenant, "file_fdw").await, None);

@@ -174,7 +174,8 @@ async fn read_offer(
 
 /// Trusted, or not needing a superuser at all (`superuser = false`): the tenant.
 /// Otherwise the locked admin path, only when the operator's allow-list names it and
-/// its control file does not fix another schema.
+/// its control file does not fix another schema. The job's error reaches the tenant,
+/// which is not told the cluster's name.
 fn choose_installer(
     offer: &Offer,
     cluster: &StepCluster,
@@ -185,9 +186,9 @@ fn choose_installer(
     }
     if !cluster.allowed_extensions.iter().any(|n| n == name) {
         return Err(StepError::permanent(format!(
-            "extension {name:?} (version {}) is not trusted and not on the allow-list of cluster '{}': \
-             it needs a superuser to install; an operator can allow it on that cluster",
-            offer.version, cluster.name
+            "extension {name:?} (version {}) is not trusted and not on the allow-list of the project's cluster: \
+             it needs a superuser to install; an operator can allow it there",
+            offer.version
         )));
     }
     match &offer.schema {
