@@ -54,6 +54,8 @@ struct Extension {
     description: Option<String>,
     default_version: Option<String>,
     trusted: bool,
+    /// Each version offered: (version, trusted, superuser).
+    versions: Vec<(String, bool, bool)>,
 }
 
 /// Checks `admin_url` and, when it answers, records the cluster's extension catalog.
@@ -92,9 +94,41 @@ pub async fn check_and_record(
         .bind(extensions.iter().map(|e| e.trusted).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
+        record_versions(&mut tx, cluster_id, &extensions).await?;
     }
     tx.commit().await?;
     Ok(report)
+}
+
+/// The flags of every offered version, next to the extensions just recorded.
+async fn record_versions(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    cluster_id: Uuid,
+    extensions: &[Extension],
+) -> anyhow::Result<()> {
+    let versions = extensions
+        .iter()
+        .flat_map(|e| e.versions.iter().map(move |v| (e.name.clone(), v)));
+    let (mut names, mut numbers, mut trusted, mut superuser) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (name, (version, is_trusted, needs_superuser)) in versions {
+        names.push(name);
+        numbers.push(version.clone());
+        trusted.push(*is_trusted);
+        superuser.push(*needs_superuser);
+    }
+    sqlx::query(
+        "insert into cluster_extension_versions (cluster_id, name, version, trusted, superuser)
+         select $1, * from unnest($2::text[], $3::text[], $4::bool[], $5::bool[])",
+    )
+    .bind(cluster_id)
+    .bind(names)
+    .bind(numbers)
+    .bind(trusted)
+    .bind(superuser)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Checks cluster `cluster_id` with its sealed admin URL.
@@ -186,7 +220,13 @@ async fn connect_and_read(
     close_public_connect(&client, spare, report).await?;
     let rows = client
         .query(
-            "select e.name::text, e.comment, e.default_version, coalesce(v.trusted, false)
+            "select e.name::text, e.comment, e.default_version, coalesce(v.trusted, false),
+                    array(select a.version from pg_available_extension_versions a
+                          where a.name = e.name order by a.version),
+                    array(select a.trusted from pg_available_extension_versions a
+                          where a.name = e.name order by a.version),
+                    array(select a.superuser from pg_available_extension_versions a
+                          where a.name = e.name order by a.version)
              from pg_available_extensions e
              left join pg_available_extension_versions v
                on v.name = e.name and v.version = e.default_version
@@ -202,6 +242,7 @@ async fn connect_and_read(
             description: row.get(1),
             default_version: row.get(2),
             trusted: row.get(3),
+            versions: version_flags(row.get(4), row.get(5), row.get(6)),
         })
         .collect())
 }
@@ -229,6 +270,19 @@ async fn physical_replication_open(client: &tokio_postgres::Client) -> Option<bo
         .ok()?;
     let (broken, open): (bool, bool) = (row.get(0), row.get(1));
     (!broken).then_some(open)
+}
+
+fn version_flags(
+    versions: Vec<String>,
+    trusted: Vec<bool>,
+    superuser: Vec<bool>,
+) -> Vec<(String, bool, bool)> {
+    versions
+        .into_iter()
+        .zip(trusted)
+        .zip(superuser)
+        .map(|((version, trusted), superuser)| (version, trusted, superuser))
+        .collect()
 }
 
 /// What closing PUBLIC's CONNECT must leave alone: capy's project databases

@@ -16,8 +16,9 @@ use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
+/// The tenant is not told which cluster its project is on: clusters are the operator's.
 const REFUSAL: &str =
-    "extension file_fdw is not trusted; an operator can allow it on cluster local";
+    "extension file_fdw is not trusted; an operator can allow it on the project's cluster";
 
 async fn enable_jobs(app: &TestApp) -> i64 {
     sqlx::query_scalar("select count(*) from jobs where type = 'project.extension_enable'")
@@ -381,7 +382,7 @@ async fn the_step_refuses_what_the_operator_did_not_allow_and_a_schema_the_tenan
         job["error"]
             .as_str()
             .unwrap()
-            .contains("is not trusted and not on the allow-list of cluster 'local'"),
+            .contains("is not trusted and not on the allow-list of the project's cluster"),
         "{job}"
     );
     assert_eq!(extension(&tenant, "file_fdw").await, None);
@@ -416,4 +417,187 @@ async fn the_step_refuses_what_the_operator_did_not_allow_and_a_schema_the_tenan
         "{job}"
     );
     assert_eq!(extension(&tenant, "file_fdw").await, None);
+}
+
+/// The API's rule reads the flags of the version asked for (a cached catalog row here,
+/// as the access check records it), and the OpenAPI document carries the name rule.
+#[tokio::test]
+async fn the_api_judges_the_version_asked_for_and_documents_the_name_rule() {
+    let app = TestApp::new().await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(&app.key),
+            Some(r#"{"name":"versions"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let path = format!(
+        "/v1/projects/{}/extensions",
+        body["project"]["id"].as_str().unwrap()
+    );
+    // Reading the list records the catalog, with every version's flags.
+    let (status, _) = app.call("GET", &path, Some(&app.key), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let flags: (bool, bool) = sqlx::query_as(
+        "select trusted, superuser from cluster_extension_versions
+         where cluster_id = $1 and name = 'file_fdw' and version = '1.0'",
+    )
+    .bind(app.cluster_id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(flags, (false, true));
+    // A version of file_fdw whose control file would need no superuser.
+    sqlx::query(
+        "insert into cluster_extension_versions (cluster_id, name, version, trusted, superuser)
+         values ($1, 'file_fdw', '0.9', false, false)",
+    )
+    .bind(app.cluster_id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let post = |body: &'static str| app.call("POST", &path, Some(&app.key), Some(body));
+    let (status, body) = post(r#"{"name":"file_fdw","version":"0.9"}"#).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, body) = post(r#"{"name":"file_fdw","version":"1.0"}"#).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], REFUSAL);
+    let (status, body) = post(r#"{"name":"file_fdw"}"#).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (StatusCode::UNPROCESSABLE_ENTITY, &json!(REFUSAL))
+    );
+    let (status, body) = post(r#"{"name":"pgcrypto","version":"9.9"}"#).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        body["error"],
+        "the project's cluster does not offer version '9.9' of the extension 'pgcrypto'"
+    );
+    assert_eq!(enable_jobs(&app).await, 1);
+
+    let (status, doc) = app.call("GET", "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let schemas = &doc["components"]["schemas"];
+    let rule = json!({"pattern": "^[a-z0-9_-]{1,63}$", "minLength": 1, "maxLength": 63});
+    for name in [
+        &schemas["EnableExtension"]["properties"]["name"],
+        &schemas["AllowedExtensions"]["properties"]["names"]["items"],
+    ] {
+        for (key, value) in rule.as_object().unwrap() {
+            assert_eq!(&name[key], value, "{key} of {name}");
+        }
+    }
+    assert_eq!(
+        schemas["AllowedExtensions"]["properties"]["names"]["maxItems"],
+        200
+    );
+}
+
+/// The earthdistance extension is not trusted and requires cube, which is: the tenant
+/// gets cube into a schema of its own choosing, and the admin must not then run
+/// earthdistance's script with that schema on its search_path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_runs_no_script_next_to_what_the_tenant_chose() {
+    let stack = Stack::start().await;
+    let (id, role, tenant) = stack.tenant("planter").await;
+    let path = format!("/v1/projects/{id}/extensions");
+    stack.allow(json!(["earthdistance", "file_fdw"])).await;
+
+    // cube in public, which the tenant owns: it plants a function there, then closes
+    // its own CREATE so that the schema looks locked.
+    let job = stack.job("POST", &path, json!({ "name": "cube" })).await;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(
+        extension(&tenant, "cube").await,
+        Some(("public".to_string(), role.clone()))
+    );
+    tenant
+        .batch_execute(&format!(
+            "create function public.cube(numeric) returns cube language sql
+               as 'select null::public.cube';
+             revoke create on schema public from {role}, public"
+        ))
+        .await
+        .unwrap();
+    let closed: bool = tenant
+        .query_one("select not has_schema_privilege('public', 'CREATE')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(closed);
+    let job = stack
+        .job("POST", &path, json!({ "name": "earthdistance" }))
+        .await;
+    assert_eq!(
+        (&job["state"], &job["retry_classification"]),
+        (&json!("failed"), &json!("permanent")),
+        "{job}"
+    );
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("requires extension \"cube\", installed in schema \"public\""),
+        "{job}"
+    );
+    assert_eq!(extension(&tenant, "earthdistance").await, None);
+
+    // The locked schema exists once an allowed extension went there; PostgreSQL lets
+    // the tenant put a trusted extension into it all the same (no CREATE needed).
+    let job = stack
+        .job("POST", &path, json!({ "name": "file_fdw" }))
+        .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    tenant
+        .batch_execute("drop function public.cube(numeric); drop extension cube")
+        .await
+        .unwrap();
+    tenant
+        .batch_execute("create extension cube schema extensions")
+        .await
+        .unwrap();
+    assert_eq!(
+        extension(&tenant, "cube").await,
+        Some(("extensions".to_string(), role.clone()))
+    );
+    let job = stack
+        .job("POST", &path, json!({ "name": "earthdistance" }))
+        .await;
+    assert_eq!(
+        (&job["state"], &job["retry_classification"]),
+        (&json!("failed"), &json!("permanent")),
+        "{job}"
+    );
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "holds extensions the cluster's admin did not install: cube (owned by {role})"
+        )),
+        "{job}"
+    );
+    assert_eq!(extension(&tenant, "earthdistance").await, None);
+
+    // Where the admin put cube itself, in the locked schema, earthdistance goes next to it.
+    tenant.batch_execute("drop extension cube").await.unwrap();
+    let database: String = tenant
+        .query_one("select current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let url = capy_testkit::cluster().unwrap().admin_url_for(&database);
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute("create extension cube schema extensions")
+        .await
+        .unwrap();
+    let job = stack
+        .job("POST", &path, json!({ "name": "earthdistance" }))
+        .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    let (schema, owner) = extension(&tenant, "earthdistance").await.unwrap();
+    assert_eq!(schema, "extensions");
+    assert_ne!(owner, role);
 }

@@ -92,3 +92,59 @@ async fn admin_sessions_search_only_the_catalog_whatever_the_database_says() {
         .await
         .unwrap();
 }
+
+/// A database whose settings make every session take another role (`ALTER DATABASE …
+/// SET role`): the admin refuses to work there instead of acting as that role.
+#[tokio::test]
+async fn an_admin_session_that_starts_as_another_role_is_refused() {
+    let suffix = Uuid::new_v4().simple().to_string();
+    let database = format!("capy_{suffix}");
+    let role = format!("capy_{suffix}_owner");
+    let (setup, connection) =
+        tokio_postgres::connect(&admin_url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    setup
+        .batch_execute(&format!("create role {role} nologin"))
+        .await
+        .unwrap();
+    setup
+        .batch_execute(&format!("create database {database}"))
+        .await
+        .unwrap();
+    // Without the setting the admin works there.
+    connect_database(&admin_url("postgres"), &database, "test database")
+        .await
+        .unwrap();
+    setup
+        .batch_execute(&format!("alter database {database} set role = {role}"))
+        .await
+        .unwrap();
+
+    let refused = connect_database(&admin_url("postgres"), &database, "test database").await;
+    let Err(refused) = refused else {
+        panic!("an admin session running as another role was accepted")
+    };
+    assert!(!refused.transient, "{refused:?}");
+    assert!(
+        refused
+            .message
+            .contains(&format!("runs as role \"{role}\", not as")),
+        "{refused:?}"
+    );
+    let refused = connect(&admin_url(&database), "test cluster").await;
+    let Err(refused) = refused else {
+        panic!("an admin session running as another role was accepted")
+    };
+    assert!(refused.message.contains("runs as role"), "{refused:?}");
+
+    setup
+        .batch_execute(&format!("drop database {database} with (force)"))
+        .await
+        .unwrap();
+    setup
+        .batch_execute(&format!("drop role {role}"))
+        .await
+        .unwrap();
+}

@@ -17,7 +17,7 @@ use crate::cluster_access::{self, AccessReport};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Path};
 use crate::pagination::{self, Listing, NoFilter, PageParams};
-use crate::routes::projects::check_extension_name;
+use crate::routes::projects::{check_extension_name, extension_names_schema};
 use crate::AppState;
 
 const SSL_MODES: [&str; 6] = [
@@ -304,8 +304,12 @@ const MAX_ALLOWED_EXTENSIONS: usize = 200;
 pub struct AllowedExtensions {
     /// The whole list (it replaces the one recorded; empty allows none). Each is an
     /// extension name: 1–63 lowercase letters, digits, '_' and '-'.
-    #[schema(max_items = 200, example = json!(["file_fdw"]))]
+    #[schema(schema_with = allowed_names_schema)]
     names: Vec<String>,
+}
+
+fn allowed_names_schema() -> utoipa::openapi::schema::Array {
+    extension_names_schema(MAX_ALLOWED_EXTENSIONS)
 }
 
 /// Sets the untrusted extensions tenants of this cluster may enable. A trusted

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::{
     connect, connect_database, execute, exists, require_cluster, require_project, validate_names,
-    StepError, ADMIN_SEARCH_PATH, DATABASE_EXISTS,
+    StepError, DATABASE_EXISTS,
 };
 
 const INSTALLED_VERSION: &str = "select extversion from pg_extension where extname = $1";
@@ -36,6 +36,8 @@ const TENANT_SCHEMA: &str = "public";
 struct Offer {
     version: String,
     trusted: bool,
+    /// Whether its control file says only a superuser may install it.
+    superuser: bool,
     /// The schema the control file fixes, if any.
     schema: Option<String>,
     requires: Vec<String>,
@@ -122,7 +124,8 @@ async fn read_offer(
 ) -> Result<Offer, StepError> {
     let row = admin
         .query_opt(
-            "select v.version, v.trusted, v.schema::text, coalesce(v.requires::text[], '{}')
+            "select v.version, v.trusted, v.superuser, v.schema::text,
+                    coalesce(v.requires::text[], '{}')
              from pg_available_extensions a
              join pg_available_extension_versions v on v.name = a.name
              where a.name = $1 and v.version = coalesce($2, a.default_version)",
@@ -134,8 +137,9 @@ async fn read_offer(
         return Ok(Offer {
             version: row.get(0),
             trusted: row.get(1),
-            schema: row.get(2),
-            requires: row.get(3),
+            superuser: row.get(2),
+            schema: row.get(3),
+            requires: row.get(4),
         });
     }
     if !exists(
@@ -168,21 +172,23 @@ async fn read_offer(
     )))
 }
 
-/// Trusted: the tenant. Untrusted: the locked admin path, only when the operator's
-/// allow-list names it and its control file does not fix another schema.
+/// Trusted, or not needing a superuser at all (`superuser = false`): the tenant.
+/// Otherwise the locked admin path, only when the operator's allow-list names it and
+/// its control file does not fix another schema. The job's error reaches the tenant,
+/// which is not told the cluster's name.
 fn choose_installer(
     offer: &Offer,
     cluster: &StepCluster,
     name: &str,
 ) -> Result<Installer, StepError> {
-    if offer.trusted {
+    if offer.trusted || !offer.superuser {
         return Ok(Installer::Tenant);
     }
     if !cluster.allowed_extensions.iter().any(|n| n == name) {
         return Err(StepError::permanent(format!(
-            "extension {name:?} (version {}) is not trusted and not on the allow-list of cluster '{}': \
-             an operator can allow it on that cluster",
-            offer.version, cluster.name
+            "extension {name:?} (version {}) is not trusted and not on the allow-list of the project's cluster: \
+             it needs a superuser to install; an operator can allow it there",
+            offer.version
         )));
     }
     match &offer.schema {
@@ -217,8 +223,14 @@ async fn as_tenant(
 
 /// Runs `sql` (an untrusted extension's CREATE or UPDATE) as the admin in one
 /// transaction: the locked schema is made (or checked to be) the admin's with USAGE
-/// only for the tenant, every extension it requires lives where the tenant cannot
-/// write, and the search_path names no schema the tenant writes.
+/// only for the tenant and no extension of anyone else in it, and every extension it
+/// requires lives in the locked schema or `pg_catalog`, so PostgreSQL puts no schema
+/// the tenant writes on the script's search_path. The session keeps
+/// [`super::ADMIN_SEARCH_PATH`] throughout. The locked schema is checked again after
+/// the script, before the commit: an extension the tenant put there meanwhile (its
+/// transaction committed while the script ran) undoes the install. PostgreSQL holds no
+/// lock the admin could take first to keep the tenant's `CREATE EXTENSION … SCHEMA`
+/// out for the whole transaction.
 async fn as_locked_admin(
     client: &mut tokio_postgres::Client,
     project: &StepProject,
@@ -230,88 +242,105 @@ async fn as_locked_admin(
     let schema = quote_ident(LOCKED_SCHEMA);
     let role = quote_ident(&project.role_name);
     let tx = client.transaction().await.map_err(err)?;
+    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema};"))
+        .await
+        .map_err(err)?;
+    check_locked_schema(&tx, project).await?;
+    check_requirements(&tx, offer).await?;
     tx.batch_execute(&format!(
-        "SET LOCAL search_path = pg_catalog, {schema}, pg_temp;
-         CREATE SCHEMA IF NOT EXISTS {schema};"
+        "REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+         GRANT USAGE ON SCHEMA {schema} TO {role};
+         {sql};"
     ))
     .await
     .map_err(err)?;
     check_locked_schema(&tx, project).await?;
-    check_requirements(&tx, project, offer).await?;
-    tx.batch_execute(&format!(
-        "REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
-         GRANT USAGE ON SCHEMA {schema} TO {role};
-         {sql};
-         SET LOCAL search_path = {ADMIN_SEARCH_PATH};"
-    ))
-    .await
-    .map_err(err)?;
     tx.commit().await.map_err(err)
 }
 
-/// The locked schema must be the admin's own and the tenant must not create in it: a
-/// schema of that name the tenant made first is refused, never adopted.
+/// What the locked schema holds, as the admin (`session_user`) sees it.
+const LOCKED_SCHEMA_STATE: &str = "select pg_get_userbyid(n.nspowner)::text,
+        n.nspowner = r.oid,
+        has_schema_privilege($2::name, n.oid, 'CREATE'),
+        array(select e.extname::text || ' (owned by ' || pg_get_userbyid(e.extowner) || ')'
+              from pg_extension e
+              where e.extnamespace = n.oid and e.extowner <> r.oid
+              order by e.extname)
+     from pg_namespace n, pg_roles r
+     where n.nspname = $1 and r.rolname = session_user";
+
+/// The locked schema must be the admin's own, the tenant must not create in it, and
+/// every extension in it must be the admin's: a schema of that name the tenant made
+/// first is refused, never adopted, and so is one where the tenant put a trusted
+/// extension of its choosing (`CREATE EXTENSION … SCHEMA extensions` needs no CREATE
+/// on the schema).
 async fn check_locked_schema(
     tx: &tokio_postgres::Transaction<'_>,
     project: &StepProject,
 ) -> Result<(), StepError> {
     let row = tx
-        .query_one(
-            "select pg_get_userbyid(n.nspowner)::text, n.nspowner = r.oid,
-                    has_schema_privilege($2::name, n.oid, 'CREATE')
-             from pg_namespace n, pg_roles r
-             where n.nspname = $1 and r.rolname = current_user",
-            &[&LOCKED_SCHEMA, &project.role_name],
-        )
+        .query_one(LOCKED_SCHEMA_STATE, &[&LOCKED_SCHEMA, &project.role_name])
         .await
         .map_err(|e| StepError::from_db("reading the locked schema", &e))?;
-    let (owner, admin_owns, tenant_creates): (String, bool, bool) =
-        (row.get(0), row.get(1), row.get(2));
+    let (owner, admin_owns, tenant_creates, foreign): (String, bool, bool, Vec<String>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let database = &project.database_name;
     if !admin_owns {
         return Err(StepError::permanent(format!(
-            "schema {LOCKED_SCHEMA:?} in database {} is owned by {owner:?}, not the cluster's admin: \
-             an untrusted extension goes only into a schema the tenant cannot write (drop or rename that schema)",
-            project.database_name
+            "schema {LOCKED_SCHEMA:?} in database {database} is owned by {owner:?}, not the cluster's admin: \
+             an untrusted extension goes only into a schema the tenant cannot write (drop or rename that schema)"
         )));
     }
     if tenant_creates {
         return Err(StepError::permanent(format!(
-            "the project's role may create objects in schema {LOCKED_SCHEMA:?} of database {}: \
-             revoke CREATE on it before an untrusted extension goes there",
-            project.database_name
+            "the project's role may create objects in schema {LOCKED_SCHEMA:?} of database {database}: \
+             revoke CREATE on it before an untrusted extension goes there"
+        )));
+    }
+    if !foreign.is_empty() {
+        return Err(StepError::permanent(format!(
+            "schema {LOCKED_SCHEMA:?} in database {database} holds extensions the cluster's admin did not install: {}; \
+             the admin installs nothing next to them (disable them first)",
+            foreign.join(", ")
         )));
     }
     Ok(())
 }
 
-/// PostgreSQL puts the schemas of required extensions on the script's search_path: each
-/// must be installed already, somewhere the tenant cannot write.
+/// PostgreSQL puts the schemas of required extensions on the script's search_path:
+/// each must be installed already, in the locked schema (whose extensions
+/// [`check_locked_schema`] found to be the admin's) or in `pg_catalog`. Whether the
+/// tenant can create in a schema right now is not enough: a schema it owns it can
+/// fill first and close after.
 async fn check_requirements(
     tx: &tokio_postgres::Transaction<'_>,
-    project: &StepProject,
     offer: &Offer,
 ) -> Result<(), StepError> {
     for required in &offer.requires {
-        let row = tx
+        let schema: Option<String> = tx
             .query_opt(
-                "select n.nspname::text, has_schema_privilege($2::name, n.oid, 'CREATE')
+                "select n.nspname::text
                  from pg_extension e join pg_namespace n on n.oid = e.extnamespace
                  where e.extname = $1",
-                &[required, &project.role_name],
+                &[required],
             )
             .await
-            .map_err(|e| StepError::from_db("reading the required extensions", &e))?;
-        let Some(row) = row else {
-            return Err(StepError::permanent(format!(
-                "it requires extension {required:?}: enable that first"
-            )));
-        };
-        let (schema, tenant_creates): (String, bool) = (row.get(0), row.get(1));
-        if tenant_creates {
-            return Err(StepError::permanent(format!(
-                "it requires extension {required:?}, installed in schema {schema:?}, which the tenant can write: \
-                 the admin never runs an extension script with such a schema on its search_path"
-            )));
+            .map_err(|e| StepError::from_db("reading the required extensions", &e))?
+            .map(|row| row.get(0));
+        match schema.as_deref() {
+            None => {
+                return Err(StepError::permanent(format!(
+                    "it requires extension {required:?}: enable that first"
+                )))
+            }
+            Some(LOCKED_SCHEMA | "pg_catalog") => {}
+            Some(schema) => {
+                return Err(StepError::permanent(format!(
+                    "it requires extension {required:?}, installed in schema {schema:?}: the admin runs an \
+                     extension script only with schema {LOCKED_SCHEMA:?} or pg_catalog on its search_path, \
+                     never a schema the tenant owns or writes"
+                )))
+            }
         }
     }
     Ok(())
@@ -534,6 +563,7 @@ mod tests {
         Offer {
             version: "1.0".into(),
             trusted,
+            superuser: true,
             schema: schema.map(str::to_string),
             requires: Vec::new(),
         }
@@ -551,6 +581,12 @@ mod tests {
             choose_installer(offer, cluster, "file_fdw").map_err(|e| (e.transient, e.message))
         };
         assert_eq!(choose(&offer(true, None), &cluster), Ok(Installer::Tenant));
+        // `superuser = false` in the control file: any role with CREATE may install it.
+        let plain = Offer {
+            superuser: false,
+            ..offer(false, None)
+        };
+        assert_eq!(choose(&plain, &cluster), Ok(Installer::Tenant));
         let refused = choose(&offer(false, None), &cluster).unwrap_err();
         assert!(
             !refused.0 && refused.1.contains("not on the allow-list"),

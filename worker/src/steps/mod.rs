@@ -125,7 +125,9 @@ pub fn validate_project(project: &StepProject) -> Result<(), StepError> {
 pub async fn connect(url: &str, what: &str) -> Result<tokio_postgres::Client, StepError> {
     let mut config = parse_url(url, what)?;
     harden_admin_session(&mut config);
-    connect_config(config, what).await
+    let client = connect_config(config, what).await?;
+    require_own_role(&client, what).await?;
+    Ok(client)
 }
 
 /// Connects as the cluster's admin to its database `dbname` (the admin URL with its
@@ -138,7 +140,33 @@ pub async fn connect_database(
     let mut config = parse_url(admin_url, what)?;
     config.dbname(dbname);
     harden_admin_session(&mut config);
-    connect_config(config, what).await
+    let client = connect_config(config, what).await?;
+    require_own_role(&client, what).await?;
+    Ok(client)
+}
+
+/// Refuses an admin session that does not act as the role it logged in as: a `role`
+/// setting of the database (`ALTER DATABASE … SET role`) or of the login role would
+/// make every statement run as someone else. Ownership checks then compare with
+/// `session_user`.
+async fn require_own_role(client: &tokio_postgres::Client, what: &str) -> Result<(), StepError> {
+    let row = client
+        .query_one(
+            "select current_user = session_user, current_user::text, session_user::text",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            StepError::from_db(&format!("reading the session's role on the {what}"), &e)
+        })?;
+    let (same, current, session): (bool, String, String) = (row.get(0), row.get(1), row.get(2));
+    if same {
+        return Ok(());
+    }
+    Err(StepError::permanent(format!(
+        "the admin session on the {what} runs as role {current:?}, not as {session:?} it logged in as \
+         (a role setting of the database or login role): remove that setting"
+    )))
 }
 
 /// The search_path of every admin session: the system catalog, then the session's own

@@ -27,10 +27,18 @@ use crate::pagination::{self, Listing, NamePageParams, NoFilter};
 use crate::AppState;
 
 /// The one rule for what a tenant may enable, as the columns `allowed` and `reason` of
-/// a query over `cluster_extensions e` joined with its `clusters c`.
-const POLICY_COLUMNS: &str = "e.trusted or e.name = any(c.allowed_extensions) as allowed,
-    case when not (e.trusted or e.name = any(c.allowed_extensions))
+/// a query over `cluster_extensions e` joined with its `clusters c` and the flags of
+/// one of its versions, `cluster_extension_versions v` (left joined): an extension
+/// PostgreSQL marks trusted, or whose control file says it needs no superuser, or one
+/// the operator allows. Without a row for the version the catalog's `trusted` decides.
+const POLICY_COLUMNS: &str = "coalesce(v.trusted or not v.superuser, e.trusted)
+        or e.name = any(c.allowed_extensions) as allowed,
+    case when not (coalesce(v.trusted or not v.superuser, e.trusted)
+                   or e.name = any(c.allowed_extensions))
          then 'untrusted; not on the cluster''s allow-list' end as reason";
+
+/// The extension-name rule of [`check_extension_name`], for the OpenAPI document.
+pub(crate) const EXTENSION_NAME_PATTERN: &str = "^[a-z0-9_-]{1,63}$";
 
 /// A catalog older than this is read again before an extension is refused as unknown,
 /// so one installed on the cluster since is found.
@@ -46,7 +54,8 @@ pub struct Extension {
     pub enabled: bool,
     /// Whether a non-superuser with CREATE on the database could install it.
     pub trusted: bool,
-    /// Whether this project may enable it: trusted, or allowed by the cluster's operator.
+    /// Whether this project may enable it (its default version): trusted, needing no
+    /// superuser by its control file, or allowed by the cluster's operator.
     pub allowed: bool,
     /// Why it may not be enabled; null when it may.
     #[schema(example = json!(null))]
@@ -62,7 +71,12 @@ pub struct ExtensionList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnableExtension {
-    #[schema(example = "pgcrypto", pattern = "^[a-z0-9_-]{1,63}$")]
+    #[schema(
+        example = "pgcrypto",
+        pattern = "^[a-z0-9_-]{1,63}$",
+        min_length = 1,
+        max_length = 63
+    )]
     name: String,
     /// A version the cluster offers; the default version when left out.
     #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
@@ -96,6 +110,8 @@ pub async fn list_extensions(
                 pe.name is not null as enabled, e.trusted, {POLICY_COLUMNS}
          from cluster_extensions e
          join clusters c on c.id = e.cluster_id
+         left join cluster_extension_versions v
+           on v.cluster_id = e.cluster_id and v.name = e.name and v.version = e.default_version
          left join project_extensions pe on pe.project_id = $2 and pe.name = e.name
          where e.cluster_id = $1 and ($3::text is null or e.name > $3)
          order by e.name
@@ -148,7 +164,7 @@ pub async fn enable_extension(
         principal,
         &idempotent,
         id,
-        &body.name,
+        (&body.name, body.version.as_deref()),
         job_type::PROJECT_EXTENSION_ENABLE,
         args,
     )
@@ -174,11 +190,27 @@ pub async fn disable_extension(
         principal,
         &Idempotent::default(),
         id,
-        &name,
+        (&name, None),
         job_type::PROJECT_EXTENSION_DISABLE,
         args,
     )
     .await
+}
+
+/// The OpenAPI schema of a list of extension names (at most `max_items`), each
+/// following [`EXTENSION_NAME_PATTERN`].
+pub(crate) fn extension_names_schema(max_items: usize) -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let name = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(EXTENSION_NAME_PATTERN))
+        .min_length(Some(1))
+        .max_length(Some(63));
+    ArrayBuilder::new()
+        .items(name)
+        .max_items(Some(max_items))
+        .examples([json!(["file_fdw"])])
+        .build()
 }
 
 /// Extension names: wider than capy's identifiers (`uuid-ossp`), always quoted in SQL.
@@ -202,18 +234,25 @@ async fn queue_extension_job(
     principal: Principal,
     idempotent: &Idempotent,
     id: Uuid,
-    name: &str,
+    (name, version): (&str, Option<&str>),
     job_type: &str,
     args: serde_json::Value,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     let project = visible_project(&state, &principal, id).await?;
-    if !cluster_offers(&state, project.cluster_id, name).await? {
-        return Err(ApiError::Unprocessable(format!(
-            "the project's cluster does not offer the extension '{name}'"
-        )));
+    let policy = read_policy(&state, project.cluster_id, name, version).await?;
+    if !policy.offered {
+        return Err(ApiError::Unprocessable(match version {
+            Some(version) => format!(
+                "the project's cluster does not offer version '{version}' of the extension '{name}'"
+            ),
+            None => format!("the project's cluster does not offer the extension '{name}'"),
+        }));
     }
-    if job_type == job_type::PROJECT_EXTENSION_ENABLE {
-        require_allowed(&state, project.cluster_id, name).await?;
+    if job_type == job_type::PROJECT_EXTENSION_ENABLE && !policy.allowed {
+        // Clusters are the operator's: the tenant is not told which one.
+        return Err(ApiError::Unprocessable(format!(
+            "extension {name} is not trusted; an operator can allow it on the project's cluster"
+        )));
     }
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
@@ -226,52 +265,61 @@ async fn queue_extension_job(
         .await
 }
 
-/// 422 unless the tenant may enable `name` on the cluster (see [`POLICY_COLUMNS`]).
-async fn require_allowed(state: &AppState, cluster_id: Uuid, name: &str) -> ApiResult<()> {
-    let row: Option<(bool, Option<String>, String)> = sqlx::query_as(&format!(
-        "select {POLICY_COLUMNS}, c.name
-         from cluster_extensions e join clusters c on c.id = e.cluster_id
-         where e.cluster_id = $1 and e.name = $2"
+/// What the catalog says of one extension (at one version) on a cluster.
+#[derive(sqlx::FromRow)]
+struct Policy {
+    /// The cluster offers the extension (and the version, when one is asked for).
+    offered: bool,
+    /// The tenant may enable it (see [`POLICY_COLUMNS`]).
+    allowed: bool,
+    /// The catalog was read within [`CATALOG_FRESH_SECONDS`].
+    fresh: bool,
+}
+
+/// The one read of the catalog behind a request: whether the cluster offers `name` (at
+/// `version`, else its default version) and whether the tenant may enable it. A catalog
+/// that lacks it and is stale is read again from the cluster first.
+async fn read_policy(
+    state: &AppState,
+    cluster_id: Uuid,
+    name: &str,
+    version: Option<&str>,
+) -> ApiResult<Policy> {
+    let policy = query_policy(state, cluster_id, name, version).await?;
+    if policy.offered || policy.fresh {
+        return Ok(policy);
+    }
+    refresh_catalog(state, cluster_id).await?;
+    query_policy(state, cluster_id, name, version).await
+}
+
+async fn query_policy(
+    state: &AppState,
+    cluster_id: Uuid,
+    name: &str,
+    version: Option<&str>,
+) -> ApiResult<Policy> {
+    let policy = sqlx::query_as(&format!(
+        "with catalog as (
+             select coalesce(max(refreshed_at) > now() - make_interval(secs => $4), false) as fresh
+             from cluster_extensions where cluster_id = $1)
+         select e.name is not null and ($3::text is null or v.version is not null) as offered,
+                coalesce(p.allowed, false) as allowed, catalog.fresh
+         from catalog
+         left join cluster_extensions e on e.cluster_id = $1 and e.name = $2
+         left join cluster_extension_versions v
+           on v.cluster_id = e.cluster_id and v.name = e.name
+          and v.version = coalesce($3, e.default_version)
+         left join clusters c on c.id = e.cluster_id
+         left join lateral (select {POLICY_COLUMNS}) p on true"
     ))
     .bind(cluster_id)
     .bind(name)
-    .fetch_optional(&state.pool)
-    .await?;
-    match row {
-        Some((true, _, _)) => Ok(()),
-        Some((false, _, cluster)) => Err(ApiError::Unprocessable(format!(
-            "extension {name} is not trusted; an operator can allow it on cluster {cluster}"
-        ))),
-        None => Err(ApiError::Unprocessable(format!(
-            "the project's cluster does not offer the extension '{name}'"
-        ))),
-    }
-}
-
-/// Whether the cluster offers `name`, reading its catalog again when it is stale.
-async fn cluster_offers(state: &AppState, cluster_id: Uuid, name: &str) -> ApiResult<bool> {
-    let (offered, fresh): (bool, bool) = sqlx::query_as(
-        "select coalesce(bool_or(name = $2), false),
-                coalesce(max(refreshed_at) > now() - make_interval(secs => $3), false)
-         from cluster_extensions where cluster_id = $1",
-    )
-    .bind(cluster_id)
-    .bind(name)
+    .bind(version)
     .bind(CATALOG_FRESH_SECONDS as f64)
     .fetch_one(&state.pool)
     .await?;
-    if offered || fresh {
-        return Ok(offered);
-    }
-    refresh_catalog(state, cluster_id).await?;
-    let offered: bool = sqlx::query_scalar(
-        "select exists (select 1 from cluster_extensions where cluster_id = $1 and name = $2)",
-    )
-    .bind(cluster_id)
-    .bind(name)
-    .fetch_one(&state.pool)
-    .await?;
-    Ok(offered)
+    Ok(policy)
 }
 
 /// Reads the cluster's catalog again; 503 when the cluster does not answer.
