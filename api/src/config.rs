@@ -61,6 +61,13 @@ pub struct ServeArgs {
     /// `POST /v1/databases` answers 503 with Retry-After. Give the workers the same.
     #[arg(long, env = "CAPY_INSTANT_MAX_PER_CLUSTER", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_CLUSTER, value_parser = clap::value_parser!(i64).range(0..))]
     pub instant_max_per_cluster: i64,
+    /// Live unclaimed instant databases one client (an IPv4 address, an IPv6 /64) may
+    /// hold; past it, `POST /v1/databases` answers 429 until one is claimed or expires.
+    #[arg(long, env = "CAPY_INSTANT_MAX_PER_CLIENT", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_CLIENT, value_parser = clap::value_parser!(i64).range(0..))]
+    pub instant_max_per_client: i64,
+    /// The same for all the /64s of one IPv6 /48 together.
+    #[arg(long, env = "CAPY_INSTANT_MAX_PER_IPV6_48", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_IPV6_48, value_parser = clap::value_parser!(i64).range(0..))]
+    pub instant_max_per_ipv6_48: i64,
     /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For` is
     /// believed: the client is its right-most address that is not one of them. Without
     /// any, the peer's address is the client's.

@@ -36,6 +36,8 @@ pub struct ApiSettings {
     pub instant_wait: std::time::Duration,
     /// Pool entries and unclaimed instant databases one cluster may hold at once.
     pub instant_max_per_cluster: i64,
+    /// Live unclaimed instant databases per client key, and per IPv6 /48.
+    pub instant_client_caps: capy_shared::instant::ClientCaps,
     /// Peers whose `X-Forwarded-For` names the client (for the rate limit).
     pub trusted_proxies: Vec<rate_limit::Cidr>,
     /// `capy_jobs` counts finished jobs (completed, failed, cancelled) of this last
@@ -51,6 +53,10 @@ impl Default for ApiSettings {
             instant_rate_limit_per_minute: 30,
             instant_wait: std::time::Duration::from_secs(30),
             instant_max_per_cluster: capy_shared::instant::DEFAULT_MAX_PER_CLUSTER,
+            instant_client_caps: capy_shared::instant::ClientCaps {
+                per_key: capy_shared::instant::DEFAULT_MAX_PER_CLIENT,
+                per_site: capy_shared::instant::DEFAULT_MAX_PER_IPV6_48,
+            },
             trusted_proxies: Vec::new(),
             metrics_finished_window: std::time::Duration::from_secs(300),
         }

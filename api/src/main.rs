@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use capy_api::config::{Cli, Command, ServeArgs};
 use capy_api::{metrics_router, public_router, ApiSettings, AppState};
 use capy_shared::crypto::SecretBox;
+use capy_shared::instant::ClientCaps;
 use capy_shared::{db, telemetry};
 use clap::Parser as _;
 
@@ -34,6 +35,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("http://{}", args.listen)),
             instant_rate_limit_per_minute: args.instant_rate_limit_per_minute,
             instant_max_per_cluster: args.instant_max_per_cluster,
+            instant_client_caps: ClientCaps {
+                per_key: args.instant_max_per_client,
+                per_site: args.instant_max_per_ipv6_48,
+            },
             trusted_proxies: args.trusted_proxies.clone(),
             metrics_finished_window: Duration::from_secs(args.metrics_finished_window_seconds),
             ..ApiSettings::default()
