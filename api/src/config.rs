@@ -77,8 +77,8 @@ pub struct ServeArgs {
     /// keeping it off the public port; unset, `/metrics` is on the public port.
     #[arg(long, env = "CAPY_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// `capy_jobs` counts the jobs that finished (completed, failed, cancelled) in this
-    /// many last seconds.
+    /// `capy_jobs_finished_recent` counts the jobs that finished (completed, failed,
+    /// cancelled) in this many last seconds.
     #[arg(long, env = "CAPY_METRICS_FINISHED_WINDOW_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub metrics_finished_window_seconds: u64,
 }

@@ -40,7 +40,7 @@ pub struct ApiSettings {
     pub instant_client_caps: capy_shared::instant::ClientCaps,
     /// Peers whose `X-Forwarded-For` names the client (for the rate limit).
     pub trusted_proxies: Vec<rate_limit::Cidr>,
-    /// `capy_jobs` counts finished jobs (completed, failed, cancelled) of this last
+    /// `capy_jobs_finished_recent` counts finished jobs (completed, failed, cancelled) of this last
     /// period: a range of the `jobs_finished` index, never the whole history.
     pub metrics_finished_window: std::time::Duration,
 }

@@ -225,7 +225,8 @@ pub struct Client<'a> {
 pub struct ClientCaps {
     /// Per client key (an IPv4 address, an IPv6 /64).
     pub per_key: i64,
-    /// Per site (an IPv6 /48; for IPv4 the address, so `per_key` already binds).
+    /// Per site, when it differs from the key (an IPv6 /48; an IPv4 address is its own
+    /// site, and only `per_key` binds it).
     pub per_site: i64,
 }
 
@@ -242,27 +243,35 @@ const LIVE_UNCLAIMED: &str =
 /// Whether a client may get another instant database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientRoom {
+    /// Counted under the client's lock, held until the transaction ends.
     Free,
+    /// Another request of the client's site holds its lock: nothing was counted. The
+    /// caller ends the transaction (freeing its connection) before it tries again, so
+    /// a client's concurrent requests never hold many connections waiting.
+    Busy,
     /// At a cap: the seconds until its first database expires (a place frees then, or
     /// sooner when one is claimed).
-    Full {
-        retry_after_seconds: i64,
-    },
+    Full { retry_after_seconds: i64 },
 }
 
-/// Takes the lock of `client`'s site (until the transaction ends) and counts its live
-/// unclaimed databases against `caps`. Take it before any cluster's lock: nothing
-/// takes them in the other order, so the two never deadlock. Needs READ COMMITTED, as
+/// Takes the lock of `client`'s site (until the transaction ends) if it is free, and
+/// counts its live unclaimed databases against `caps`. Take it before any cluster's
+/// lock: nothing takes them in the other order. Needs READ COMMITTED, as
 /// [`create_within`].
 pub async fn lock_client(
     conn: &mut PgConnection,
     client: &Client<'_>,
     caps: ClientCaps,
 ) -> sqlx::Result<ClientRoom> {
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended('capy:instant-client:' || $1, 0))")
-        .bind(client.site)
-        .execute(&mut *conn)
-        .await?;
+    let locked: bool = sqlx::query_scalar(
+        "select pg_try_advisory_xact_lock(hashtextextended('capy:instant-client:' || $1, 0))",
+    )
+    .bind(client.site)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !locked {
+        return Ok(ClientRoom::Busy);
+    }
     // Seconds until the first expiry of the key's databases, and of the site's.
     let (by_key, key_wait, by_site, site_wait): (i64, Option<f64>, i64, Option<f64>) =
         sqlx::query_as(&format!(
@@ -278,7 +287,7 @@ pub async fn lock_client(
         .await?;
     let wait = if by_key >= caps.per_key {
         key_wait
-    } else if by_site >= caps.per_site {
+    } else if client.site != client.key && by_site >= caps.per_site {
         site_wait
     } else {
         return Ok(ClientRoom::Free);

@@ -34,6 +34,8 @@ use capy_shared::model::{Project, PROJECT_SELECT};
 
 /// An unclaimed database lives this long.
 const TTL: Duration = Duration::from_secs(72 * 3600);
+/// How long a request waits for its client's other requests before a 429.
+const CLIENT_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Retry-After of a refusal at the bound of instant databases.
 const AT_CAPACITY_RETRY_SECONDS: u64 = 60;
 /// It may be claimed this long after creation.
@@ -296,8 +298,7 @@ async fn create_database(
     let client = &client.as_client();
     let caps = state.settings.instant_client_caps;
     if !logical_replication {
-        let mut tx = state.pool.begin().await?;
-        within_client_cap(&mut tx, client, caps).await?;
+        let mut tx = begin_within_client_cap(state, client, caps).await?;
         // A pool entry already holds its place under the bound: taking it adds none.
         if let Some((id, cluster_id)) =
             instant::take_from_pool(&mut tx, reference, client, ttl).await?
@@ -320,8 +321,7 @@ async fn create_database(
     let entry = Entry::OnTheSpot {
         logical_replication,
     };
-    let mut tx = state.pool.begin().await?;
-    within_client_cap(&mut tx, client, caps).await?;
+    let mut tx = begin_within_client_cap(state, client, caps).await?;
     // Counted again under the cluster's lock: another request may have taken the
     // last place since it was picked.
     let (id, job_id) = instant::create_within(&mut tx, &state.secrets, cluster_id, entry, limits)
@@ -355,18 +355,40 @@ async fn create_database(
     }
 }
 
-/// Locks `client`'s site until `tx` ends and refuses it at its cap of live unclaimed
-/// databases: what it is handed out in `tx` is counted by the next request's check.
-async fn within_client_cap(
-    tx: &mut sqlx::PgConnection,
+/// A transaction holding the lock of `client`'s site, or a refusal at its cap of live
+/// unclaimed databases: what it is handed out in the transaction is counted by the
+/// next request's check. While another request of the site holds the lock, it retries
+/// without holding a connection, for [`CLIENT_LOCK_WAIT`] at most.
+async fn begin_within_client_cap(
+    state: &AppState,
     client: &instant::Client<'_>,
     caps: ClientCaps,
-) -> Result<(), Refusal> {
-    match instant::lock_client(tx, client, caps).await? {
-        ClientRoom::Free => Ok(()),
-        ClientRoom::Full {
-            retry_after_seconds,
-        } => Err(Refusal::at_client_cap(caps, retry_after_seconds)),
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Refusal> {
+    let deadline = Instant::now() + CLIENT_LOCK_WAIT;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let mut tx = state.pool.begin().await?;
+        match instant::lock_client(&mut tx, client, caps).await? {
+            ClientRoom::Free => return Ok(tx),
+            ClientRoom::Full {
+                retry_after_seconds,
+            } => return Err(Refusal::at_client_cap(caps, retry_after_seconds)),
+            ClientRoom::Busy if Instant::now() < deadline => {
+                tx.rollback().await?;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(25));
+            }
+            ClientRoom::Busy => {
+                return Err(Refusal {
+                    retry_after: Some(1),
+                    hint: Some("Send fewer requests at once.".into()),
+                    ..Refusal::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "Too many requests from this address at once",
+                    )
+                })
+            }
+        }
     }
 }
 
