@@ -210,3 +210,34 @@ async fn concurrent_requests_of_one_client_never_pass_its_cap() {
     .unwrap();
     assert_eq!((created, held), (3, 3), "handed out to one /64");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_while_another_of_its_site_holds_the_lock() {
+    let mut app = TestApp::new().await;
+    app_with_caps(&mut app, 3, 10);
+    ready_pool(&app, 1).await;
+    // Another request of the site's /48 holds its lock for a while.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('capy:instant-client:' || $1, 0))")
+        .bind("2001:db8:4::/48")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let app = std::sync::Arc::new(app);
+    let started = std::time::Instant::now();
+    let request = tokio::spawn({
+        let app = app.clone();
+        async move { post(&app, "2001:db8:4:1::1").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken: i64 =
+        sqlx::query_scalar("select count(*) from projects where instant_status = 'unclaimed'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(taken, 0, "handed out while the site's lock was held");
+    holder.commit().await.unwrap();
+    let (status, _, body) = request.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
