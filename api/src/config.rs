@@ -65,6 +65,13 @@ pub struct ServeArgs {
     /// an entry refills the pool up to it at once (0: the workers' top-up alone does).
     #[arg(long, env = "CAPY_INSTANT_POOL_SIZE", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1000))]
     pub instant_pool_size: i64,
+    /// Live unclaimed instant databases one client (an IPv4 address, an IPv6 /64) may
+    /// hold; past it, `POST /v1/databases` answers 429 until one is claimed or expires.
+    #[arg(long, env = "CAPY_INSTANT_MAX_PER_CLIENT", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_CLIENT, value_parser = clap::value_parser!(i64).range(0..))]
+    pub instant_max_per_client: i64,
+    /// The same for all the /64s of one IPv6 /48 together.
+    #[arg(long, env = "CAPY_INSTANT_MAX_PER_IPV6_48", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_IPV6_48, value_parser = clap::value_parser!(i64).range(0..))]
+    pub instant_max_per_ipv6_48: i64,
     /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For` is
     /// believed: the client is its right-most address that is not one of them. Without
     /// any, the peer's address is the client's.
@@ -74,8 +81,8 @@ pub struct ServeArgs {
     /// keeping it off the public port; unset, `/metrics` is on the public port.
     #[arg(long, env = "CAPY_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// `capy_jobs` counts the jobs that finished (completed, failed, cancelled) in this
-    /// many last seconds.
+    /// `capy_jobs_finished_recent` counts the jobs that finished (completed, failed,
+    /// cancelled) in this many last seconds.
     #[arg(long, env = "CAPY_METRICS_FINISHED_WINDOW_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub metrics_finished_window_seconds: u64,
 }

@@ -39,9 +39,11 @@ pub struct ApiSettings {
     /// The warm pool's size per cluster (the workers' `CAPY_INSTANT_POOL_SIZE`): a
     /// request that takes an entry refills the pool to it (0: only the workers do).
     pub instant_pool_size: i64,
+    /// Live unclaimed instant databases per client key, and per IPv6 /48.
+    pub instant_client_caps: capy_shared::instant::ClientCaps,
     /// Peers whose `X-Forwarded-For` names the client (for the rate limit).
     pub trusted_proxies: Vec<rate_limit::Cidr>,
-    /// `capy_jobs` counts finished jobs (completed, failed, cancelled) of this last
+    /// `capy_jobs_finished_recent` counts finished jobs (completed, failed, cancelled) of this last
     /// period: a range of the `jobs_finished` index, never the whole history.
     pub metrics_finished_window: std::time::Duration,
 }
@@ -55,6 +57,10 @@ impl Default for ApiSettings {
             instant_wait: std::time::Duration::from_secs(30),
             instant_max_per_cluster: capy_shared::instant::DEFAULT_MAX_PER_CLUSTER,
             instant_pool_size: 0,
+            instant_client_caps: capy_shared::instant::ClientCaps {
+                per_key: capy_shared::instant::DEFAULT_MAX_PER_CLIENT,
+                per_site: capy_shared::instant::DEFAULT_MAX_PER_IPV6_48,
+            },
             trusted_proxies: Vec::new(),
             metrics_finished_window: std::time::Duration::from_secs(300),
         }

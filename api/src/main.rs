@@ -1,3 +1,4 @@
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -5,6 +6,7 @@ use anyhow::Context as _;
 use capy_api::config::{Cli, Command, ServeArgs};
 use capy_api::{metrics_router, public_router, ApiSettings, AppState};
 use capy_shared::crypto::SecretBox;
+use capy_shared::instant::ClientCaps;
 use capy_shared::{db, telemetry};
 use clap::Parser as _;
 
@@ -35,6 +37,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             instant_rate_limit_per_minute: args.instant_rate_limit_per_minute,
             instant_max_per_cluster: args.instant_max_per_cluster,
             instant_pool_size: args.instant_pool_size,
+            instant_client_caps: ClientCaps {
+                per_key: args.instant_max_per_client,
+                per_site: args.instant_max_per_ipv6_48,
+            },
             trusted_proxies: args.trusted_proxies.clone(),
             metrics_finished_window: Duration::from_secs(args.metrics_finished_window_seconds),
             ..ApiSettings::default()
@@ -42,29 +48,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         instant_limiter: Default::default(),
     };
     let metrics = match args.metrics_addr {
-        Some(address) => {
-            let listener = bind(address, "capy-api metrics listening").await?;
-            let app = metrics_router(state.clone());
-            Some(tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(telemetry::shutdown_signal())
-                    .await
-            }))
-        }
+        Some(address) => Some((
+            bind(address, "capy-api metrics listening").await?,
+            metrics_router(state.clone()),
+        )),
         None => None,
     };
     let listener = bind(args.listen, "capy-api listening").await?;
     // Client addresses feed the instant databases' rate limit.
     let app = public_router(state, args.metrics_addr.is_some())
         .into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
+    let public = axum::serve(listener, app)
         .with_graceful_shutdown(telemetry::shutdown_signal())
-        .await
-        .context("serving HTTP")?;
-    if let Some(metrics) = metrics {
-        metrics.await?.context("serving metrics")?;
+        .into_future();
+    let Some((listener, app)) = metrics else {
+        return public.await.context("serving HTTP");
+    };
+    let metrics = axum::serve(listener, app)
+        .with_graceful_shutdown(telemetry::shutdown_signal())
+        .into_future();
+    tokio::pin!(public, metrics);
+    // Should either server fail, the process stops with its error at once; once one
+    // has shut down gracefully (a signal), the other finishes its own shutdown.
+    tokio::select! {
+        result = &mut public => {
+            result.context("serving HTTP")?;
+            metrics.await.context("serving metrics")
+        }
+        result = &mut metrics => {
+            result.context("serving metrics")?;
+            public.await.context("serving HTTP")
+        }
     }
-    Ok(())
 }
 
 async fn bind(address: SocketAddr, message: &str) -> anyhow::Result<tokio::net::TcpListener> {

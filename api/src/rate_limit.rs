@@ -14,32 +14,89 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(60);
-/// Addresses tracked at most; past this, the oldest idle ones are forgotten first.
+/// Clients tracked at most: a bound on memory (about 0.5 KiB each at 30 a minute).
 const MAX_CLIENTS: usize = 100_000;
+/// When the table is full, idle clients are swept out at most this often: a sweep
+/// visits every entry, so it must not run on every request.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a request was refused, with the wait until one may pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    /// This client made its requests of the last minute.
+    Client(Duration),
+    /// So many clients are tracked that no new one is until the next sweep; clients
+    /// already tracked are unaffected.
+    Full(Duration),
+}
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    capacity: usize,
+    table: Mutex<Table>,
+}
 
 #[derive(Debug, Default)]
-pub struct RateLimiter {
-    hits: Mutex<HashMap<String, VecDeque<Instant>>>,
+struct Table {
+    hits: HashMap<String, VecDeque<Instant>>,
+    last_sweep: Option<Instant>,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::with_capacity(MAX_CLIENTS)
+    }
 }
 
 impl RateLimiter {
-    /// Counts a request of `client`; `Err` with the wait until one is allowed when it
-    /// already made `per_minute` in the last minute.
-    pub fn check(&self, client: &str, per_minute: i64) -> Result<(), Duration> {
-        let now = Instant::now();
-        let mut hits = self.hits.lock().unwrap_or_else(|e| e.into_inner());
-        if hits.len() >= MAX_CLIENTS {
-            hits.retain(|_, times| times.back().is_some_and(|t| now - *t < WINDOW));
+    /// A limiter tracking at most `capacity` clients.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            capacity,
+            table: Mutex::default(),
         }
-        let times = hits.entry(client.to_string()).or_default();
+    }
+
+    /// Counts a request of `client`; refused when it already made `per_minute` in the
+    /// last minute, or when it is new and the table is full.
+    pub fn check(&self, client: &str, per_minute: i64) -> Result<(), Limited> {
+        self.check_at(client, per_minute, Instant::now())
+    }
+
+    fn check_at(&self, client: &str, per_minute: i64, now: Instant) -> Result<(), Limited> {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if !table.hits.contains_key(client) && table.hits.len() >= self.capacity {
+            table.sweep(now, self.capacity)?;
+        }
+        let times = table.hits.entry(client.to_string()).or_default();
         while times.front().is_some_and(|t| now - *t >= WINDOW) {
             times.pop_front();
         }
         if i64::try_from(times.len()).unwrap_or(i64::MAX) >= per_minute {
             let oldest = times.front().copied().unwrap_or(now);
-            return Err(WINDOW.saturating_sub(now - oldest));
+            return Err(Limited::Client(WINDOW.saturating_sub(now - oldest)));
         }
         times.push_back(now);
+        Ok(())
+    }
+}
+
+impl Table {
+    /// Forgets the clients idle for a whole window, at most once per [`SWEEP_EVERY`];
+    /// `Err` when no sweep is due yet or the table is still full after one.
+    fn sweep(&mut self, now: Instant, capacity: usize) -> Result<(), Limited> {
+        if let Some(last) = self.last_sweep {
+            let due = last + SWEEP_EVERY;
+            if now < due {
+                return Err(Limited::Full(due - now));
+            }
+        }
+        self.last_sweep = Some(now);
+        self.hits
+            .retain(|_, times| times.back().is_some_and(|t| now - *t < WINDOW));
+        if self.hits.len() >= capacity {
+            return Err(Limited::Full(SWEEP_EVERY));
+        }
         Ok(())
     }
 }
@@ -152,6 +209,19 @@ pub fn client_ip<'a>(
     client
 }
 
+/// The coarser block the cap of live instant databases also counts `client` under: an
+/// IPv4 address whole, an IPv6 address by its /48 (a site's usual allocation: its
+/// 65,536 /64s would otherwise each get the per-client cap).
+pub fn site_key(client: IpAddr) -> String {
+    match canonical(client) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let network = Ipv6Addr::from(u128::from(v6) & (u128::MAX << 80));
+            format!("{network}/48")
+        }
+    }
+}
+
 /// The key the rate limit counts `client` under: an IPv4 address whole, an IPv6
 /// address by its /64 (one host commonly holds a whole /64 and may pick any address in
 /// it).
@@ -214,6 +284,52 @@ mod tests {
         let limiter = RateLimiter::default();
         assert!(limiter.check(&limit_key(ip("2001:db8::1")), 1).is_ok());
         assert!(limiter.check(&limit_key(ip("2001:db8::2")), 1).is_err());
+        // The cap's coarser block: a /48.
+        assert_eq!(site_key(ip("2001:db8:1:2:aaaa::1")), "2001:db8:1::/48");
+        assert_eq!(site_key(ip("2001:db8:1:ffff::9")), "2001:db8:1::/48");
+        assert_ne!(site_key(ip("2001:db8:2::1")), "2001:db8:1::/48");
+        assert_eq!(site_key(ip("::ffff:203.0.113.7")), "203.0.113.7");
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_clients_and_sweeps_at_most_once_per_interval() {
+        let limiter = RateLimiter::with_capacity(3);
+        let start = Instant::now();
+        for client in ["a", "b", "c"] {
+            assert!(limiter.check_at(client, 5, start).is_ok());
+        }
+        // Full of live clients: the sweep frees nothing, so the new one is refused...
+        let at = start + Duration::from_secs(1);
+        assert_eq!(
+            limiter.check_at("d", 5, at),
+            Err(Limited::Full(SWEEP_EVERY))
+        );
+        // ... and, until the next sweep is due, refused without another one.
+        let soon = at + Duration::from_secs(2);
+        assert_eq!(
+            limiter.check_at("e", 5, soon),
+            Err(Limited::Full(Duration::from_secs(3)))
+        );
+        assert_eq!(
+            limiter.table.lock().unwrap().last_sweep,
+            Some(at),
+            "swept again before its interval"
+        );
+        // Clients already tracked keep their limit.
+        assert!(limiter.check_at("a", 5, soon).is_ok());
+        // Once b has been idle a whole window, the next sweep forgets it for d; the
+        // table is full again, and e waits for the sweep after.
+        let later = start + WINDOW + Duration::from_secs(1);
+        assert!(limiter.check_at("c", 5, start + WINDOW).is_ok());
+        assert!(limiter.check_at("d", 5, later).is_ok());
+        assert_eq!(
+            limiter.check_at("e", 5, later),
+            Err(Limited::Full(SWEEP_EVERY))
+        );
+        let table = limiter.table.lock().unwrap();
+        let mut tracked: Vec<&str> = table.hits.keys().map(String::as_str).collect();
+        tracked.sort_unstable();
+        assert_eq!(tracked, ["a", "c", "d"]);
     }
 
     #[test]
@@ -271,7 +387,9 @@ mod tests {
         let limiter = RateLimiter::default();
         assert!(limiter.check("a", 2).is_ok());
         assert!(limiter.check("a", 2).is_ok());
-        let wait = limiter.check("a", 2).unwrap_err();
+        let Err(Limited::Client(wait)) = limiter.check("a", 2) else {
+            panic!("a third request passed");
+        };
         assert!(wait > Duration::from_secs(59) && wait <= WINDOW, "{wait:?}");
         assert!(limiter.check("b", 2).is_ok());
     }

@@ -64,6 +64,8 @@ async fn stack(app: &TestApp, size: usize) -> (ProcessStack, reqwest::Client) {
         ("CAPY_INSTANT_POOL_SIZE", size.to_string()),
         ("CAPY_LEASE_SECONDS", "4".to_string()),
         ("CAPY_INSTANT_RATE_LIMIT_PER_MINUTE", "1000".to_string()),
+        // Every request comes from 127.0.0.1 here.
+        ("CAPY_INSTANT_MAX_PER_CLIENT", "1000".to_string()),
     ];
     let processes = ProcessStack::start(&app.db.url, 2, &env).await.unwrap();
     (processes, reqwest::Client::new())

@@ -251,7 +251,12 @@ async fn unclaimed(app: &TestApp, n: usize) -> Vec<Uuid> {
         let (id, _) = instant::create(&mut tx, &app.state.secrets, app.cluster_id, entry, limits)
             .await
             .unwrap();
-        instant::assign(&mut tx, id, "me", "10.0.0.1", 3600)
+        let client = instant::Client {
+            address: "10.0.0.1",
+            key: "10.0.0.1",
+            site: "10.0.0.1",
+        };
+        instant::assign(&mut tx, id, "me", &client, 3600)
             .await
             .unwrap();
         tx.commit().await.unwrap();

@@ -82,15 +82,24 @@ async fn a_scrape_reads_live_jobs_and_a_recent_window_through_indexes_only() {
         .unwrap()
         .to_bytes();
     let text = String::from_utf8(bytes.to_vec()).unwrap();
+    // `capy_jobs` keeps its meaning: live jobs only, so no dashboard reads a window's
+    // count as a total.
     let jobs = |labels: &[&str]| sample(&text, "capy_jobs", labels);
     assert_eq!(jobs(&[r#"state="pending""#]), 7.0, "{text}");
     assert_eq!(jobs(&[r#"state="claimed""#]), 3.0, "{text}");
+    assert_eq!(jobs(&[]), 10.0, "finished jobs under capy_jobs: {text}");
+    let finished = |labels: &[&str]| sample(&text, "capy_jobs_finished_recent", labels);
     assert_eq!(
-        jobs(&[r#"type="project.update""#, r#"state="failed""#]),
+        finished(&[r#"type="project.update""#, r#"state="failed""#]),
         500.0
     );
+    assert_eq!(finished(&[r#"state="pending""#]), 0.0, "{text}");
+    assert_eq!(
+        sample(&text, "capy_jobs_finished_window_seconds", &[]),
+        300.0
+    );
     // Of the 200,000 completed over 7 days, the last 5 minutes' (about 99).
-    let recent = jobs(&[r#"type="project.create""#, r#"state="completed""#]);
+    let recent = finished(&[r#"type="project.create""#, r#"state="completed""#]);
     assert!((90.0..=110.0).contains(&recent), "{recent}: {text}");
     assert_eq!(sample(&text, "capy_queue_depth", &[]), 7.0);
 }

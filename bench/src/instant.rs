@@ -37,6 +37,7 @@ async fn measure(runs: usize, pool: usize) -> anyhow::Result<(Vec<Duration>, Vec
         ("CAPY_INSTANT_RATE_LIMIT_PER_MINUTE", "1000000".to_string()),
         // Every run's database stays unclaimed: no bound may cut the runs short.
         ("CAPY_INSTANT_MAX_PER_CLUSTER", "1000000".to_string()),
+        ("CAPY_INSTANT_MAX_PER_CLIENT", "1000000".to_string()),
     ];
     let stack = ProcessStack::start(&db.url, 2, &env).await?;
     let deadline = Instant::now() + Duration::from_secs(300);

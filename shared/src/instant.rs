@@ -6,6 +6,10 @@
 //! databases together): every new one is counted and inserted under a lock of its
 //! cluster's ([`create_within`]), so concurrent requests cannot both take the last
 //! place. They have their own bound: organizations' `max_projects` does not count them.
+//!
+//! Each client holds at most a few live unclaimed ones ([`ClientCaps`]): counted under
+//! a lock of the client's site ([`lock_client`]), always taken before any cluster's,
+//! so one client cannot fill a cluster's bound for the 72 hours they live.
 
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -211,16 +215,105 @@ pub async fn create(
     Ok((id, job.id))
 }
 
-/// Takes the oldest ready pool entry of any cluster with one, for a request from
-/// `client_addr`; it expires after `ttl_seconds`. Answers its id and cluster.
+/// Who asks for an instant database.
+#[derive(Debug, Clone, Copy)]
+pub struct Client<'a> {
+    /// Its address, recorded for abuse investigations.
+    pub address: &'a str,
+    /// What its cap counts it under: an IPv4 address, an IPv6 /64.
+    pub key: &'a str,
+    /// A coarser block holding `key`: an IPv4 address, an IPv6 /48.
+    pub site: &'a str,
+}
+
+/// Live unclaimed instant databases one client may hold at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientCaps {
+    /// Per client key (an IPv4 address, an IPv6 /64).
+    pub per_key: i64,
+    /// Per site, when it differs from the key (an IPv6 /48; an IPv4 address is its own
+    /// site, and only `per_key` binds it).
+    pub per_site: i64,
+}
+
+/// Live unclaimed instant databases a client may hold unless configured otherwise.
+pub const DEFAULT_MAX_PER_CLIENT: i64 = 3;
+/// ... and one IPv6 /48 (its 65,536 /64s together).
+pub const DEFAULT_MAX_PER_IPV6_48: i64 = 10;
+
+/// The rule of the client cap: unclaimed databases handed out and not expired yet.
+/// The index `projects_instant_client` serves it (by `client_site`).
+const LIVE_UNCLAIMED: &str =
+    "instant_status = 'unclaimed' and deleted_at is null and expires_at > now()";
+
+/// Whether a client may get another instant database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRoom {
+    /// Counted under the client's lock, held until the transaction ends.
+    Free,
+    /// Another request of the client's site holds its lock: nothing was counted. The
+    /// caller ends the transaction (freeing its connection) before it tries again, so
+    /// a client's concurrent requests never hold many connections waiting.
+    Busy,
+    /// At a cap: the seconds until its first database expires (a place frees then, or
+    /// sooner when one is claimed).
+    Full { retry_after_seconds: i64 },
+}
+
+/// Takes the lock of `client`'s site (until the transaction ends) if it is free, and
+/// counts its live unclaimed databases against `caps`. Take it before any cluster's
+/// lock: nothing takes them in the other order. Needs READ COMMITTED, as
+/// [`create_within`].
+pub async fn lock_client(
+    conn: &mut PgConnection,
+    client: &Client<'_>,
+    caps: ClientCaps,
+) -> sqlx::Result<ClientRoom> {
+    let locked: bool = sqlx::query_scalar(
+        "select pg_try_advisory_xact_lock(hashtextextended('capy:instant-client:' || $1, 0))",
+    )
+    .bind(client.site)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !locked {
+        return Ok(ClientRoom::Busy);
+    }
+    // Seconds until the first expiry of the key's databases, and of the site's.
+    let (by_key, key_wait, by_site, site_wait): (i64, Option<f64>, i64, Option<f64>) =
+        sqlx::query_as(&format!(
+            "select count(*) filter (where client_key = $2),
+                    extract(epoch from min(expires_at) filter (where client_key = $2) - now())::float8,
+                    count(*),
+                    extract(epoch from min(expires_at) - now())::float8
+             from projects where client_site = $1 and {LIVE_UNCLAIMED}"
+        ))
+        .bind(client.site)
+        .bind(client.key)
+        .fetch_one(conn)
+        .await?;
+    let wait = if by_key >= caps.per_key {
+        key_wait
+    } else if client.site != client.key && by_site >= caps.per_site {
+        site_wait
+    } else {
+        return Ok(ClientRoom::Free);
+    };
+    Ok(ClientRoom::Full {
+        retry_after_seconds: wait.map_or(1, |w| w.ceil().max(1.0) as i64),
+    })
+}
+
+/// Takes the oldest ready pool entry of any cluster with one, for `client`; it expires
+/// after `ttl_seconds`. Answers its id and cluster.
 pub async fn take_from_pool(
     conn: &mut PgConnection,
     reference: &str,
-    client_addr: &str,
+    client: &Client<'_>,
     ttl_seconds: i64,
 ) -> sqlx::Result<Option<(Uuid, Uuid)>> {
     sqlx::query_as(
         "update projects set instant_status = 'unclaimed', instant_ref = $1, client_addr = $2,
+             client_key = $4, client_site = $5,
              assigned_at = now(), expires_at = now() + make_interval(secs => $3),
              updated_at = now()
          where id = (select id from projects
@@ -230,29 +323,34 @@ pub async fn take_from_pool(
          returning id, cluster_id",
     )
     .bind(reference)
-    .bind(client_addr)
+    .bind(client.address)
     .bind(ttl_seconds as f64)
+    .bind(client.key)
+    .bind(client.site)
     .fetch_optional(conn)
     .await
 }
 
-/// Marks a database made on the spot as handed out.
+/// Marks a database made on the spot as handed out to `client`.
 pub async fn assign(
     conn: &mut PgConnection,
     id: Uuid,
     reference: &str,
-    client_addr: &str,
+    client: &Client<'_>,
     ttl_seconds: i64,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "update projects set instant_ref = $2, client_addr = $3, assigned_at = now(),
+        "update projects set instant_ref = $2, client_addr = $3, client_key = $5,
+             client_site = $6, assigned_at = now(),
              expires_at = now() + make_interval(secs => $4)
          where id = $1",
     )
     .bind(id)
     .bind(reference)
-    .bind(client_addr)
+    .bind(client.address)
     .bind(ttl_seconds as f64)
+    .bind(client.key)
+    .bind(client.site)
     .execute(conn)
     .await?;
     Ok(())

@@ -106,7 +106,7 @@ async fn queue_depth_falls_to_zero_and_counters_match_the_jobs_processed() {
     assert_eq!(
         sample(
             &api,
-            "capy_jobs",
+            "capy_jobs_finished_recent",
             &[r#"type="capy.noop""#, r#"state="completed""#]
         ),
         JOBS as f64,

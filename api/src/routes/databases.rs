@@ -12,7 +12,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use capy_shared::instant::{self, Entry, InstantLimits};
+use capy_shared::instant::{self, ClientCaps, ClientRoom, Entry, InstantLimits};
 use capy_shared::model::job_type;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,8 @@ use capy_shared::model::{Project, PROJECT_SELECT};
 
 /// An unclaimed database lives this long.
 const TTL: Duration = Duration::from_secs(72 * 3600);
+/// How long a request waits for its client's other requests before a 429.
+const CLIENT_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Retry-After of a refusal at the bound of instant databases.
 const AT_CAPACITY_RETRY_SECONDS: u64 = 60;
 /// It may be claimed this long after creation.
@@ -103,6 +105,44 @@ impl Refusal {
         }
     }
 
+    /// The client holds its cap of live unclaimed databases: nothing was recorded.
+    fn at_client_cap(caps: ClientCaps, retry_after_seconds: i64) -> Self {
+        Self {
+            retry_after: Some(u64::try_from(retry_after_seconds).unwrap_or(1).max(1)),
+            hint: Some(
+                "Claim one of your databases with an API key (POST /v1/databases/{id}/claim), or wait until one expires (see Retry-After).".into(),
+            ),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "Too many unclaimed databases: at most {} from one address (IPv6: one /64; {} per /48)",
+                    caps.per_key, caps.per_site
+                ),
+            )
+        }
+    }
+
+    /// The rate limit refused the request.
+    fn rate_limited(limited: rate_limit::Limited, per_minute: i64) -> Self {
+        let (wait, message) = match limited {
+            rate_limit::Limited::Client(wait) => (
+                wait,
+                format!(
+                    "Too many databases: {per_minute} per minute from one address (IPv6: one /64)"
+                ),
+            ),
+            rate_limit::Limited::Full(wait) => (
+                wait,
+                "Too many clients are asking for databases right now; try again shortly.".into(),
+            ),
+        };
+        Self {
+            retry_after: Some(wait.as_secs().max(1)),
+            hint: Some("Wait for the time in the Retry-After header.".into()),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, message)
+        }
+    }
+
     /// Every cluster holds its bound of instant databases: nothing was recorded.
     fn at_capacity() -> Self {
         Self {
@@ -159,12 +199,23 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The client's address (`X-Forwarded-For` believed only from a trusted proxy) and the
-/// key the rate limit counts it under (its /64 for IPv6); "unknown" without a socket,
-/// as in tests driving the router directly.
+/// The client's address (`X-Forwarded-For` believed only from a trusted proxy), the
+/// key the rate limit and the cap count it under (its /64 for IPv6) and its site (its
+/// /48 for IPv6); "unknown" without a socket, as in tests driving the router directly.
 pub struct ClientAddr {
     pub address: String,
     pub limit_key: String,
+    pub site: String,
+}
+
+impl ClientAddr {
+    fn as_client(&self) -> instant::Client<'_> {
+        instant::Client {
+            address: &self.address,
+            key: &self.limit_key,
+            site: &self.site,
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for ClientAddr {
@@ -178,6 +229,7 @@ impl FromRequestParts<AppState> for ClientAddr {
             return Ok(Self {
                 address: "unknown".into(),
                 limit_key: "unknown".into(),
+                site: "unknown".into(),
             });
         };
         let forwarded = parts
@@ -190,6 +242,7 @@ impl FromRequestParts<AppState> for ClientAddr {
         Ok(Self {
             address: client.to_string(),
             limit_key: rate_limit::limit_key(client),
+            site: rate_limit::site_key(client),
         })
     }
 }
@@ -203,7 +256,7 @@ impl FromRequestParts<AppState> for ClientAddr {
               (status = 409, description = "An Idempotency-Key reused with another request, or still in use", body = ErrorBody),
               (status = 413, description = "Request body over 64 KiB", body = ErrorBody),
               (status = 422, description = "Logical replication needs a cluster with wal_level 'logical' whose pg_hba.conf keeps physical replication to the admin", body = InstantError),
-              (status = 429, description = "Too many databases from this address (IPv6: its /64); see Retry-After", body = InstantError),
+              (status = 429, description = "Too many databases from this address (IPv6: its /64) in the last minute, or too many of them unclaimed; see Retry-After", body = InstantError),
               (status = 500, description = "Creating the database failed", body = InstantError),
               (status = 503, description = "Every cluster holds its bound of instant databases, no database could be made in time, or the control database is unavailable; see Retry-After", body = InstantOrApiError)))]
 pub async fn create(State(state): State<AppState>, client: ClientAddr, body: Bytes) -> Response {
@@ -250,25 +303,14 @@ async fn create_database(
         ..InstantLimits::default()
     };
 
-    if let Err(wait) = state.instant_limiter.check(
-        &client.limit_key,
-        state.settings.instant_rate_limit_per_minute,
-    ) {
-        return Err(Refusal {
-            retry_after: Some(wait.as_secs().max(1)),
-            hint: Some("Wait for the time in the Retry-After header.".into()),
-            ..Refusal::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "Too many databases: {} per minute from one address (IPv6: one /64)",
-                    state.settings.instant_rate_limit_per_minute
-                ),
-            )
-        });
+    let per_minute = state.settings.instant_rate_limit_per_minute;
+    if let Err(limited) = state.instant_limiter.check(&client.limit_key, per_minute) {
+        return Err(Refusal::rate_limited(limited, per_minute));
     }
-    let client = client.address.as_str();
+    let client = &client.as_client();
+    let caps = state.settings.instant_client_caps;
     if !logical_replication {
-        let mut tx = state.pool.begin().await?;
+        let mut tx = begin_within_client_cap(state, client, caps).await?;
         // A pool entry already holds its place under the bound: taking it adds none.
         if let Some((id, cluster_id)) =
             instant::take_from_pool(&mut tx, reference, client, ttl).await?
@@ -290,7 +332,7 @@ async fn create_database(
     let entry = Entry::OnTheSpot {
         logical_replication,
     };
-    let mut tx = state.pool.begin().await?;
+    let mut tx = begin_within_client_cap(state, client, caps).await?;
     // Counted again under the cluster's lock: another request may have taken the
     // last place since it was picked.
     let (id, job_id) = instant::create_within(&mut tx, &state.secrets, cluster_id, entry, limits)
@@ -320,6 +362,43 @@ async fn create_database(
                     "Failed to create the database.",
                 )
             })
+        }
+    }
+}
+
+/// A transaction holding the lock of `client`'s site, or a refusal at its cap of live
+/// unclaimed databases: what it is handed out in the transaction is counted by the
+/// next request's check. While another request of the site holds the lock, it retries
+/// without holding a connection, for [`CLIENT_LOCK_WAIT`] at most.
+async fn begin_within_client_cap(
+    state: &AppState,
+    client: &instant::Client<'_>,
+    caps: ClientCaps,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Refusal> {
+    let deadline = Instant::now() + CLIENT_LOCK_WAIT;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let mut tx = state.pool.begin().await?;
+        match instant::lock_client(&mut tx, client, caps).await? {
+            ClientRoom::Free => return Ok(tx),
+            ClientRoom::Full {
+                retry_after_seconds,
+            } => return Err(Refusal::at_client_cap(caps, retry_after_seconds)),
+            ClientRoom::Busy if Instant::now() < deadline => {
+                tx.rollback().await?;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(25));
+            }
+            ClientRoom::Busy => {
+                return Err(Refusal {
+                    retry_after: Some(1),
+                    hint: Some("Send fewer requests at once.".into()),
+                    ..Refusal::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "Too many requests from this address at once",
+                    )
+                })
+            }
         }
     }
 }

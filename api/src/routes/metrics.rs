@@ -1,6 +1,6 @@
 //! Prometheus metrics of the queue, read from the control database at each scrape
-//! through partial indexes only (see [`crate::job_metrics`]): jobs by type and state,
-//! the queue's depth and the age of its oldest runnable job. (Attempt durations,
+//! through partial indexes only (see [`crate::job_metrics`]): live jobs by type and
+//! state, those finished in a recent window, the queue's depth and the age of its oldest runnable job. (Attempt durations,
 //! outcomes and claim latency are on each worker's `/metrics`.) Served on the public
 //! port, or on `CAPY_METRICS_ADDR` alone.
 
@@ -29,7 +29,7 @@ pub async fn scrape(State(state): State<AppState>) -> ApiResult<impl IntoRespons
 }
 
 fn render(
-    counts: &[(String, String, i64)],
+    counts: &[job_metrics::JobCount],
     window: Duration,
     depth: i64,
     oldest: f64,
@@ -38,25 +38,41 @@ fn render(
     let jobs = IntGaugeVec::new(
         Opts::new(
             "capy_jobs",
+            "Live jobs by type and state (pending, claimed)",
+        ),
+        &["type", "state"],
+    )?;
+    let finished = IntGaugeVec::new(
+        Opts::new(
+            "capy_jobs_finished_recent",
             format!(
-                "Jobs by type and state: pending and claimed now; completed, failed and cancelled in the last {} s",
+                "Jobs that finished (completed, failed, cancelled) in the last capy_jobs_finished_window_seconds ({} s), by type and state",
                 window.as_secs()
             ),
         ),
         &["type", "state"],
+    )?;
+    let finished_window = IntGauge::new(
+        "capy_jobs_finished_window_seconds",
+        "The window capy_jobs_finished_recent counts",
     )?;
     let queue_depth = IntGauge::new("capy_queue_depth", "Runnable pending jobs")?;
     let oldest_pending = Gauge::new(
         "capy_oldest_pending_job_age_seconds",
         "How long the oldest runnable pending job has waited",
     )?;
-    for (job_type, job_state, count) in counts {
-        jobs.with_label_values(&[job_type.as_str(), job_state.as_str()])
-            .set(*count);
+    for count in counts {
+        let gauge = if count.live { &jobs } else { &finished };
+        gauge
+            .with_label_values(&[count.job_type.as_str(), count.state.as_str()])
+            .set(count.count);
     }
+    finished_window.set(i64::try_from(window.as_secs()).unwrap_or(i64::MAX));
     queue_depth.set(depth);
     oldest_pending.set(oldest);
     registry.register(Box::new(jobs))?;
+    registry.register(Box::new(finished))?;
+    registry.register(Box::new(finished_window))?;
     registry.register(Box::new(queue_depth))?;
     registry.register(Box::new(oldest_pending))?;
     let mut out = Vec::new();

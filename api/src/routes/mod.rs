@@ -12,11 +12,15 @@ mod organizations;
 pub(crate) mod projects;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::{header, Response, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
+use tracing::Span;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDoc;
 use utoipa::{Modify, OpenApi};
@@ -144,6 +148,68 @@ pub fn router(state: AppState) -> Router {
             idempotency::layer,
         ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                .on_response(log_response)
+                .on_failure(log_failure),
+        )
         .with_state(state)
+}
+
+/// How the HTTP trace logs an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseLog {
+    /// Every answer below 500, as tower-http does by default.
+    Debug,
+    /// A 5xx that tells the client when to retry (Retry-After): an expected refusal,
+    /// such as 503 at the bound of instant databases, which a burst repeats thousands
+    /// of times.
+    Refusal,
+    /// Any other 5xx: something broke.
+    ServerError,
+}
+
+fn response_log(status: StatusCode, retry_after: bool) -> ResponseLog {
+    match (status.is_server_error(), retry_after) {
+        (false, _) => ResponseLog::Debug,
+        (true, true) => ResponseLog::Refusal,
+        (true, false) => ResponseLog::ServerError,
+    }
+}
+
+fn log_response<B>(response: &Response<B>, latency: Duration, _span: &Span) {
+    let status = response.status().as_u16();
+    let latency_ms = latency.as_millis();
+    let retry_after = response.headers().contains_key(header::RETRY_AFTER);
+    match response_log(response.status(), retry_after) {
+        ResponseLog::Debug => tracing::debug!(status, latency_ms, "finished processing request"),
+        ResponseLog::Refusal => {
+            tracing::info!(status, latency_ms, "request refused with Retry-After")
+        }
+        ResponseLog::ServerError => tracing::error!(status, latency_ms, "request failed"),
+    }
+}
+
+/// Errors without an answer (a failed body stream); 5xx answers are [`log_response`]'s.
+fn log_failure(failure: ServerErrorsFailureClass, latency: Duration, _span: &Span) {
+    if let ServerErrorsFailureClass::Error(error) = failure {
+        tracing::error!(error = %error, latency_ms = latency.as_millis(), "request failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_with_retry_after_are_not_logged_as_errors() {
+        let log =
+            |code: u16, retry_after| response_log(StatusCode::from_u16(code).unwrap(), retry_after);
+        assert_eq!(log(503, true), ResponseLog::Refusal);
+        assert_eq!(log(429, true), ResponseLog::Debug);
+        assert_eq!(log(404, false), ResponseLog::Debug);
+        assert_eq!(log(503, false), ResponseLog::ServerError);
+        assert_eq!(log(500, false), ResponseLog::ServerError);
+        assert_eq!(log(502, true), ResponseLog::Refusal);
+    }
 }
