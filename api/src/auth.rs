@@ -119,7 +119,7 @@ static KEY_QUERY: LazyLock<String> = LazyLock::new(|| {
                          false) as maker_revoked,
                 (select min(expires_at) from lineage where depth > 0) as maker_expires_at,
                 coalesce((select not {PROJECT_IS_LIVE} from projects where id = k.project_id),
-                         false) as project_gone
+                         k.project_id is not null) as project_gone
          from api_keys k where k.key_hash = $1"
     )
 });

@@ -65,6 +65,15 @@ pub struct ServeArgs {
     /// an entry refills the pool up to it at once (0: the workers' top-up alone does).
     #[arg(long, env = "CAPY_INSTANT_POOL_SIZE", default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1000))]
     pub instant_pool_size: i64,
+    /// Lets anonymous instant databases ask for `logicalReplication`. Off by default:
+    /// PostgreSQL lets any role with REPLICATION create replication slots (which hold
+    /// WAL for the whole cluster) and drop any slot, other tenants' and standbys' too.
+    #[arg(
+        long,
+        env = "CAPY_INSTANT_LOGICAL_REPLICATION",
+        default_value_t = false
+    )]
+    pub instant_logical_replication: bool,
     /// Live unclaimed instant databases one client (an IPv4 address, an IPv6 /64) may
     /// hold; past it, `POST /v1/databases` answers 429 until one is claimed or expires.
     #[arg(long, env = "CAPY_INSTANT_MAX_PER_CLIENT", default_value_t = capy_shared::instant::DEFAULT_MAX_PER_CLIENT, value_parser = clap::value_parser!(i64).range(0..))]

@@ -39,6 +39,8 @@ pub struct ApiSettings {
     /// The warm pool's size per cluster (the workers' `CAPY_INSTANT_POOL_SIZE`): a
     /// request that takes an entry refills the pool to it (0: only the workers do).
     pub instant_pool_size: i64,
+    /// Whether `POST /v1/databases` may hand out roles with REPLICATION at all.
+    pub instant_logical_replication: bool,
     /// Live unclaimed instant databases per client key, and per IPv6 /48.
     pub instant_client_caps: capy_shared::instant::ClientCaps,
     /// Peers whose `X-Forwarded-For` names the client (for the rate limit).
@@ -57,6 +59,7 @@ impl Default for ApiSettings {
             instant_wait: std::time::Duration::from_secs(30),
             instant_max_per_cluster: capy_shared::instant::DEFAULT_MAX_PER_CLUSTER,
             instant_pool_size: 0,
+            instant_logical_replication: false,
             instant_client_caps: capy_shared::instant::ClientCaps {
                 per_key: capy_shared::instant::DEFAULT_MAX_PER_CLIENT,
                 per_site: capy_shared::instant::DEFAULT_MAX_PER_IPV6_48,

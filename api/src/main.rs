@@ -37,6 +37,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             instant_rate_limit_per_minute: args.instant_rate_limit_per_minute,
             instant_max_per_cluster: args.instant_max_per_cluster,
             instant_pool_size: args.instant_pool_size,
+            instant_logical_replication: args.instant_logical_replication,
             instant_client_caps: ClientCaps {
                 per_key: args.instant_max_per_client,
                 per_site: args.instant_max_per_ipv6_48,

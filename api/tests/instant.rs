@@ -367,18 +367,24 @@ async fn bad_requests_rate_limits_and_logical_replication_get_instagres_answers(
     let (status, _, body) = post(&app, &json!({"ref": "x".repeat(101)}).to_string(), here).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 
-    // The test cluster runs with wal_level = replica.
-    let (status, _, body) = post(
-        &app,
-        r#"{"ref": "cdc", "logicalReplication": true}"#,
-        [10, 0, 0, 3],
-    )
-    .await;
+    // Off unless the operator turns it on: a REPLICATION role can drop any slot.
+    let cdc = r#"{"ref": "cdc", "logicalReplication": true}"#;
+    let (status, _, body) = post(&app, cdc, [10, 0, 0, 3]).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        body["message"], "Logical replication is turned off on this server",
+        "{body}"
+    );
+    // Turned on, it still needs a cluster with wal_level = logical (the test
+    // cluster runs with replica).
+    app.state.settings.instant_logical_replication = true;
+    let (status, _, body) = post(&app, cdc, [10, 0, 0, 3]).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("wal_level"),
         "{body}"
     );
+    app.state.settings.instant_logical_replication = false;
 
     for _ in 0..2 {
         let (status, _, body) = post(&app, r#"{"ref": "me"}"#, here).await;

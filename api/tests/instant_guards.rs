@@ -117,6 +117,7 @@ async fn a_replication_role_replicates_its_own_database_but_never_streams_the_cl
     let env = [
         ("CAPY_INSTANT_POOL_SIZE", "0".to_string()),
         ("CAPY_INSTANT_RATE_LIMIT_PER_MINUTE", "1000".to_string()),
+        ("CAPY_INSTANT_LOGICAL_REPLICATION", "true".to_string()),
     ];
     let processes = ProcessStack::start(&app.db.url, 1, &env).await.unwrap();
     let http = reqwest::Client::new();
@@ -222,7 +223,8 @@ async fn a_cluster_that_cannot_tell_gets_no_replication_role() {
     assert_eq!(access["reachable"], true, "{access}");
     assert_eq!(access["physical_replication_open"], Value::Null, "{access}");
 
-    let processes = ProcessStack::start(&app.db.url, 0, &[]).await.unwrap();
+    let env = [("CAPY_INSTANT_LOGICAL_REPLICATION", "true".to_string())];
+    let processes = ProcessStack::start(&app.db.url, 0, &env).await.unwrap();
     let (status, refusal) = create(&reqwest::Client::new(), &processes.api_url).await;
     assert_eq!(status, 422, "{refusal}");
     assert!(

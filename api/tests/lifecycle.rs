@@ -197,6 +197,82 @@ async fn a_deleted_project_stays_deleted_whatever_job_is_retried() {
 // Keys: none outlives the key that made it, nor the project it is narrowed to.
 
 /// Creates a key with `creator`; answers its plaintext and record.
+/// A delete that fails or is cancelled leaves the project `deleting` (with the reason),
+/// never live again: provisioning cannot be retried nor settings changed, and DELETE
+/// again queues a new delete. (An older capy turned it back to `error`, which is live.)
+#[tokio::test]
+async fn a_cancelled_delete_never_brings_the_project_back() {
+    let app = TestApp::new().await;
+    let (status, created) = app
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(&app.key),
+            Some(r#"{"name":"lazarus"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let project_id = id_of(&created["project"]);
+    let (status, deleting) = app
+        .call(
+            "DELETE",
+            &format!("/v1/projects/{project_id}"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{deleting}");
+    let delete_job = id_of(&deleting["job"]);
+    let (status, body) = app
+        .call(
+            "POST",
+            &format!("/v1/jobs/{delete_job}/cancel"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (state, last_error): (String, Option<String>) =
+        sqlx::query_as("select state, last_error from projects where id = $1::uuid")
+            .bind(&project_id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        state, "deleting",
+        "a cancelled delete made the project live again"
+    );
+    assert_eq!(last_error.as_deref(), Some("deletion was cancelled"));
+    let (status, body) = app
+        .call(
+            "POST",
+            &format!("/v1/projects/{project_id}/retry-provisioning"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "retry-provisioning after a cancelled delete: {body}"
+    );
+    let (status, again) = app
+        .call(
+            "DELETE",
+            &format!("/v1/projects/{project_id}"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_ne!(
+        id_of(&again["job"]),
+        delete_job,
+        "DELETE again queues a new delete"
+    );
+}
+
 async fn make_key(app: &TestApp, creator: &str, body: Value) -> (String, Value) {
     let (status, answer) = app
         .call(

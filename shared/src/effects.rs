@@ -36,14 +36,12 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
                  updated_at = now()
              where id = $1 and state in ('ready', 'error') and $2 in ('completed', 'failed')"
         }
-        // completed → deleted (gone from lists); failed or cancelled → error, so the
-        // caller sees why and may delete again.
+        // completed → deleted (gone from lists); failed or cancelled → still deleting,
+        // with the reason: a project once asked to go never comes back to life (its
+        // other jobs stay refused); DELETE again, or a retry of this job, finishes it.
         job_type::PROJECT_DELETE => {
             "update projects set
-                 state = case $2 when 'completed' then 'deleted'
-                                 when 'failed' then 'error'
-                                 when 'cancelled' then 'error'
-                                 else 'deleting' end,
+                 state = case $2 when 'completed' then 'deleted' else 'deleting' end,
                  deleted_at = case $2 when 'completed' then now() end,
                  last_error = case $2 when 'completed' then null
                                       when 'failed' then 'deletion failed: ' || $3

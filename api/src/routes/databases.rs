@@ -255,7 +255,7 @@ impl FromRequestParts<AppState> for ClientAddr {
               (status = 401, description = "An Idempotency-Key sent with an invalid Authorization header", body = ErrorBody),
               (status = 409, description = "An Idempotency-Key reused with another request, or still in use", body = ErrorBody),
               (status = 413, description = "Request body over 64 KiB", body = ErrorBody),
-              (status = 422, description = "Logical replication needs a cluster with wal_level 'logical' whose pg_hba.conf keeps physical replication to the admin", body = InstantError),
+              (status = 422, description = "Logical replication is turned off on this server, or needs a cluster with wal_level 'logical' whose pg_hba.conf keeps physical replication to the admin", body = InstantError),
               (status = 429, description = "Too many databases from this address (IPv6: its /64) in the last minute, or too many of them unclaimed; see Retry-After", body = InstantError),
               (status = 500, description = "Creating the database failed", body = InstantError),
               (status = 503, description = "Every cluster holds its bound of instant databases, no database could be made in time, or the control database is unavailable; see Retry-After", body = InstantOrApiError)))]
@@ -296,6 +296,17 @@ async fn create_database(
         ));
     }
     let logical_replication = request.logical_replication.unwrap_or(false);
+    if logical_replication && !state.settings.instant_logical_replication {
+        return Err(Refusal {
+            hint: Some(
+                "A role with REPLICATION can create replication slots that hold WAL for the whole server and drop any other slot, so an operator turns this on (CAPY_INSTANT_LOGICAL_REPLICATION=true) only for clusters set aside for it. Ask without logicalReplication, or create a project with an API key.".into(),
+            ),
+            ..Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Logical replication is turned off on this server",
+            )
+        });
+    }
     let ttl = TTL.as_secs() as i64;
     let limits = InstantLimits {
         max_attempts: state.settings.job_max_attempts,

@@ -183,6 +183,8 @@ fn harden_admin_session(config: &mut tokio_postgres::Config) {
     }
     options.push_str("-c search_path=");
     options.push_str(ADMIN_SEARCH_PATH);
+    // quote_literal assumes standard strings, whatever the database's own default.
+    options.push_str(" -c standard_conforming_strings=on");
     config.options(&options);
 }
 

@@ -216,10 +216,17 @@ async fn ensure_database(
     if provision == Provision::Update {
         return Err(not_provisioned("database", name));
     }
-    // CREATE DATABASE cannot run in a transaction block, so it runs alone.
+    // CREATE DATABASE cannot run in a transaction block, so it runs alone. From
+    // template0, which nobody can connect to or change (template1 may hold what a
+    // tenant planted while PUBLIC could reach it), and closed until its grants are
+    // capy's: converge allows connections last, so a create that fails half-way
+    // leaves no database any other login may enter.
     execute(
         client,
-        &format!("CREATE DATABASE {} OWNER {}", names.database, names.owner),
+        &format!(
+            "CREATE DATABASE {} OWNER {} TEMPLATE template0 ALLOW_CONNECTIONS false",
+            names.database, names.owner
+        ),
         "creating the database",
     )
     .await?;
@@ -227,7 +234,9 @@ async fn ensure_database(
     Ok(())
 }
 
-/// Owner, limit and default timeouts: what only the owner may change.
+/// Owner, limit and default timeouts: what only the owner may change. RESET ALL first:
+/// a setting the tenant made while an older capy let it own the database (`role`,
+/// `standard_conforming_strings`) does not outlive the move.
 async fn converge_database(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
     let project = names.project;
     let database = &names.database;
@@ -235,6 +244,7 @@ async fn converge_database(client: &Client, names: &Names<'_>) -> Result<(), Ste
         client,
         &format!(
             "ALTER DATABASE {database} OWNER TO {owner};
+             ALTER DATABASE {database} RESET ALL;
              ALTER DATABASE {database} IS_TEMPLATE false;
              ALTER DATABASE {database} CONNECTION LIMIT {limit};
              ALTER DATABASE {database} SET statement_timeout = {statement};

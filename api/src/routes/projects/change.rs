@@ -173,6 +173,13 @@ pub async fn retry_provisioning(
     principal.require_scope(SCOPE_WRITE)?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
+    // A project asked to go never provisions again (its pending create is refused by
+    // the workers), so there is no job to point to either.
+    if project.state == "deleting" {
+        return Err(ApiError::Conflict(
+            "the project is being deleted; it cannot be provisioned again".into(),
+        ));
+    }
     if let Some(job) = job_in_flight(&mut tx, id, job_type::PROJECT_CREATE).await? {
         return Ok((StatusCode::OK, Json(JobBody { job })));
     }
