@@ -675,6 +675,7 @@ async fn the_migration_moves_an_old_project_so_its_tenant_can_no_longer_lift_its
             "ALTER DATABASE {db} CONNECTION LIMIT -1;
              ALTER DATABASE {db} CONNECTION LIMIT 5;
              GRANT ALL ON DATABASE {db} TO PUBLIC;
+             ALTER DATABASE {db} SET standard_conforming_strings = off;
              CREATE TABLE mine (v text); INSERT INTO mine VALUES ('kept');",
             db = tenant.database
         ))
@@ -747,4 +748,23 @@ async fn the_migration_moves_an_old_project_so_its_tenant_can_no_longer_lift_its
     assert_eq!(row.get::<_, String>(0), "kept");
     assert_eq!(row.get::<_, String>(1), tenant.role, "its table is its own");
     assert!(!row.get::<_, bool>(2), "PUBLIC keeps the back door");
+    // What it set on its database while it owned it is gone: only capy's defaults.
+    let settings: Vec<String> = admin("postgres")
+        .await
+        .query(
+            "select unnest(s.setconfig) from pg_db_role_setting s
+             join pg_database d on d.oid = s.setdatabase
+             where d.datname = $1 and s.setrole = 0 order by 1",
+            &[&tenant.database],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        settings.iter().all(|s| s.starts_with("statement_timeout=")
+            || s.starts_with("idle_in_transaction_session_timeout=")),
+        "the tenant's own database settings outlived the move: {settings:?}"
+    );
 }
