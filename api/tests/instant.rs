@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
-use capy_shared::instant::{self, Entry, InstantLimits};
 use capy_testkit::ProcessStack;
 use common::TestApp;
 use http_body_util::BodyExt as _;
@@ -326,23 +325,7 @@ async fn bad_requests_rate_limits_and_logical_replication_get_instagres_answers(
     let mut app = TestApp::new().await;
     app.state.settings.instant_rate_limit_per_minute = 2;
     // A pool made ready by hand: no worker runs here.
-    for _ in 0..4 {
-        let mut tx = app.db.pool.begin().await.unwrap();
-        instant::create(
-            &mut tx,
-            &app.state.secrets,
-            app.cluster_id,
-            Entry::Pool,
-            InstantLimits::default(),
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    }
-    sqlx::query("update projects set state = 'ready' where instant_status = 'pool'")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    app.ready_pool(4).await;
 
     let here = [10, 0, 0, 1];
     let (status, _, body) = post(&app, "{}", here).await;

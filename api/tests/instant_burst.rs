@@ -123,33 +123,12 @@ async fn post_via(
     (status, retry_after, serde_json::from_slice(&bytes).unwrap())
 }
 
-/// `count` ready pool entries, made by hand (no worker runs in these tests).
-async fn ready_pool(app: &TestApp, count: usize) {
-    for _ in 0..count {
-        let mut tx = app.db.pool.begin().await.unwrap();
-        instant::create(
-            &mut tx,
-            &app.state.secrets,
-            app.cluster_id,
-            Entry::Pool,
-            InstantLimits::default(),
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    }
-    sqlx::query("update projects set state = 'ready' where instant_status = 'pool'")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn forwarded_for_counts_only_from_a_trusted_proxy_and_ipv6_by_its_64() {
     let mut app = TestApp::new().await;
     app.state.settings.instant_rate_limit_per_minute = 1;
     app.state.settings.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
-    ready_pool(&app, 4).await;
+    app.ready_pool(4).await;
     let status = |answer: (StatusCode, Option<String>, Value)| answer.0;
 
     // A client connecting directly cannot pose as others by writing the header.
@@ -210,7 +189,7 @@ async fn at_the_bound_the_answer_is_503_nothing_is_queued_and_projects_keep_thei
     let mut app = TestApp::new().await;
     app.state.settings.instant_max_per_cluster = 2;
     // Two ready pool entries: the bound is reached.
-    ready_pool(&app, 2).await;
+    app.ready_pool(2).await;
 
     // Pool entries already hold their places: they are handed out, and not replaced.
     for n in 1..=2 {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
-use capy_shared::instant::{self, ClientCaps, Entry, InstantLimits};
+use capy_shared::instant::ClientCaps;
 use common::TestApp;
 use http_body_util::BodyExt as _;
 use serde_json::Value;
@@ -42,27 +42,6 @@ async fn post(app: &TestApp, peer: &str) -> (StatusCode, Option<u64>, Value) {
         .map(|v| v.to_str().unwrap().parse().unwrap());
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     (status, retry_after, serde_json::from_slice(&bytes).unwrap())
-}
-
-/// `count` ready pool entries, made by hand (no worker runs in these tests).
-async fn ready_pool(app: &TestApp, count: usize) {
-    for _ in 0..count {
-        let mut tx = app.db.pool.begin().await.unwrap();
-        instant::create(
-            &mut tx,
-            &app.state.secrets,
-            app.cluster_id,
-            Entry::Pool,
-            InstantLimits::default(),
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    }
-    sqlx::query("update projects set state = 'ready' where instant_status = 'pool'")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
 }
 
 /// Ready pool entries left, and databases ever handed out or made for a request
@@ -107,7 +86,7 @@ fn assert_at_cap(answer: &(StatusCode, Option<u64>, Value), what: &str) {
 async fn a_client_holds_at_most_its_cap_and_a_claim_or_an_expiry_frees_a_place() {
     let mut app = TestApp::new().await;
     app_with_caps(&mut app, 2, 3);
-    ready_pool(&app, 6).await;
+    app.ready_pool(6).await;
 
     let ipv4 = "203.0.113.9";
     let mut mine = Vec::new();
@@ -155,7 +134,7 @@ async fn a_client_holds_at_most_its_cap_and_a_claim_or_an_expiry_frees_a_place()
     assert_eq!(pool_and_handed_out(&app).await, (0, 6), "queued at the cap");
 
     // Claiming one frees a place.
-    ready_pool(&app, 2).await;
+    app.ready_pool(2).await;
     let (status, body) = app
         .call(
             "POST",
@@ -183,7 +162,7 @@ async fn a_client_holds_at_most_its_cap_and_a_claim_or_an_expiry_frees_a_place()
 async fn concurrent_requests_of_one_client_never_pass_its_cap() {
     let mut app = TestApp::new().await;
     app_with_caps(&mut app, 3, 10);
-    ready_pool(&app, 24).await;
+    app.ready_pool(24).await;
     let app = std::sync::Arc::new(app);
     let tasks: Vec<_> = (0..24)
         .map(|n| {
@@ -215,7 +194,7 @@ async fn concurrent_requests_of_one_client_never_pass_its_cap() {
 async fn a_request_waits_while_another_of_its_site_holds_the_lock() {
     let mut app = TestApp::new().await;
     app_with_caps(&mut app, 3, 10);
-    ready_pool(&app, 1).await;
+    app.ready_pool(1).await;
     // Another request of the site's /48 holds its lock for a while.
     let mut holder = app.db.pool.begin().await.unwrap();
     sqlx::query("select pg_advisory_xact_lock(hashtextextended('capy:instant-client:' || $1, 0))")

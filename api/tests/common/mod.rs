@@ -8,6 +8,7 @@ use axum::http::{Request, StatusCode};
 use capy_api::admin::{self, ClusterSpec, KeyGrant};
 use capy_api::{router, ApiSettings, AppState};
 use capy_shared::crypto::SecretBox;
+use capy_shared::instant::{self, Entry, InstantLimits};
 use capy_testkit::{cluster, fresh_database, TestDatabase, TEST_SECRET_KEY};
 use http_body_util::BodyExt as _;
 use serde_json::Value;
@@ -75,6 +76,28 @@ impl TestApp {
             admin_key,
             cluster_id,
         }
+    }
+
+    /// `count` ready pool entries of instant databases, made by hand (for tests where
+    /// no worker runs).
+    pub async fn ready_pool(&self, count: usize) {
+        for _ in 0..count {
+            let mut tx = self.db.pool.begin().await.unwrap();
+            instant::create(
+                &mut tx,
+                &self.state.secrets,
+                self.cluster_id,
+                Entry::Pool,
+                InstantLimits::default(),
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+        sqlx::query("update projects set state = 'ready' where instant_status = 'pool'")
+            .execute(&self.db.pool)
+            .await
+            .unwrap();
     }
 
     pub async fn new() -> Self {
