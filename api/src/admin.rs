@@ -86,6 +86,8 @@ pub struct ClusterSpec {
     pub direct_port: i32,
     pub pooled_port: i32,
     pub ssl_mode: String,
+    /// The CA certificate (PEM) the server's certificate chains to.
+    pub ca_pem: Option<String>,
     pub max_projects: Option<i32>,
 }
 
@@ -108,6 +110,7 @@ pub async fn upsert_cluster(
              admin_url_encrypted = excluded.admin_url_encrypted,
              public_host = excluded.public_host, direct_port = excluded.direct_port,
              pooled_port = excluded.pooled_port, ssl_mode = excluded.ssl_mode,
+             ca_pem = excluded.ca_pem,
              max_projects = excluded.max_projects, updated_at = now()";
     insert_cluster(pool, secrets, spec, on_conflict)
         .await?
@@ -123,8 +126,8 @@ async fn insert_cluster(
 ) -> anyhow::Result<Option<Uuid>> {
     sqlx::query_scalar(&format!(
         "insert into clusters (id, name, region, admin_url_encrypted, public_host, direct_port,
-             pooled_port, ssl_mode, max_projects)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             pooled_port, ssl_mode, max_projects, ca_pem)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          on conflict (name) {on_conflict}
          returning id"
     ))
@@ -137,6 +140,7 @@ async fn insert_cluster(
     .bind(spec.pooled_port)
     .bind(&spec.ssl_mode)
     .bind(spec.max_projects)
+    .bind(&spec.ca_pem)
     .fetch_optional(pool)
     .await
     .context("registering a cluster")

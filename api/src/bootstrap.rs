@@ -41,6 +41,16 @@ pub async fn run(pool: &PgPool, args: &BootstrapArgs) -> anyhow::Result<()> {
     };
 
     let url = url::Url::parse(&args.cluster_url).context("the cluster URL is not a URL")?;
+    let ca_pem = match &args.cluster_ca_file {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the cluster's CA file {}", path.display()))?;
+            capy_shared::tls::parse_ca_pem(&pem)
+                .with_context(|| format!("the cluster's CA file {}", path.display()))?;
+            Some(pem)
+        }
+        None => None,
+    };
     let port = i32::from(url.port().unwrap_or(5432));
     let cluster_id = admin::upsert_cluster(
         pool,
@@ -53,16 +63,25 @@ pub async fn run(pool: &PgPool, args: &BootstrapArgs) -> anyhow::Result<()> {
             direct_port: port,
             pooled_port: port,
             ssl_mode: args.cluster_ssl_mode.clone(),
+            ca_pem: ca_pem.clone(),
             max_projects: None,
         },
     )
     .await?;
     // As registering through the API does: the access check, which also closes PUBLIC's
     // CONNECT on the databases capy does not manage.
-    let access =
-        crate::cluster_access::check_and_record(pool, cluster_id, &args.cluster_url).await?;
+    let access = crate::cluster_access::check_and_record(
+        pool,
+        cluster_id,
+        &args.cluster_url,
+        ca_pem.as_deref(),
+    )
+    .await?;
     tracing::info!(
         reachable = access.reachable,
+        tls = access.tls,
+        tls_verified = ?access.tls_verified,
+        error_kind = ?access.error_kind,
         public_connect_closed = ?access.public_connect_closed,
         public_connect_open = ?access.public_connect_open,
         "cluster access checked"

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use capy_shared::crypto::SecretBox;
 use capy_shared::ident::quote_ident;
+use capy_shared::tls::{ClusterTarget, ConnectFailure, Verification};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -31,7 +32,11 @@ pub struct AccessReport {
     /// Connect, authenticate and read the role's rights, in milliseconds.
     pub latency_ms: f64,
     /// `authentication_failed`, `host_not_found`, `connection_refused`, `timeout`,
-    /// `database_not_found` or `other`.
+    /// `database_not_found`, `tls_name_mismatch` (the certificate names another host),
+    /// `tls_untrusted_certificate` (not signed by the cluster's CA),
+    /// `tls_invalid_certificate` (expired, not yet valid…), `tls_unsupported` (the server
+    /// offers no TLS but the sslmode requires it), `tls_handshake`, `invalid_tls_settings`
+    /// or `other`.
     pub error_kind: Option<String>,
     pub error: Option<String>,
     pub checked_at: DateTime<Utc>,
@@ -47,6 +52,15 @@ pub struct AccessReport {
     /// when pg_hba_file_rules could not be read (it needs a superuser) or holds errors.
     /// Instant databases with logical replication need `false`.
     pub physical_replication_open: Option<bool>,
+    /// The sslmode capy's own connections to this cluster use: the admin URL's
+    /// `sslmode`, else `verify-full` when a CA certificate is registered, else `prefer`.
+    pub ssl_mode: Option<String>,
+    /// Whether the check's session was encrypted.
+    pub tls: bool,
+    /// Whether the server's certificate chained to the cluster's CA (or, without one, a
+    /// public root) and named the host; null without TLS. Under `prefer` or `require` a
+    /// certificate that does not verify is still used: this says so.
+    pub tls_verified: Option<bool>,
 }
 
 struct Extension {
@@ -63,9 +77,10 @@ pub async fn check_and_record(
     pool: &PgPool,
     cluster_id: Uuid,
     admin_url: &str,
+    ca_pem: Option<&str>,
 ) -> anyhow::Result<AccessReport> {
     let spare = SparePublic::read(pool).await?;
-    let (report, extensions) = check(admin_url, &spare).await;
+    let (report, extensions) = check(admin_url, ca_pem, &spare).await;
     let mut tx = pool.begin().await?;
     sqlx::query(
         "update clusters set last_checked_at = $2, wal_level = coalesce($3, wal_level),
@@ -137,16 +152,20 @@ pub async fn check_cluster(
     secrets: &SecretBox,
     cluster_id: Uuid,
 ) -> anyhow::Result<AccessReport> {
-    let sealed: Vec<u8> =
-        sqlx::query_scalar("select admin_url_encrypted from clusters where id = $1")
+    let (sealed, ca_pem): (Vec<u8>, Option<String>) =
+        sqlx::query_as("select admin_url_encrypted, ca_pem from clusters where id = $1")
             .bind(cluster_id)
             .fetch_one(pool)
             .await?;
     let admin_url = secrets.open(&sealed)?;
-    check_and_record(pool, cluster_id, &admin_url).await
+    check_and_record(pool, cluster_id, &admin_url, ca_pem.as_deref()).await
 }
 
-async fn check(admin_url: &str, spare: &SparePublic) -> (AccessReport, Option<Vec<Extension>>) {
+async fn check(
+    admin_url: &str,
+    ca_pem: Option<&str>,
+    spare: &SparePublic,
+) -> (AccessReport, Option<Vec<Extension>>) {
     let started = Instant::now();
     let mut report = AccessReport {
         reachable: false,
@@ -162,8 +181,11 @@ async fn check(admin_url: &str, spare: &SparePublic) -> (AccessReport, Option<Ve
         public_connect_closed: Vec::new(),
         public_connect_open: Vec::new(),
         physical_replication_open: None,
+        ssl_mode: None,
+        tls: false,
+        tls_verified: None,
     };
-    let outcome = connect_and_read(admin_url, spare, &mut report).await;
+    let outcome = connect_and_read(admin_url, ca_pem, spare, &mut report).await;
     report.latency_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
     match outcome {
         Ok(extensions) => (report, Some(extensions)),
@@ -179,28 +201,29 @@ type Failure = (&'static str, String);
 
 async fn connect_and_read(
     admin_url: &str,
+    ca_pem: Option<&str>,
     spare: &SparePublic,
     report: &mut AccessReport,
 ) -> Result<Vec<Extension>, Failure> {
-    let mut config: tokio_postgres::Config = admin_url.parse().map_err(|_| {
-        (
-            "other",
-            "the admin URL is not a valid PostgreSQL URL".to_string(),
-        )
-    })?;
+    let target = ClusterTarget::new(admin_url, ca_pem)
+        .map_err(|e| ("invalid_tls_settings", e.to_string()))?;
+    report.ssl_mode = Some(target.ssl_mode.to_string());
+    let mut config = target.config.clone();
     config
         .connect_timeout(CONNECT_TIMEOUT)
         .application_name("capy-check-access");
-    let target = describe_target(&config);
+    let described = describe_target(&config);
     let user = config.get_user().unwrap_or("").to_string();
-    let connecting = config.connect(tokio_postgres::NoTls);
-    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+    let (client, verification) = tokio::time::timeout(CONNECT_TIMEOUT, target.connect(&config))
         .await
-        .map_err(|_| ("timeout", format!("timed out connecting to {target}")))?
-        .map_err(|e| classify(&e, &target, &user))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+        .map_err(|_| ("timeout", format!("timed out connecting to {described}")))?
+        .map_err(|failure| match failure {
+            ConnectFailure::Config(e) => ("invalid_tls_settings", e.to_string()),
+            ConnectFailure::Postgres { tls: Some(tls), .. } => tls,
+            ConnectFailure::Postgres { error, tls: None } => classify(&error, &described, &user),
+        })?;
+    report.tls = verification.is_some();
+    report.tls_verified = verification.map(|v| v == Verification::Verified);
     report.reachable = true;
     let row = client
         .query_one(

@@ -126,4 +126,8 @@ pub struct BootstrapArgs {
         default_value = "prefer"
     )]
     pub cluster_ssl_mode: String,
+    /// The target cluster's CA certificate (PEM file); with it, capy verifies the
+    /// server's certificate (sslmode verify-full unless the URL names another mode).
+    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_CA_FILE")]
+    pub cluster_ca_file: Option<PathBuf>,
 }

@@ -36,6 +36,7 @@ pub async fn control_plane() -> anyhow::Result<(capy_testkit::TestDatabase, Stri
             pooled_port: i32::from(cluster.port),
             ssl_mode: "disable".into(),
             max_projects: None,
+            ca_pem: None,
         },
     )
     .await?;

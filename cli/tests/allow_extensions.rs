@@ -87,6 +87,7 @@ async fn the_admin_sets_and_clears_a_clusters_allowed_extensions() {
             pooled_port: i32::from(test_cluster.port),
             ssl_mode: "disable".into(),
             max_projects: None,
+            ca_pem: None,
         },
     )
     .await

@@ -97,6 +97,7 @@ impl Stack {
             pooled_port: i32::from(test_cluster.port),
             ssl_mode: "disable".into(),
             max_projects: None,
+            ca_pem: None,
         };
         let local = spec("local", "local", test_cluster.admin_url_for("postgres"));
         admin::upsert_cluster(&db.pool, &secrets, &local)

@@ -11,3 +11,4 @@ pub mod queue;
 pub mod redact;
 pub mod step;
 pub mod telemetry;
+pub mod tls;

@@ -48,6 +48,9 @@ pub struct StepCluster {
     /// database when the attempt starts (never from the job's args).
     #[serde(default)]
     pub allowed_extensions: Vec<String>,
+    /// The CA certificate (PEM) the cluster's server certificate must chain to.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 impl StepInput {

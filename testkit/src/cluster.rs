@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::tls::TestCertificates;
+
 /// A PostgreSQL server the tests may use as superuser, and restart.
 pub struct TestCluster {
     host: String,
@@ -15,14 +17,39 @@ pub struct TestCluster {
     user: String,
     password: String,
     supervisor: Option<mpsc::Sender<Control>>,
+    certificates: Option<TestCertificates>,
+    log_path: Option<PathBuf>,
+}
+
+/// How a test cluster takes TCP connections. Both have `ssl=on` with a private CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// TLS or plaintext, as the client asks.
+    TlsOrPlain,
+    /// TLS only (`hostnossl … reject`), and every connection logged with its TLS state.
+    TlsOnly,
 }
 
 static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+static TLS_ONLY_CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
 
-/// The test process's cluster, started on first use.
+/// The test process's cluster, started on first use. It offers TLS (so `prefer`
+/// encrypts) and takes plaintext.
 pub fn cluster() -> anyhow::Result<&'static TestCluster> {
-    CLUSTER
-        .get_or_init(|| TestCluster::start().map_err(|e| format!("{e:#}")))
+    started(&CLUSTER, Transport::TlsOrPlain)
+}
+
+/// A second cluster of the test process that refuses every TCP connection without TLS
+/// and logs each connection (`log_connections`) with its TLS state.
+pub fn tls_only_cluster() -> anyhow::Result<&'static TestCluster> {
+    started(&TLS_ONLY_CLUSTER, Transport::TlsOnly)
+}
+
+fn started(
+    cell: &'static OnceLock<Result<TestCluster, String>>,
+    transport: Transport,
+) -> anyhow::Result<&'static TestCluster> {
+    cell.get_or_init(|| TestCluster::start(transport).map_err(|e| format!("{e:#}")))
         .as_ref()
         .map_err(|e| anyhow::anyhow!("the test PostgreSQL cluster is not available: {e}"))
 }
@@ -38,6 +65,17 @@ impl TestCluster {
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// The private CA and server certificate the cluster serves; None for a cluster
+    /// given by `CAPY_TEST_DATABASE_URL`.
+    pub fn certificates(&self) -> Option<&TestCertificates> {
+        self.certificates.as_ref()
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> Option<&Path> {
+        self.log_path.as_deref()
     }
 
     /// Stops the server (fast shutdown); `start_again` brings it back on the same port.
@@ -69,7 +107,7 @@ impl TestCluster {
             .map_err(anyhow::Error::msg)
     }
 
-    fn start() -> anyhow::Result<Self> {
+    fn start(transport: Transport) -> anyhow::Result<Self> {
         if let Ok(url) = std::env::var("CAPY_TEST_DATABASE_URL") {
             return Self::from_url(&url);
         }
@@ -101,13 +139,32 @@ impl TestCluster {
             bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         restrict_replication(&data.join("pg_hba.conf"), "postgres")?;
+        if transport == Transport::TlsOnly {
+            refuse_plaintext(&data.join("pg_hba.conf"))?;
+        }
+        let certificates = TestCertificates::create(&dir)?;
+        for path in [
+            &certificates.server_cert_path,
+            &certificates.server_key_path,
+        ] {
+            owner.chown(path)?;
+        }
         let port = crate::free_port()?;
+        let mut settings = vec![
+            "ssl=on".to_string(),
+            format!("ssl_cert_file={}", certificates.server_cert_path.display()),
+            format!("ssl_key_file={}", certificates.server_key_path.display()),
+        ];
+        if transport == Transport::TlsOnly {
+            settings.push("log_connections=on".into());
+        }
         let server = ServerCommand {
             postgres: bin_dir.join("postgres"),
             data,
             socket_dir: dir.clone(),
             port,
             owner,
+            settings,
         };
         let supervisor = supervise(server)?;
         let cluster = Self {
@@ -116,6 +173,8 @@ impl TestCluster {
             user: "postgres".into(),
             password,
             supervisor: Some(supervisor),
+            certificates: Some(certificates),
+            log_path: Some(dir.join("postgres.log")),
         };
         cluster.control(Control::Start)?;
         wait_until_accepting(&cluster.host, port)?;
@@ -130,6 +189,8 @@ impl TestCluster {
             user: parsed.username().to_string(),
             password: parsed.password().unwrap_or_default().to_string(),
             supervisor: None,
+            certificates: None,
+            log_path: None,
         })
     }
 }
@@ -146,6 +207,8 @@ struct ServerCommand {
     socket_dir: PathBuf,
     port: u16,
     owner: ClusterOwner,
+    /// More `-c name=value` settings.
+    settings: Vec<String>,
 }
 
 /// Runs the server from a thread that lives as long as the process: the server is
@@ -206,6 +269,7 @@ impl ServerCommand {
             // Durability is not under test; speed is welcome.
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=400"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -239,6 +303,14 @@ fn restrict_replication(hba: &Path, admin: &str) -> anyhow::Result<()> {
         out.push('\n');
     }
     std::fs::write(hba, out).context("writing pg_hba.conf")
+}
+
+/// Puts `hostnossl all all all reject` before every rule: a TCP connection without
+/// TLS is refused whatever else matches.
+fn refuse_plaintext(hba: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(hba).context("reading pg_hba.conf")?;
+    std::fs::write(hba, format!("hostnossl all all all reject\n{text}"))
+        .context("writing pg_hba.conf")
 }
 
 fn wait_until_accepting(host: &str, port: u16) -> anyhow::Result<()> {

@@ -5,9 +5,11 @@
 
 mod cluster;
 mod processes;
+mod tls;
 
-pub use cluster::{cluster, postgres_bin_dir, TestCluster};
+pub use cluster::{cluster, postgres_bin_dir, tls_only_cluster, TestCluster};
 pub use processes::{bin_path, free_port, ChildGuard, ProcessStack};
+pub use tls::TestCertificates;
 
 use anyhow::Context as _;
 use sqlx::PgPool;
@@ -22,7 +24,11 @@ pub struct TestDatabase {
 
 /// Creates a new, migrated database on the test cluster.
 pub async fn fresh_database() -> anyhow::Result<TestDatabase> {
-    let cluster = cluster()?;
+    fresh_database_on(cluster()?).await
+}
+
+/// Creates a new, migrated database on `cluster`.
+pub async fn fresh_database_on(cluster: &TestCluster) -> anyhow::Result<TestDatabase> {
     let name = format!("capy_test_{}", uuid::Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&cluster.admin_url_for("postgres"))
         .await

@@ -618,6 +618,7 @@ async fn old_style_project(db: &TestDatabase) -> Tenant {
             pooled_port: i32::from(test_cluster.port),
             ssl_mode: "disable".into(),
             max_projects: None,
+            ca_pem: None,
         },
     )
     .await

@@ -19,6 +19,7 @@ use crate::extract::{self, Path};
 use crate::pagination::{self, Listing, NoFilter, PageParams};
 use crate::routes::projects::{check_extension_name, extension_names_schema};
 use crate::AppState;
+use capy_shared::tls::{self, TlsConfigError};
 
 const SSL_MODES: [&str; 6] = [
     "disable",
@@ -28,6 +29,9 @@ const SSL_MODES: [&str; 6] = [
     "verify-ca",
     "verify-full",
 ];
+
+/// The longest CA bundle taken (a few certificates).
+const MAX_CA_PEM_BYTES: usize = 65_536;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Cluster {
@@ -39,7 +43,11 @@ pub struct Cluster {
     pub public_host: String,
     pub direct_port: i32,
     pub pooled_port: i32,
+    /// The sslmode in tenants' connection strings.
     pub ssl_mode: String,
+    /// The CA certificate (PEM) the server's certificate chains to, if registered; also
+    /// served without a key at `/v1/clusters/{id}/ca.pem` for clients' `sslrootcert`.
+    pub ca_pem: Option<String>,
     /// How many live projects the cluster takes; null is no limit.
     pub max_projects: Option<i32>,
     pub project_count: i64,
@@ -62,6 +70,7 @@ struct ClusterRow {
     direct_port: i32,
     pooled_port: i32,
     ssl_mode: String,
+    ca_pem: Option<String>,
     max_projects: Option<i32>,
     project_count: i64,
     last_checked_at: Option<DateTime<Utc>>,
@@ -71,7 +80,7 @@ struct ClusterRow {
 }
 
 const CLUSTER_SELECT: &str = "select c.id, c.name, c.region, c.admin_url_encrypted, c.public_host,
-    c.direct_port, c.pooled_port, c.ssl_mode, c.max_projects,
+    c.direct_port, c.pooled_port, c.ssl_mode, c.ca_pem, c.max_projects,
     (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null) as project_count,
     c.last_checked_at, c.allowed_extensions, c.created_at, c.updated_at from clusters c";
 
@@ -113,9 +122,16 @@ pub struct RegisterCluster {
     #[schema(pattern = "^[a-z0-9_-]{1,63}$")]
     name: String,
     /// `postgresql://user:password@host:port/database`, a role that may create roles
-    /// and databases.
+    /// and databases. Its `sslmode` (libpq's: `disable`, `allow`, `prefer`, `require`,
+    /// `verify-ca`, `verify-full`) governs capy's own connections; without one, capy
+    /// uses `verify-full` when `ca_pem` is given, else `prefer`. `sslrootcert` is not
+    /// taken: give the CA as `ca_pem`.
     #[schema(pattern = "^postgres(ql)?://.")]
     url: String,
+    /// The CA certificate(s), PEM, that the server's certificate chains to. Workers
+    /// verify against it; tenants can download it.
+    #[schema(max_length = 65536, pattern = "-----BEGIN CERTIFICATE-----")]
+    ca_pem: Option<String>,
     #[schema(pattern = "^[a-z0-9_-]{1,32}$")]
     region: String,
     /// Host clients connect to; the URL's host when left out.
@@ -127,7 +143,8 @@ pub struct RegisterCluster {
     #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 1, maximum = 65535)]
     pooled_port: Option<i32>,
-    /// `disable`, `allow`, `prefer` (default), `require`, `verify-ca` or `verify-full`.
+    /// The sslmode of tenants' connection strings: `disable`, `allow`, `prefer`
+    /// (default), `require`, `verify-ca` or `verify-full`.
     #[schema(schema_with = ssl_mode_schema)]
     ssl_mode: Option<String>,
     #[serde(default, deserialize_with = "crate::bodies::whole")]
@@ -158,9 +175,10 @@ pub async fn register(
                 spec.name
             ))
         })?;
-    let access = cluster_access::check_and_record(&state.pool, id, &spec.admin_url)
-        .await
-        .map_err(ApiError::from_anyhow)?;
+    let access =
+        cluster_access::check_and_record(&state.pool, id, &spec.admin_url, spec.ca_pem.as_deref())
+            .await
+            .map_err(ApiError::from_anyhow)?;
     let cluster = fetch(&state, id).await?;
     Ok((
         StatusCode::CREATED,
@@ -184,11 +202,21 @@ impl RegisterCluster {
                 "region must be 1 to 32 characters: lowercase letters, digits, '-' and '_'",
             );
         }
+        if let Some(pem) = &self.ca_pem {
+            if pem.len() > MAX_CA_PEM_BYTES {
+                return bad("ca_pem must be at most 65536 bytes");
+            }
+            tls::parse_ca_pem(pem).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        }
+        match tls::parse_url(&self.url, tls::default_mode(self.ca_pem.as_deref())) {
+            Err(TlsConfigError::InvalidUrl) | Ok(_) => {}
+            Err(e) => return Err(ApiError::BadRequest(format!("url: {e}"))),
+        }
         let parsed = url::Url::parse(&self.url)
             .ok()
             .filter(|u| matches!(u.scheme(), "postgres" | "postgresql"))
             .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
-            .filter(|_| self.url.parse::<tokio_postgres::Config>().is_ok());
+            .filter(|_| tls::parse_url(&self.url, tls::SslMode::Prefer).is_ok());
         let Some(parsed) = parsed else {
             return bad(
                 "url must be a PostgreSQL URL: postgresql://user:password@host:port/database",
@@ -230,6 +258,7 @@ impl RegisterCluster {
             direct_port,
             pooled_port,
             ssl_mode,
+            ca_pem: self.ca_pem,
             max_projects: self.max_projects,
         })
     }
@@ -393,6 +422,7 @@ fn present(state: &AppState, row: ClusterRow) -> ApiResult<Cluster> {
         direct_port: row.direct_port,
         pooled_port: row.pooled_port,
         ssl_mode: row.ssl_mode,
+        ca_pem: row.ca_pem,
         max_projects: row.max_projects,
         project_count: row.project_count,
         last_checked_at: row.last_checked_at,
@@ -400,4 +430,28 @@ fn present(state: &AppState, row: ClusterRow) -> ApiResult<Cluster> {
         created_at: row.created_at,
         updated_at: row.updated_at,
     })
+}
+
+/// The cluster's CA certificate, for clients' `sslrootcert` (libpq reads
+/// `~/.postgresql/root.crt` by default). Public like any CA certificate: no key needed.
+#[utoipa::path(get, path = "/v1/clusters/{id}/ca.pem", tag = "clusters",
+    security(()),
+    params(("id" = Uuid, Path, description = "Cluster id")),
+    responses((status = 200, description = "PEM", content_type = "application/x-pem-file", body = String),
+        ErrorResponses))]
+pub async fn ca_certificate(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> ApiResult<impl axum::response::IntoResponse> {
+    let pem: Option<Option<String>> =
+        sqlx::query_scalar("select ca_pem from clusters where id = $1")
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await?;
+    let pem = pem.ok_or(ApiError::NotFound("cluster"))?;
+    let pem = pem.ok_or(ApiError::NotFound("CA certificate of this cluster"))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+        pem,
+    ))
 }

@@ -120,6 +120,7 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(clusters::show))
         .routes(routes!(clusters::check_access))
         .routes(routes!(clusters::set_allowed_extensions))
+        .routes(routes!(clusters::ca_certificate))
         .split_for_parts();
     // After the split: only then does the document hold the handlers' paths.
     OperationIds.modify(&mut openapi);

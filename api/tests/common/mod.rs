@@ -9,7 +9,7 @@ use capy_api::admin::{self, ClusterSpec, KeyGrant};
 use capy_api::{router, ApiSettings, AppState};
 use capy_shared::crypto::SecretBox;
 use capy_shared::instant::{self, Entry, InstantLimits};
-use capy_testkit::{cluster, fresh_database, TestDatabase, TEST_SECRET_KEY};
+use capy_testkit::{cluster, fresh_database_on, TestCluster, TestDatabase, TEST_SECRET_KEY};
 use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tower::ServiceExt as _;
@@ -32,7 +32,13 @@ impl TestApp {
     /// A control database with one organization and key, and the test cluster
     /// registered as `local` (region `local`); `cluster_url` overrides its admin URL.
     pub async fn new_with_cluster_url(cluster_url: Option<String>) -> Self {
-        let db = fresh_database().await.unwrap();
+        Self::new_on(cluster().unwrap(), cluster_url).await
+    }
+
+    /// As [`Self::new_with_cluster_url`], with the control database and cluster `local`
+    /// on `test_cluster`.
+    pub async fn new_on(test_cluster: &TestCluster, cluster_url: Option<String>) -> Self {
+        let db = fresh_database_on(test_cluster).await.unwrap();
         let state = AppState {
             pool: db.pool.clone(),
             secrets: secrets(),
@@ -51,7 +57,6 @@ impl TestApp {
         )
         .await
         .unwrap();
-        let test_cluster = cluster().unwrap();
         let cluster_id = admin::upsert_cluster(
             &db.pool,
             &state.secrets,
@@ -64,6 +69,7 @@ impl TestApp {
                 pooled_port: i32::from(test_cluster.port),
                 ssl_mode: "disable".into(),
                 max_projects: None,
+                ca_pem: None,
             },
         )
         .await

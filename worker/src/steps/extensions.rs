@@ -60,7 +60,7 @@ pub async fn enable(input: &StepInput) -> Result<(), StepError> {
     let (name, version) = parse_args(&input.job.args, what)?;
 
     // What the cluster offers, read from the admin's own database.
-    let admin = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
+    let admin = connect(cluster).await?;
     let offer = read_offer(&admin, cluster, &name, version.as_deref()).await?;
     require_database(&admin, project, cluster).await?;
     drop(admin);
@@ -409,7 +409,7 @@ pub async fn disable(input: &StepInput) -> Result<(), StepError> {
     validate_names(project)?;
     let (name, _) = parse_args(&input.job.args, what)?;
 
-    let admin = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
+    let admin = connect(cluster).await?;
     require_database(&admin, project, cluster).await?;
     drop(admin);
 
@@ -520,7 +520,7 @@ async fn connect_project_database(
     cluster: &StepCluster,
 ) -> Result<tokio_postgres::Client, StepError> {
     connect_database(
-        &cluster.admin_url,
+        cluster,
         &project.database_name,
         &format!(
             "database {} of cluster '{}'",
@@ -575,6 +575,7 @@ mod tests {
             id: uuid::Uuid::nil(),
             name: "c".into(),
             admin_url: String::new(),
+            ca_pem: None,
             allowed_extensions: Vec::new(),
         };
         let choose = |offer: &Offer, cluster: &StepCluster| {

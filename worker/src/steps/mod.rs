@@ -14,6 +14,7 @@ use std::time::Duration;
 use capy_shared::ident::{is_valid_duration, is_valid_identifier};
 use capy_shared::model::job_type;
 use capy_shared::step::{StepCluster, StepInput, StepProject};
+use capy_shared::tls::{ClusterTarget, ConnectFailure};
 use tokio_postgres::error::SqlState;
 
 /// A step's failure: whether a retry may succeed, and what to tell the operator.
@@ -121,26 +122,30 @@ pub fn validate_project(project: &StepProject) -> Result<(), StepError> {
     Ok(())
 }
 
-/// Connects to a cluster as its admin. The URL is never printed.
-pub async fn connect(url: &str, what: &str) -> Result<tokio_postgres::Client, StepError> {
-    let mut config = parse_url(url, what)?;
+/// Connects to a cluster as its admin, over TLS as its URL's `sslmode` and CA ask.
+/// The URL is never printed.
+pub async fn connect(cluster: &StepCluster) -> Result<tokio_postgres::Client, StepError> {
+    let what = format!("cluster '{}'", cluster.name);
+    let target = target(cluster, &what)?;
+    let mut config = target.config.clone();
     harden_admin_session(&mut config);
-    let client = connect_config(config, what).await?;
-    require_own_role(&client, what).await?;
+    let client = connect_config(&target, config, &what).await?;
+    require_own_role(&client, &what).await?;
     Ok(client)
 }
 
 /// Connects as the cluster's admin to its database `dbname` (the admin URL with its
 /// database replaced). The URL is never printed.
 pub async fn connect_database(
-    admin_url: &str,
+    cluster: &StepCluster,
     dbname: &str,
     what: &str,
 ) -> Result<tokio_postgres::Client, StepError> {
-    let mut config = parse_url(admin_url, what)?;
+    let target = target(cluster, what)?;
+    let mut config = target.config.clone();
     config.dbname(dbname);
     harden_admin_session(&mut config);
-    let client = connect_config(config, what).await?;
+    let client = connect_config(&target, config, what).await?;
     require_own_role(&client, what).await?;
     Ok(client)
 }
@@ -190,37 +195,52 @@ fn harden_admin_session(config: &mut tokio_postgres::Config) {
 
 /// Connects to the project's database as its own role, at the cluster's address.
 pub async fn connect_as(
-    admin_url: &str,
+    cluster: &StepCluster,
     project: &StepProject,
 ) -> Result<tokio_postgres::Client, StepError> {
-    let mut config = parse_url(admin_url, "cluster")?;
+    let what = "project's database as its role";
+    let target = target(cluster, what)?;
+    let mut config = target.config.clone();
     config
         .user(&project.role_name)
         .password(project.password.as_bytes())
         .dbname(&project.database_name);
-    connect_config(config, "project's database as its role").await
+    connect_config(&target, config, what).await
 }
 
-fn parse_url(url: &str, what: &str) -> Result<tokio_postgres::Config, StepError> {
-    url.parse()
-        .map_err(|_| StepError::permanent(format!("the {what} URL is not a valid PostgreSQL URL")))
+fn target(cluster: &StepCluster, what: &str) -> Result<ClusterTarget, StepError> {
+    ClusterTarget::new(&cluster.admin_url, cluster.ca_pem.as_deref())
+        .map_err(|e| StepError::permanent(format!("the {what}'s admin URL or CA: {e}")))
 }
 
 async fn connect_config(
+    target: &ClusterTarget,
     mut config: tokio_postgres::Config,
     what: &str,
 ) -> Result<tokio_postgres::Client, StepError> {
     config
         .connect_timeout(Duration::from_secs(10))
         .application_name("capy-step");
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| StepError::from_db(&format!("could not connect to the {what}"), &e))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    match target.connect(&config).await {
+        Ok((client, _)) => Ok(client),
+        Err(ConnectFailure::Config(e)) => Err(StepError::permanent(format!("the {what}: {e}"))),
+        // A certificate that does not verify, or a server without TLS, stays so until
+        // an operator acts; a handshake cut short may not.
+        Err(ConnectFailure::Postgres {
+            tls: Some((kind, message)),
+            ..
+        }) => {
+            let message = format!("could not connect to the {what}: {message} ({kind})");
+            Err(StepError {
+                transient: kind == "tls_handshake",
+                message,
+            })
+        }
+        Err(ConnectFailure::Postgres { error, tls: None }) => Err(StepError::from_db(
+            &format!("could not connect to the {what}"),
+            &error,
+        )),
+    }
 }
 
 /// Runs `sql` (one or more statements, no parameters); `what` names it in errors.

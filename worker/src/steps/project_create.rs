@@ -14,12 +14,12 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     let project = require_project(input, job_type::PROJECT_CREATE)?;
     let cluster = require_cluster(input, job_type::PROJECT_CREATE)?;
     validate_project(project)?;
-    let client = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
-    converge(&client, &cluster.admin_url, project, Provision::Create).await?;
+    let client = connect(cluster).await?;
+    converge(&client, cluster, project, Provision::Create).await?;
     // One connection as the project's own role proves the credentials work, and
     // makes the server build the database's relation cache file now, so the client's
     // first connection does not pay for it (about 10 ms on a new database).
-    match super::connect_as(&cluster.admin_url, project).await {
+    match super::connect_as(cluster, project).await {
         Ok(client) => match client.simple_query("select 1").await {
             Ok(_) => println!("role {}: connects", project.role_name),
             Err(e) => println!("warning: the role's first query failed: {e}"),

@@ -20,7 +20,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     validate_names(project)?;
     let role = quote_ident(&project.role_name);
     let database = quote_ident(&project.database_name);
-    let client = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
+    let client = connect(cluster).await?;
 
     let role_exists = exists(&client, ROLE_EXISTS, &project.role_name).await?;
     if role_exists {

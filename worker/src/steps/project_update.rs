@@ -17,8 +17,8 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     let project = require_project(input, job_type::PROJECT_UPDATE)?;
     let cluster = require_cluster(input, job_type::PROJECT_UPDATE)?;
     validate_project(project)?;
-    let client = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
-    converge(&client, &cluster.admin_url, project, Provision::Update).await?;
+    let client = connect(cluster).await?;
+    converge(&client, cluster, project, Provision::Update).await?;
     println!("project {}: settings applied", project.id);
     Ok(())
 }

@@ -15,7 +15,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     let project = require_project(input, job_type::PROJECT_STORAGE_CHECK)?;
     let cluster = require_cluster(input, job_type::PROJECT_STORAGE_CHECK)?;
     validate_names(project)?;
-    let client = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
+    let client = connect(cluster).await?;
     let row = client
         .query_opt(
             "select pg_database_size(datname), datallowconn from pg_database where datname = $1",

@@ -21,7 +21,7 @@
 //! role from it); NOINHERIT would not stop `SET ROLE` to a role it was granted anyway.
 
 use capy_shared::ident::{is_valid_identifier, quote_ident, quote_literal};
-use capy_shared::step::StepProject;
+use capy_shared::step::{StepCluster, StepProject};
 use tokio_postgres::Client;
 
 use super::{connect_database, execute, exists, StepError, DATABASE_EXISTS, ROLE_EXISTS};
@@ -75,10 +75,10 @@ pub fn storage_allows(size: i64, limit: Option<i64>) -> bool {
 }
 
 /// Brings the project's roles and database to the model above. `client` is the
-/// cluster admin's session; `admin_url` reaches the project's database as the admin.
+/// cluster admin's session; `cluster` is reached again for the project's database.
 pub async fn converge(
     client: &Client,
-    admin_url: &str,
+    cluster: &StepCluster,
     project: &StepProject,
     provision: Provision,
 ) -> Result<(), StepError> {
@@ -93,7 +93,7 @@ pub async fn converge(
     converge_database(client, &names).await?;
     converge_database_acl(client, &names).await?;
     if converge_connections(client, &names).await? == Connections::Allowed {
-        converge_schema(admin_url, &names).await?;
+        converge_schema(cluster, &names).await?;
     } else {
         // Nobody gets in, the admin included; the next update that allows
         // connections again (a claim, or a lifted limit) gives schema public over.
@@ -359,9 +359,9 @@ async fn converge_connections(
 /// session's search_path is pg_catalog alone, so nothing the tenant made in its
 /// database (a schema named after the admin, an operator) can stand in for a catalog
 /// object in what the admin runs there.
-async fn converge_schema(admin_url: &str, names: &Names<'_>) -> Result<(), StepError> {
+async fn converge_schema(cluster: &StepCluster, names: &Names<'_>) -> Result<(), StepError> {
     let project = names.project;
-    let inside = connect_database(admin_url, &project.database_name, "project's database").await?;
+    let inside = connect_database(cluster, &project.database_name, "project's database").await?;
     execute(
         &inside,
         "SET search_path = pg_catalog",
