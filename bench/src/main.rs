@@ -35,6 +35,12 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// POST /v1/projects → job completed over plaintext and over TLS (verify-full),
+    /// alternating, on one stack.
+    Tls {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// Jobs per second: a queue of no-op jobs (or trivial child processes with
     /// --spawn) burnt down by worker processes.
     BurnDown(queue::BurnDownArgs),
@@ -61,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.bench {
         Bench::Provision { runs } => provision::provision(runs).await,
+        Bench::Tls { runs } => provision::tls_cost(runs).await,
         Bench::BurnDown(args) => queue::burn_down(&args).await,
         Bench::Latency(args) => queue::latency(&args).await,
         Bench::History(args) => queue::history(&args).await,

@@ -52,40 +52,10 @@ pub async fn provision(runs: usize) -> anyhow::Result<()> {
     // Two warm-up runs are not counted.
     let mut capy = Vec::new();
     for run in 0..runs + 2 {
-        let started = Instant::now();
-        let created: Value = http
-            .post(format!("{}/v1/projects", stack.api_url))
-            .bearer_auth(&key)
-            .json(&json!({"name": format!("bench-{run}")}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let job_id = created["job"]["id"]
-            .as_str()
-            .context("no job id")?
-            .to_string();
-        loop {
-            let shown: Value = http
-                .get(format!("{}/v1/jobs/{job_id}", stack.api_url))
-                .bearer_auth(&key)
-                .send()
-                .await?
-                .json()
-                .await?;
-            match shown["job"]["state"].as_str() {
-                Some("completed") => break,
-                Some("failed") => anyhow::bail!("job failed: {}", shown["job"]["error"]),
-                _ => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "job took over 60 s"
-            );
-        }
+        let took =
+            post_to_completed(&http, &stack, &key, json!({"name": format!("bench-{run}")})).await?;
         if run >= 2 {
-            capy.push(started.elapsed());
+            capy.push(took);
         }
     }
 
@@ -129,6 +99,118 @@ pub async fn provision(runs: usize) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// POST /v1/projects with `body`, then polls its job until completed.
+async fn post_to_completed(
+    http: &reqwest::Client,
+    stack: &ProcessStack,
+    key: &str,
+    body: Value,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let created: Value = http
+        .post(format!("{}/v1/projects", stack.api_url))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let job_id = created["job"]["id"]
+        .as_str()
+        .context("no job id")?
+        .to_string();
+    loop {
+        let shown: Value = http
+            .get(format!("{}/v1/jobs/{job_id}", stack.api_url))
+            .bearer_auth(key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        match shown["job"]["state"].as_str() {
+            Some("completed") => return Ok(started.elapsed()),
+            Some("failed") => anyhow::bail!("job failed: {}", shown["job"]["error"]),
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "job took over 60 s"
+        );
+    }
+}
+
+/// The cost of TLS on POST → completed: one stack, the private cluster registered
+/// twice (`sslmode=disable`, and `verify-full` with its CA), runs alternating between
+/// the two so the machine's noise falls on both alike.
+pub async fn tls_cost(runs: usize) -> anyhow::Result<()> {
+    let cluster = cluster()?;
+    let ca_pem = cluster
+        .certificates()
+        .context("the cluster has no certificates (CAPY_BENCH_DATABASE_URL given?)")?
+        .ca_pem
+        .clone();
+    let (db, key) = control_plane().await?;
+    let secrets = SecretBox::from_key_text(TEST_SECRET_KEY)?;
+    let base = cluster.admin_url_for("postgres");
+    let mut cluster_ids = Vec::new();
+    for (name, url, ca) in [
+        ("plain", format!("{base}?sslmode=disable"), None),
+        (
+            "tls",
+            format!(
+                "{}?sslmode=verify-full",
+                base.replace("@127.0.0.1:", "@localhost:")
+            ),
+            Some(ca_pem.clone()),
+        ),
+    ] {
+        let spec = bench_cluster(name, url, ca);
+        cluster_ids.push(admin::upsert_cluster(&db.pool, &secrets, &spec).await?);
+    }
+    let stack = ProcessStack::start(&db.url, 2, &[]).await?;
+    let http = reqwest::Client::new();
+    let (mut plain, mut tls) = (Vec::new(), Vec::new());
+    for run in 0..runs + 2 {
+        for (cluster_id, into) in [(cluster_ids[0], &mut plain), (cluster_ids[1], &mut tls)] {
+            let body = json!({"name": format!("tls-bench-{run}"), "cluster_id": cluster_id});
+            let took = post_to_completed(&http, &stack, &key, body).await?;
+            if run >= 2 {
+                into.push(took);
+            }
+        }
+    }
+    let (plain_p50, tls_p50) = (median_ms(&mut plain), median_ms(&mut tls));
+    println!(
+        "{}",
+        json!({
+            "bench": "tls",
+            "runs": runs,
+            "post_to_completed_plain_ms_p50": plain_p50,
+            "post_to_completed_tls_verify_full_ms_p50": tls_p50,
+            "tls_extra_ms_p50": round2(tls_p50 - plain_p50),
+            "ratio": round2(tls_p50 / plain_p50),
+        })
+    );
+    Ok(())
+}
+
+fn bench_cluster(name: &str, admin_url: String, ca_pem: Option<String>) -> ClusterSpec {
+    let cluster = cluster().ok();
+    let port = cluster.map_or(5432, |c| i32::from(c.port));
+    ClusterSpec {
+        name: name.into(),
+        region: "local".into(),
+        admin_url,
+        public_host: "localhost".into(),
+        direct_port: port,
+        pooled_port: port,
+        ssl_mode: "disable".into(),
+        max_projects: None,
+        ca_pem,
+    }
 }
 
 /// What the `project.create` step runs, as one psql script (autocommit per statement).

@@ -46,3 +46,29 @@ as_pg_owner() {
     "$@"
   fi
 }
+
+# Makes a private CA and a server certificate for localhost and 127.0.0.1 in folder $1,
+# once: ca.crt, ca.key, server.crt, server.key (keys private). Needs openssl.
+ensure_tls_certificates() {
+  local dir=$1
+  [ -s "$dir/ca.crt" ] && [ -s "$dir/server.crt" ] && [ -s "$dir/server.key" ] && return 0
+  command -v openssl >/dev/null 2>&1 || die "openssl is missing: apt-get install openssl"
+  note "making a private CA and a server certificate in $dir"
+  mkdir -p "$dir"
+  (
+    umask 077
+    cd "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -subj "/CN=capy local CA" -keyout ca.key -out ca.crt \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
+      -keyout server.key -out server.csr 2>/dev/null
+    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=CA:FALSE" \
+      "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" > server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 825 \
+      -extfile server.ext -out server.crt 2>/dev/null
+    rm -f server.csr server.ext ca.srl
+    chmod 644 ca.crt server.crt
+  ) || die "making the TLS certificates in $dir failed"
+}
