@@ -114,6 +114,7 @@ async fn check_access_closes_public_connect_where_capy_does_not_manage_the_datab
         &plane_pool,
         app.cluster_id,
         &cluster().unwrap().admin_url_for("postgres"),
+        None,
     )
     .await
     .unwrap();

@@ -121,6 +121,12 @@ impl Client {
         Ok(Value::Object(all))
     }
 
+    /// GET of an answer that is not JSON (a PEM file), as text.
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let bytes = self.send_raw(Method::GET, path, &[], None).await?;
+        String::from_utf8(bytes).with_context(|| format!("GET {path}: not text"))
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -128,6 +134,22 @@ impl Client {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
+        let bytes = self.send_raw(method.clone(), path, query, body).await?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{method} {path}: the answer is not JSON"))
+    }
+
+    /// Sends the request; answers the body of a 2xx, else the API's error.
+    async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> anyhow::Result<Vec<u8>> {
         let url = format!("{}{path}", self.base);
         let mut request = self
             .http
@@ -158,11 +180,7 @@ impl Client {
             }
             .into());
         }
-        if bytes.is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("{method} {path}: the answer is not JSON"))
+        Ok(bytes.to_vec())
     }
 
     /// Names the URL and the innermost cause (e.g. "Connection refused").

@@ -4,8 +4,20 @@
 //! owner sets for its database does not reach it, so no object a tenant creates can
 //! shadow a name the admin uses. Options the admin URL carries are kept.
 
+use capy_shared::step::StepCluster;
 use capy_worker::steps::{connect, connect_database};
 use uuid::Uuid;
+
+/// The test cluster as a step sees it, reached through `url`.
+fn cluster_of(url: impl Into<String>) -> StepCluster {
+    StepCluster {
+        id: Uuid::nil(),
+        name: "test".into(),
+        admin_url: url.into(),
+        allowed_extensions: Vec::new(),
+        ca_pem: None,
+    }
+}
 
 fn admin_url(database: &str) -> String {
     capy_testkit::cluster().unwrap().admin_url_for(database)
@@ -70,7 +82,7 @@ async fn admin_sessions_search_only_the_catalog_whatever_the_database_says() {
         "{}?options=-c%20statement_timeout%3D7s",
         admin_url("postgres")
     );
-    let session = connect_database(&url, &database, "test database")
+    let session = connect_database(&cluster_of(url), &database, "test database")
         .await
         .unwrap();
     assert_eq!(
@@ -81,9 +93,7 @@ async fn admin_sessions_search_only_the_catalog_whatever_the_database_says() {
         )
     );
     drop(session);
-    let session = connect(&admin_url(&database), "test cluster")
-        .await
-        .unwrap();
+    let session = connect(&cluster_of(admin_url(&database))).await.unwrap();
     assert_eq!(schemas(&session).await.0, ["pg_catalog", "pg_temp"]);
     drop(session);
 
@@ -114,15 +124,24 @@ async fn an_admin_session_that_starts_as_another_role_is_refused() {
         .await
         .unwrap();
     // Without the setting the admin works there.
-    connect_database(&admin_url("postgres"), &database, "test database")
-        .await
-        .unwrap();
+    connect_database(
+        &cluster_of(admin_url("postgres")),
+        &database,
+        "test database",
+    )
+    .await
+    .unwrap();
     setup
         .batch_execute(&format!("alter database {database} set role = {role}"))
         .await
         .unwrap();
 
-    let refused = connect_database(&admin_url("postgres"), &database, "test database").await;
+    let refused = connect_database(
+        &cluster_of(admin_url("postgres")),
+        &database,
+        "test database",
+    )
+    .await;
     let Err(refused) = refused else {
         panic!("an admin session running as another role was accepted")
     };
@@ -133,7 +152,7 @@ async fn an_admin_session_that_starts_as_another_role_is_refused() {
             .contains(&format!("runs as role \"{role}\", not as")),
         "{refused:?}"
     );
-    let refused = connect(&admin_url(&database), "test cluster").await;
+    let refused = connect(&cluster_of(admin_url(&database))).await;
     let Err(refused) = refused else {
         panic!("an admin session running as another role was accepted")
     };

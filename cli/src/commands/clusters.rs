@@ -1,6 +1,7 @@
 //! `capy clusters …` (platform admin): list, show, register by URL, check access, and
 //! the untrusted extensions tenants may enable.
 
+use anyhow::Context as _;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
@@ -32,6 +33,9 @@ const ACCESS_KEYS: &[&str] = &[
     "can_create_roles",
     "can_create_databases",
     "latency_ms",
+    "ssl_mode",
+    "tls",
+    "tls_verified",
     "error_kind",
     "error",
     "checked_at",
@@ -61,15 +65,22 @@ pub enum ClustersCommand {
         direct_port: Option<u16>,
         #[arg(long, env = "CAPY_CLUSTER_POOLED_PORT")]
         pooled_port: Option<u16>,
-        /// disable, allow, prefer, require, verify-ca or verify-full.
+        /// The sslmode of tenants' connection strings: disable, allow, prefer, require,
+        /// verify-ca or verify-full (capy's own connections follow the URL's sslmode).
         #[arg(long, env = "CAPY_CLUSTER_SSL_MODE")]
         ssl_mode: Option<String>,
+        /// The cluster's CA certificate (PEM file): workers verify the server against
+        /// it, and tenants can download it.
+        #[arg(long, env = "CAPY_CLUSTER_CA_FILE")]
+        ca_file: Option<std::path::PathBuf>,
         /// How many projects it may hold.
         #[arg(long, env = "CAPY_CLUSTER_MAX_PROJECTS")]
         max_projects: Option<u32>,
     },
-    /// Connects to the cluster and reports reachability, version and admin rights.
+    /// Connects to the cluster and reports reachability, version, admin rights and TLS.
     CheckAccess { id: String },
+    /// Prints the cluster's CA certificate (PEM), for clients' sslrootcert.
+    CaCert { id: String },
     /// Sets the untrusted extensions tenants of the cluster may enable (installed by
     /// the admin into a schema the tenant cannot write). The names replace the list;
     /// none clears it. Trusted extensions need no entry.
@@ -127,9 +138,16 @@ impl ClustersCommand {
                 direct_port,
                 pooled_port,
                 ssl_mode,
+                ca_file,
                 max_projects,
             } => {
                 let mut body = json!({ "name": name, "url": url, "region": region });
+                if let Some(path) = ca_file {
+                    let pem = std::fs::read_to_string(&path).with_context(|| {
+                        format!("reading the CA certificate {}", path.display())
+                    })?;
+                    set(&mut body, "ca_pem", Some(Value::from(pem)));
+                }
                 set(&mut body, "public_host", public_host.map(Value::from));
                 set(&mut body, "direct_port", direct_port.map(Value::from));
                 set(&mut body, "pooled_port", pooled_port.map(Value::from));
@@ -155,6 +173,13 @@ impl ClustersCommand {
                     return output::json(&answer);
                 }
                 output::show(&answer["access"], ACCESS_KEYS)
+            }
+            Self::CaCert { id } => {
+                let pem = ctx
+                    .client
+                    .get_text(&format!("/v1/clusters/{}/ca.pem", segment(&id)?))
+                    .await?;
+                output::out(pem.trim_end())
             }
             Self::AllowExtensions { id, names } => {
                 let answer = ctx
