@@ -159,7 +159,13 @@ fn walk() -> Vec<Case> {
 }
 
 /// Endpoints any caller may use without a key; none may name a tenant's objects.
-const PUBLIC: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+/// A cluster's CA certificate is public, as any CA certificate (tested in tls.rs).
+const PUBLIC: [&str; 4] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/clusters/{id}/ca.pem",
+];
 /// `/v1/me` shows only the calling key itself (tested in projects_http.rs);
 /// `POST /v1/databases` takes no key and names no one's objects (tested in instant.rs).
 const NOT_WALKED: [&str; 2] = ["/v1/me", "/v1/databases"];
@@ -716,10 +722,25 @@ async fn every_endpoint_wants_a_valid_key_and_public_ones_name_no_tenant() {
     let mut hidden = world.hidden_from_b();
     hidden.id(&world.b_org);
     hidden.id(&world.b_project);
-    for path in PUBLIC {
+    // The cluster's CA answers 404 when none is registered: give it one.
+    sqlx::query("update clusters set ca_pem = $2 where id = $1")
+        .bind(world.app.cluster_id)
+        .bind(
+            capy_testkit::cluster()
+                .unwrap()
+                .certificates()
+                .unwrap()
+                .ca_pem
+                .clone(),
+        )
+        .execute(&world.app.db.pool)
+        .await
+        .unwrap();
+    for template in PUBLIC {
+        let path = template.replace("{id}", &world.app.cluster_id.to_string());
         let request = Request::builder()
             .method("GET")
-            .uri(path)
+            .uri(&path)
             .body(Body::empty())
             .unwrap();
         let response = capy_api::router(world.app.state.clone())

@@ -149,6 +149,10 @@ pub fn parse_url(url: &str, default_mode: SslMode) -> Result<ClusterUrl, TlsConf
     parsed.set_query(None);
     if !kept.is_empty() {
         parsed.query_pairs_mut().extend_pairs(kept);
+        // Form encoding writes a space as '+', which libpq's URL syntax (and
+        // tokio-postgres) reads as a plus; a literal '+' is already '%2B'.
+        let query = parsed.query().map(|q| q.replace('+', "%20"));
+        parsed.set_query(query.as_deref());
     }
     let mut config: tokio_postgres::Config = parsed
         .as_str()
@@ -441,12 +445,13 @@ mod tests {
     #[test]
     fn url_keeps_other_parameters_and_reads_the_mode() {
         let url = parse_url(
-            "postgres://u:p@db.example:6000/x?sslmode=verify-full&application_name=a",
+            "postgres://u:p@db.example:6000/x?sslmode=verify-full&application_name=a&options=-c%20x%3Dy%2B1",
             SslMode::Prefer,
         )
         .expect("parses");
         assert_eq!(url.ssl_mode, SslMode::VerifyFull);
         assert_eq!(url.config.get_application_name(), Some("a"));
+        assert_eq!(url.config.get_options(), Some("-c x=y+1"));
         assert_eq!(url.config.get_ssl_mode(), WireSslMode::Require);
         let plain = parse_url("postgres://u:p@h/x", SslMode::Prefer).expect("parses");
         assert_eq!(plain.ssl_mode, SslMode::Prefer);
