@@ -200,7 +200,7 @@ pub async fn retry_provisioning(
 }
 
 /// The project's pending or claimed job of `job_type`, if any.
-async fn job_in_flight(
+pub(super) async fn job_in_flight(
     tx: &mut sqlx::PgConnection,
     project_id: Uuid,
     job_type: &str,

@@ -68,3 +68,18 @@ pub fn storage_limit(value: Option<i64>) -> ApiResult<()> {
         _ => Ok(()),
     }
 }
+
+/// The hours a rotated-out login keeps working.
+pub const GRACE_HOURS_RANGE: std::ops::RangeInclusive<i32> = 0..=720;
+
+pub fn grace_hours(value: i32) -> ApiResult<i32> {
+    if GRACE_HOURS_RANGE.contains(&value) {
+        Ok(value)
+    } else {
+        bad(format!(
+            "grace_hours must be a whole number of hours from {} to {} (30 days)",
+            GRACE_HOURS_RANGE.start(),
+            GRACE_HOURS_RANGE.end()
+        ))
+    }
+}
