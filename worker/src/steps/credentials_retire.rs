@@ -10,8 +10,8 @@ use capy_shared::step::{StepInput, StepProject};
 use tokio_postgres::Client;
 
 use super::{
-    connect, connect_database, execute, exists, require_cluster, require_project,
-    validate_names, StepError, DATABASE_EXISTS, ROLE_EXISTS,
+    connect, connect_database, execute, exists, require_cluster, require_project, validate_names,
+    StepError, DATABASE_EXISTS, ROLE_EXISTS,
 };
 
 pub async fn run(input: &StepInput) -> Result<(), StepError> {

@@ -194,7 +194,11 @@ pub async fn converge_login(
 }
 
 /// The tenant must not be able to `SET ROLE` to the owner, by any grant.
-async fn revoke_owner_membership(client: &Client, role: &str, owner: &str) -> Result<(), StepError> {
+async fn revoke_owner_membership(
+    client: &Client,
+    role: &str,
+    owner: &str,
+) -> Result<(), StepError> {
     if !is_member(client, role, owner).await? {
         return Ok(());
     }

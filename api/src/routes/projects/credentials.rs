@@ -88,9 +88,9 @@ pub async fn credentials(
 pub struct RotateCredentials {
     /// Hours the old login keeps working (0: it is dropped as soon as the new one
     /// works). 24 when left out.
-    #[serde(default, deserialize_with = "crate::bodies::whole")]
-    #[schema(minimum = 0, maximum = 720, default = 24)]
-    grace_hours: Option<i32>,
+    // Any JSON, checked by the handler: every wrong kind of value gets its message.
+    #[schema(value_type = Option<i32>, minimum = 0, maximum = 720, default = 24)]
+    grace_hours: Option<serde_json::Value>,
 }
 
 /// Rotates the project's credentials: a `project.rotate_credentials` job makes a new
@@ -110,7 +110,7 @@ pub async fn rotate_credentials(
     extract::Json(body): extract::Json<RotateCredentials>,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     principal.require_scope(SCOPE_WRITE)?;
-    let grace_hours = validate::grace_hours(body.grace_hours.unwrap_or(DEFAULT_GRACE_HOURS))?;
+    let grace_hours = validate::grace_hours(body.grace_hours.as_ref(), DEFAULT_GRACE_HOURS)?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
     require_ready(&project)?;
