@@ -136,7 +136,9 @@ fn constraints_the_server_enforces_are_stated() {
         false
     );
     let credentials = &doc["components"]["schemas"]["Credentials"]["required"];
-    for field in ["host", "port", "username", "password", "database", "ssl_mode"] {
+    for field in [
+        "host", "port", "username", "password", "database", "ssl_mode",
+    ] {
         assert!(
             credentials.as_array().unwrap().contains(&field.into()),
             "{credentials}"
@@ -421,7 +423,11 @@ async fn requests_the_document_allows_are_not_refused() {
     let rotate = format!("/v1/projects/{missing}/credentials/rotate");
     for body in ["{}", r#"{"grace_hours": 5.0}"#, r#"{"grace_hours": null}"#] {
         let (status, answer) = app.call("POST", &rotate, Some(&app.key), Some(body)).await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "rotate with {body}: {answer}");
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "rotate with {body}: {answer}"
+        );
     }
     let claim = format!("/v1/databases/{missing}/claim");
     for body in ["null", "{}", r#"{"name": null}"#] {
