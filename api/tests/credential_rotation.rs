@@ -348,6 +348,12 @@ async fn rotation_keeps_the_old_login_for_its_grace_then_retires_it() {
         )
         .await;
     assert!(logins_on_cluster(&admin, &database).await.is_empty());
+    let (waiting, _) = stack.retire_job(&text(&fourth["username"])).await;
+    let (status, waiting) = stack
+        .request(reqwest::Method::GET, &format!("/v1/jobs/{waiting}"), None)
+        .await;
+    assert_eq!(status, 200, "{waiting}");
+    assert_eq!(waiting["job"]["state"], "cancelled", "{waiting}");
 
     let passwords: Vec<String> = [&first, &second, &third, &fourth, &fifth]
         .iter()

@@ -151,6 +151,16 @@ pub async fn delete(
     .await?;
     // A key narrowed to a deleted project ends with it.
     api_keys::revoke_keys_of_project(&mut tx, id).await?;
+    // The delete drops every login: a retire waiting for its grace has nothing to do.
+    sqlx::query(
+        "update jobs set state = 'cancelled', completed_at = now(), updated_at = now(),
+                error = 'the project is being deleted; its delete drops the login'
+         where project_id = $1 and type = $2 and state = 'pending'",
+    )
+    .bind(id)
+    .bind(job_type::PROJECT_RETIRE_CREDENTIALS)
+    .execute(&mut *tx)
+    .await?;
     let job = queue_project_job(&mut tx, &state, id, job_type::PROJECT_DELETE, json!({})).await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(JobBody { job })))
