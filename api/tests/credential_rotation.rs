@@ -306,8 +306,29 @@ async fn rotation_keeps_the_old_login_for_its_grace_then_retires_it() {
         .get("previous_username")
         .is_none());
 
-    // Grace 0: the old login is refused once its retire job ran.
-    let (_, third) = stack.rotate(&project_id, 0).await;
+    // Grace 0, asked twice with one Idempotency-Key: one rotation; the old login is
+    // refused once its retire job ran.
+    let rotate = format!("{}/v1/projects/{project_id}/credentials/rotate", stack.url);
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        let response = stack
+            .http
+            .post(&rotate)
+            .bearer_auth(&stack.app.key)
+            .header("idempotency-key", "rotate-to-third")
+            .json(&json!({"grace_hours": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        let body: Value = response.json().await.unwrap();
+        jobs.push((text(&body["job"]["id"]), replayed));
+    }
+    assert_eq!(jobs[0].0, jobs[1].0, "{jobs:?}");
+    assert_eq!((jobs[0].1, jobs[1].1), (false, true));
+    assert_eq!(stack.wait_for_job(&jobs[0].0).await["state"], "completed");
+    let third = stack.credentials(&project_id).await;
     let retired = stack
         .wait_for_job(&stack.retire_job(&text(&second["username"])).await.0)
         .await;
