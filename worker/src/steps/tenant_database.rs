@@ -130,8 +130,8 @@ async fn converge_tenant_role(
     provision: Provision,
 ) -> Result<(), StepError> {
     let project = names.project;
-    let exists = exists(client, ROLE_EXISTS, &project.role_name).await?;
-    if !exists && provision == Provision::Update {
+    let role_exists = exists(client, ROLE_EXISTS, &project.role_name).await?;
+    if !role_exists && provision == Provision::Update {
         return Err(not_provisioned("role", &project.role_name));
     }
     let password = (provision == Provision::Create).then_some(project.password.as_str());
