@@ -436,15 +436,7 @@ async fn assert_no_password_anywhere(mut stack: Stack, project_id: &str, passwor
 #[tokio::test]
 async fn bad_grace_hours_and_projects_not_ready_are_refused() {
     let app = TestApp::new().await;
-    let (status, created) = app
-        .call(
-            "POST",
-            "/v1/projects",
-            Some(&app.key),
-            Some(r#"{"name":"early"}"#),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let created = app.create_project("early").await;
     let id = text(&created["project"]["id"]);
     let rotate = format!("/v1/projects/{id}/credentials/rotate");
     for bad in [
