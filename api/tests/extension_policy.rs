@@ -363,6 +363,7 @@ async fn the_step_refuses_what_the_operator_did_not_allow_and_a_schema_the_tenan
             locked_resource: Some(format!("project:{project_id}")),
             max_attempts: 3,
             args: json!({"name": "file_fdw", "allowed": true, "allowed_extensions": ["file_fdw"]}),
+            run_at: None,
         },
     )
     .await

@@ -6,7 +6,7 @@
 //!    names any of A's ids, names, roles or databases;
 //! 2. with a key of A narrowed to project P1 against P2: likewise;
 //! 3. with a read-only key of A: every mutating endpoint answers 403 (and a key
-//!    without `credentials:read` gets 403 on connections);
+//!    without `credentials:read` gets 403 on connections and credentials);
 //! 4. with an organization's key: every admin-only endpoint answers 403.
 //!
 //! The walk is data ([`walk`]); a test checks it covers every path of the OpenAPI
@@ -112,6 +112,9 @@ fn walk() -> Vec<Case> {
             .body(r#"{"name":"probe-rename"}"#),
         case("DELETE", "/v1/projects/{id}", Write, NotFound, NotFound),
         case("GET", "/v1/projects/{id}/connections", Credentials, NotFound, NotFound),
+        case("GET", "/v1/projects/{id}/credentials", Credentials, NotFound, NotFound),
+        case("POST", "/v1/projects/{id}/credentials/rotate", Write, NotFound, NotFound)
+            .body(r#"{"grace_hours":1}"#),
         case("POST", "/v1/projects/{id}/retry-provisioning", Write, NotFound, NotFound),
         // Extensions.
         case("GET", "/v1/projects/{id}/extensions", Read, NotFound, NotFound),
@@ -627,17 +630,19 @@ async fn a_read_only_key_changes_nothing_and_credentials_need_their_scope() {
         .execute(&world.app.db.pool)
         .await
         .unwrap();
-    let path = format!("/v1/projects/{}/connections", s(&world.p1["id"]));
-    for key in [&world.read_only, &world.no_credentials] {
-        let (status, answer) = world.app.call("GET", &path, Some(key), None).await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
-        assert!(!answer.to_string().contains("postgres"), "{answer}");
+    for what in ["connections", "credentials"] {
+        let path = format!("/v1/projects/{}/{what}", s(&world.p1["id"]));
+        for key in [&world.read_only, &world.no_credentials] {
+            let (status, answer) = world.app.call("GET", &path, Some(key), None).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {answer}");
+            assert!(!answer.to_string().contains("postgres"), "{answer}");
+        }
+        let (status, answer) = world
+            .app
+            .call("GET", &path, Some(&world.app.key), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{path}: {answer}");
     }
-    let (status, answer) = world
-        .app
-        .call("GET", &path, Some(&world.app.key), None)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
 #[tokio::test]

@@ -125,6 +125,25 @@ fn constraints_the_server_enforces_are_stated() {
             (&1.into(), &1000.into())
         );
     }
+    let grace = property(&doc, "RotateCredentials", "grace_hours");
+    assert_eq!(
+        (&grace["minimum"], &grace["maximum"], &grace["default"]),
+        (&0.into(), &720.into(), &24.into()),
+        "{grace}"
+    );
+    assert_eq!(
+        doc["components"]["schemas"]["RotateCredentials"]["additionalProperties"],
+        false
+    );
+    let credentials = &doc["components"]["schemas"]["Credentials"]["required"];
+    for field in [
+        "host", "port", "username", "password", "database", "ssl_mode",
+    ] {
+        assert!(
+            credentials.as_array().unwrap().contains(&field.into()),
+            "{credentials}"
+        );
+    }
     let create = &doc["components"]["schemas"]["CreateProject"];
     assert_eq!(create["required"], serde_json::json!(["name"]));
     assert_eq!(create["additionalProperties"], false);
@@ -400,6 +419,15 @@ async fn requests_the_document_allows_are_not_refused() {
             .call("PATCH", &project, Some(&app.key), Some(body))
             .await;
         assert_eq!(status, expected, "PATCH {body}: {answer}");
+    }
+    let rotate = format!("/v1/projects/{missing}/credentials/rotate");
+    for body in ["{}", r#"{"grace_hours": 5.0}"#, r#"{"grace_hours": null}"#] {
+        let (status, answer) = app.call("POST", &rotate, Some(&app.key), Some(body)).await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "rotate with {body}: {answer}"
+        );
     }
     let claim = format!("/v1/databases/{missing}/claim");
     for body in ["null", "{}", r#"{"name": null}"#] {

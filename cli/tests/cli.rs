@@ -591,3 +591,65 @@ impl Run {
         self
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_shown_as_fields_and_rotated() {
+    let stack = Stack::start(None).await;
+    let created = stack
+        .capy(&["projects", "create", "rotated", "--wait"])
+        .ok();
+    let project_id = created.field("id");
+
+    let shown = stack.capy(&["projects", "credentials", &project_id]).ok();
+    let old_user = shown.field("username");
+    assert_eq!(old_user, created.field("role_name"));
+    assert_eq!(shown.field("database"), created.field("database_name"));
+    assert!(!shown.field("password").is_empty(), "{shown:#?}");
+    let client = connect(&shown.field("connection_string")).await;
+    client
+        .batch_execute("create table kept (n int); insert into kept values (1)")
+        .await
+        .unwrap();
+    drop(client);
+
+    let refused = stack.capy(&[
+        "projects",
+        "rotate-credentials",
+        &project_id,
+        "--grace-hours",
+        "721",
+    ]);
+    assert_ne!(refused.code, Some(0), "{refused:#?}");
+    assert!(refused.stderr.contains("grace_hours"), "{refused:#?}");
+
+    let rotated = stack
+        .capy(&[
+            "projects",
+            "rotate-credentials",
+            &project_id,
+            "--grace-hours",
+            "2",
+            "--wait",
+        ])
+        .ok();
+    let job_id = job_id_of(&rotated);
+    assert!(
+        rotated.stderr.contains(&format!("job {job_id}: completed")),
+        "{rotated:#?}"
+    );
+    let now = stack
+        .capy(&["projects", "credentials", &project_id, "--output", "json"])
+        .ok()
+        .json();
+    assert_ne!(now["username"], old_user.as_str(), "{now}");
+    assert_eq!(now["previous_username"], old_user.as_str(), "{now}");
+    let client = connect(now["connection_string"].as_str().unwrap()).await;
+    let count: i64 = client
+        .query_one("select count(*) from kept", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+    // The old login still works during its grace.
+    connect(&shown.field("connection_string")).await;
+}

@@ -1,15 +1,24 @@
 //! What a job's state does to its project. Applied in the transaction that changes the
 //! job, by workers (outcomes, rescues) and by the API (cancel, retry).
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::model::{job_type, Job};
+use crate::queue::{self, NewJob, PROJECT_IS_LIVE};
+
+/// The start of the error a failed rotation leaves on its project.
+const ROTATION_FAILED: &str = "rotating the credentials failed: ";
 
 /// Applies `job`'s current state to its project.
 pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
     let Some(project_id) = job.project_id else {
         return Ok(());
     };
+    if job.job_type == job_type::PROJECT_ROTATE_CREDENTIALS && job.state == "completed" {
+        return rotation_completed(conn, job, project_id).await;
+    }
     let sql = match job.job_type.as_str() {
         // completed → ready; failed or cancelled → error; pending or claimed (a retry is
         // on its way) → provisioning, with the last error still shown. A project being
@@ -65,6 +74,26 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
             "delete from project_extensions
              where project_id = $1 and $2 = 'completed' and name = $4->>'name'"
         }
+        // Completion is `rotation_completed`; a failure is shown. The pending login
+        // stays: the next rotation reuses it, a delete drops it.
+        job_type::PROJECT_ROTATE_CREDENTIALS => {
+            "update projects set last_error = 'rotating the credentials failed: ' || $3,
+                                 updated_at = now()
+             where id = $1 and $2 = 'failed' and state in ('ready', 'error')"
+        }
+        // The login the job dropped (`args.role`) is no longer the previous one; a
+        // failure leaves it working, which is shown. (A retire whose login a later
+        // rotation already dropped changes nothing.)
+        job_type::PROJECT_RETIRE_CREDENTIALS => {
+            "update projects set
+                 previous_role_name = case $2 when 'completed' then null else previous_role_name end,
+                 previous_expires_at = case $2 when 'completed' then null else previous_expires_at end,
+                 last_error = case $2 when 'failed'
+                                  then 'retiring the previous login ' || ($4->>'role') || ' failed: ' || $3
+                                  else last_error end,
+                 updated_at = now()
+             where id = $1 and previous_role_name = $4->>'role' and $2 in ('completed', 'failed')"
+        }
         _ => return Ok(()),
     };
     sqlx::query(sql)
@@ -74,5 +103,56 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
         .bind(&job.args)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// A completed rotation: the pending login becomes the project's, the one it replaces
+/// becomes the previous, and a `project.retire_credentials` job is queued for the end of
+/// its grace (`args.grace_hours`). Not serialised with the project's other jobs (no
+/// `locked_resource`): it waits for its hour, and must not hold them up meanwhile.
+async fn rotation_completed(
+    conn: &mut PgConnection,
+    job: &Job,
+    project_id: Uuid,
+) -> sqlx::Result<()> {
+    let grace_hours = job
+        .args
+        .get("grace_hours")
+        .and_then(serde_json::Value::as_i64)
+        .and_then(|h| i32::try_from(h).ok())
+        .unwrap_or(0);
+    let replaced: Option<(String, DateTime<Utc>)> = sqlx::query_as(&format!(
+        "update projects set
+             previous_role_name = role_name,
+             previous_expires_at = now() + make_interval(hours => $2),
+             role_name = pending_role_name, password_encrypted = pending_password_encrypted,
+             pending_role_name = null, pending_password_encrypted = null,
+             last_error = case when starts_with(last_error, $3) then null else last_error end,
+             updated_at = now()
+         where id = $1 and pending_role_name is not null and {PROJECT_IS_LIVE}
+         returning previous_role_name, previous_expires_at"
+    ))
+    .bind(project_id)
+    .bind(grace_hours)
+    .bind(ROTATION_FAILED)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((role, expires_at)) = replaced else {
+        return Ok(());
+    };
+    queue::enqueue(
+        conn,
+        &NewJob {
+            job_type: job_type::PROJECT_RETIRE_CREDENTIALS.into(),
+            organization_id: job.organization_id,
+            project_id: Some(project_id),
+            cluster_id: job.cluster_id,
+            locked_resource: None,
+            max_attempts: job.max_attempts,
+            args: serde_json::json!({ "role": role }),
+            run_at: Some(expires_at),
+        },
+    )
+    .await?;
     Ok(())
 }

@@ -156,6 +156,7 @@ async fn queue_job(
             locked_resource: Some(format!("project:{id}")),
             max_attempts,
             args: serde_json::json!({}),
+            run_at: None,
         },
     )
     .await

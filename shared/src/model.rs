@@ -66,6 +66,11 @@ pub mod job_type {
     pub const PROJECT_EXTENSION_DISABLE: &str = "project.extension_disable";
     /// Holds an unclaimed instant database to its storage limit.
     pub const PROJECT_STORAGE_CHECK: &str = "project.storage_check";
+    /// Makes the project's pending login (a new role with a new password) and, on
+    /// completion, makes it the project's login; the old one becomes the previous.
+    pub const PROJECT_ROTATE_CREDENTIALS: &str = "project.rotate_credentials";
+    /// Drops a login a rotation replaced (`args.role`), once its grace has ended.
+    pub const PROJECT_RETIRE_CREDENTIALS: &str = "project.retire_credentials";
     /// Does nothing, inside the worker (no step process): measures the queue itself.
     pub const NOOP: &str = "capy.noop";
 }

@@ -32,6 +32,8 @@ pub struct NewJob {
     pub max_attempts: i32,
     /// What the job needs beyond its project and cluster; `{}` when nothing.
     pub args: serde_json::Value,
+    /// Not claimed before this moment; `None`: at once.
+    pub run_at: Option<DateTime<Utc>>,
 }
 
 /// Queues a job inside the caller's transaction; idle workers are woken when it commits.
@@ -40,8 +42,9 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
         lock_resource(conn, resource).await?;
     }
     let sql = format!(
-        "insert into jobs (id, type, organization_id, project_id, cluster_id, locked_resource, max_attempts, args)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)
+        "insert into jobs (id, type, organization_id, project_id, cluster_id, locked_resource, max_attempts, args,
+                           run_at)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, now()))
          returning {JOB_COLUMNS}"
     );
     let inserted: Job = sqlx::query_as(&sql)
@@ -53,6 +56,7 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
         .bind(&job.locked_resource)
         .bind(job.max_attempts)
         .bind(&job.args)
+        .bind(job.run_at)
         .fetch_one(&mut *conn)
         .await?;
     wake_workers(&mut *conn).await?;

@@ -23,7 +23,7 @@ pub struct StepInput {
     pub cluster: Option<StepCluster>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct StepProject {
     pub id: Uuid,
     pub database_name: String,
@@ -36,6 +36,19 @@ pub struct StepProject {
     /// The role may replicate (logical replication).
     #[serde(default)]
     pub replication: bool,
+    /// The login a rotation replaced, until its grace ends and it is retired.
+    #[serde(default)]
+    pub previous_role_name: Option<String>,
+    /// The login a rotation is making (`project.rotate_credentials`), with its password.
+    #[serde(default)]
+    pub pending_login: Option<StepLogin>,
+}
+
+/// A login role and its password.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StepLogin {
+    pub role_name: String,
+    pub password: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -59,6 +72,7 @@ impl StepInput {
         let mut secrets = Vec::new();
         if let Some(project) = &self.project {
             secrets.push(project.password.clone());
+            secrets.extend(project.pending_login.as_ref().map(|l| l.password.clone()));
         }
         if let Some(cluster) = &self.cluster {
             secrets.push(cluster.admin_url.clone());

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use capy_shared::crypto::SecretBox;
 use capy_shared::model::{job_type, Job};
 use capy_shared::queue::PROJECT_IS_LIVE;
-use capy_shared::step::{StepCluster, StepInput, StepProject};
+use capy_shared::step::{StepCluster, StepInput, StepLogin, StepProject};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -21,6 +21,9 @@ struct ProjectRow {
     idle_transaction_timeout: String,
     storage_limit_bytes: Option<i64>,
     logical_replication: bool,
+    previous_role_name: Option<String>,
+    pending_role_name: Option<String>,
+    pending_password_encrypted: Option<Vec<u8>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -42,7 +45,8 @@ pub async fn load_input(
         Some(id) => sqlx::query_as(&format!(
             "select id, cluster_id, database_name, role_name, password_encrypted, max_connections,
                     statement_timeout, idle_transaction_timeout, storage_limit_bytes,
-                    logical_replication
+                    logical_replication, previous_role_name, pending_role_name,
+                    pending_password_encrypted
              from projects where id = $1 and ($2 or {PROJECT_IS_LIVE})"
         ))
         .bind(id)
@@ -69,6 +73,15 @@ pub async fn load_input(
     };
     let project = project
         .map(|p| -> anyhow::Result<StepProject> {
+            let pending_login = match (p.pending_role_name, p.pending_password_encrypted) {
+                (Some(role_name), Some(sealed)) => Some(StepLogin {
+                    role_name,
+                    password: secrets
+                        .open(&sealed)
+                        .context("opening the pending login's password")?,
+                }),
+                _ => None,
+            };
             Ok(StepProject {
                 id: p.id,
                 password: secrets
@@ -81,6 +94,8 @@ pub async fn load_input(
                 idle_transaction_timeout: p.idle_transaction_timeout,
                 storage_limit_bytes: p.storage_limit_bytes,
                 replication: p.logical_replication,
+                previous_role_name: p.previous_role_name,
+                pending_login,
             })
         })
         .transpose()?;

@@ -27,6 +27,7 @@ async fn claimed_job(pool: &PgPool) -> Job {
             locked_resource: Some(format!("test:{}", Uuid::now_v7())),
             max_attempts: 5,
             args: serde_json::json!({}),
+            run_at: None,
         },
     )
     .await

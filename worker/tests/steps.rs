@@ -16,9 +16,14 @@ const EXIT_PERMANENT: i32 = 1;
 /// A project as the worker would hand it to the step.
 struct Project {
     id: Uuid,
-    /// The role's and the database's name.
+    /// The database's name (and its first login's).
     name: String,
+    /// The login: `name` until a rotation.
+    role_name: String,
     password: String,
+    previous_role_name: Option<String>,
+    /// A rotation's new login and its password.
+    pending_login: Option<(String, String)>,
     max_connections: i32,
     statement_timeout: String,
     idle_transaction_timeout: String,
@@ -26,10 +31,14 @@ struct Project {
 
 impl Project {
     fn new() -> Self {
+        let name = format!("capy_{}", Uuid::new_v4().simple());
         Self {
             id: Uuid::new_v4(),
-            name: format!("capy_{}", Uuid::new_v4().simple()),
+            role_name: name.clone(),
+            name,
             password: format!("pw-{}", Uuid::new_v4().simple()),
+            previous_role_name: None,
+            pending_login: None,
             max_connections: 5,
             statement_timeout: "30s".into(),
             idle_transaction_timeout: "1min".into(),
@@ -95,8 +104,11 @@ fn input(job_type: &str, project: &Project, args: Value, admin_url: &str) -> Val
         "project": {
             "id": project.id,
             "database_name": project.name,
-            "role_name": project.name,
+            "role_name": project.role_name,
             "password": project.password,
+            "previous_role_name": project.previous_role_name,
+            "pending_login": project.pending_login.as_ref()
+                .map(|(role_name, password)| json!({"role_name": role_name, "password": password})),
             "max_connections": project.max_connections,
             "statement_timeout": project.statement_timeout,
             "idle_transaction_timeout": project.idle_transaction_timeout,
@@ -137,7 +149,11 @@ async fn step_with(job_type: &str, project: &Project, args: Value, admin_url: &s
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     };
-    for secret in [project.password.clone(), admin_password(), admin_url.into()] {
+    let pending = project.pending_login.as_ref().map(|(_, p)| p.clone());
+    for secret in [project.password.clone(), admin_password(), admin_url.into()]
+        .into_iter()
+        .chain(pending)
+    {
         for (stream, text) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
             assert!(
                 !text.contains(&secret),
@@ -173,9 +189,20 @@ async fn admin(dbname: &str) -> tokio_postgres::Client {
 async fn as_project(project: &Project) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let mut config: tokio_postgres::Config = admin_url().parse().unwrap();
     config
-        .user(&project.name)
+        .user(&project.role_name)
         .password(&project.password)
         .dbname(&project.name);
+    connect(config).await
+}
+
+/// Login `role` with `password`, in the project's database.
+async fn as_login(
+    project: &Project,
+    role: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = admin_url().parse().unwrap();
+    config.user(role).password(password).dbname(&project.name);
     connect(config).await
 }
 
@@ -560,4 +587,117 @@ async fn no_step_prints_a_password() {
     printed += &ok(step(job_type::PROJECT_DELETE, &project, json!({})).await);
     // The steps did print something: the check above is not vacuous.
     assert!(printed.contains(&project.name), "{printed}");
+}
+
+/// The roles named after the project's database (its logins and its owner role).
+async fn roles_of(project: &Project) -> Vec<String> {
+    admin("postgres")
+        .await
+        .query(
+            "select rolname::text from pg_roles where starts_with(rolname, $1) order by 1",
+            &[&project.name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Rotate, update during the grace, retire and delete, each run twice where a retry
+/// could run it again: the old login keeps its grants through an update, is refused
+/// once retired, and the new one owns what the old one made.
+#[tokio::test]
+async fn rotation_steps_may_run_twice_and_an_update_keeps_the_previous_login() {
+    let mut project = Project::new();
+    step(job_type::PROJECT_CREATE, &project, json!({}))
+        .await
+        .assert_code(0);
+    let (old_role, old_password) = (project.role_name.clone(), project.password.clone());
+    as_project(&project)
+        .await
+        .unwrap()
+        .batch_execute("create table notes (body text)")
+        .await
+        .unwrap();
+    let new_role = format!("{}_r1", project.name);
+    let new_password = format!("pw-{}", Uuid::new_v4().simple());
+    project.pending_login = Some((new_role.clone(), new_password.clone()));
+    for _ in 0..2 {
+        let output = step(job_type::PROJECT_ROTATE_CREDENTIALS, &project, json!({})).await;
+        assert!(
+            output.assert_code(0).stdout.contains("connects"),
+            "{}",
+            output.stdout
+        );
+    }
+    // What the job's completion records; then an update during the grace.
+    project.role_name = new_role.clone();
+    project.password = new_password.clone();
+    project.previous_role_name = Some(old_role.clone());
+    project.pending_login = None;
+    project.max_connections = 4;
+    step(job_type::PROJECT_UPDATE, &project, json!({}))
+        .await
+        .assert_code(0);
+    for (role, password) in [(&old_role, &old_password), (&new_role, &new_password)] {
+        let client = as_login(&project, role, password).await.unwrap();
+        client
+            .execute("insert into notes values ($1)", &[role])
+            .await
+            .unwrap();
+    }
+
+    let retire = json!({ "role": old_role });
+    step(
+        job_type::PROJECT_RETIRE_CREDENTIALS,
+        &project,
+        retire.clone(),
+    )
+    .await
+    .assert_code(0);
+    let again = step(job_type::PROJECT_RETIRE_CREDENTIALS, &project, retire).await;
+    assert!(
+        again.assert_code(0).stdout.contains("already gone"),
+        "{}",
+        again.stdout
+    );
+    assert!(as_login(&project, &old_role, &old_password).await.is_err());
+    let new = as_login(&project, &new_role, &new_password).await.unwrap();
+    let row = new
+        .query_one(
+            "select (select count(*) from notes),
+                    (select tableowner::text from pg_tables where tablename = 'notes')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, String>(1)),
+        (2, new_role.clone())
+    );
+    // Never the current login, nor a role not of the project's making.
+    for role in [new_role.as_str(), "postgres", "capy_other_r1"] {
+        step(
+            job_type::PROJECT_RETIRE_CREDENTIALS,
+            &project,
+            json!({ "role": role }),
+        )
+        .await
+        .assert_code(EXIT_PERMANENT);
+    }
+
+    // A rotation that made its login but never completed: the delete drops it too.
+    project.previous_role_name = None;
+    project.pending_login = Some((format!("{}_r2", project.name), "pw-r2-x".into()));
+    step(job_type::PROJECT_ROTATE_CREDENTIALS, &project, json!({}))
+        .await
+        .assert_code(0);
+    assert_eq!(roles_of(&project).await.len(), 3, "owner, r1 and r2");
+    for _ in 0..2 {
+        step(job_type::PROJECT_DELETE, &project, json!({}))
+            .await
+            .assert_code(0);
+    }
+    assert!(roles_of(&project).await.is_empty());
 }

@@ -100,6 +100,8 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(projects::list, projects::create))
         .routes(routes!(projects::show, projects::update, projects::delete))
         .routes(routes!(projects::connections))
+        .routes(routes!(projects::credentials))
+        .routes(routes!(projects::rotate_credentials))
         .routes(routes!(projects::retry_provisioning))
         .routes(routes!(
             projects::list_extensions,

@@ -141,6 +141,19 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Creates project `name` through the router with the organization's key (its
+    /// `project.create` job queued); answers `{job, project}`.
+    pub async fn create_project(&self, name: &str) -> Value {
+        let body = serde_json::json!({ "name": name }).to_string();
+        let (status, created) = self
+            .call("POST", "/v1/projects", Some(&self.key), Some(&body))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+        created
+    }
+}
+
 pub async fn new_key(db: &TestDatabase, organization_id: Uuid) -> String {
     admin::create_api_key(
         &db.pool,

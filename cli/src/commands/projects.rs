@@ -1,5 +1,5 @@
-//! `capy projects …`: create, list, show, update, delete, retry provisioning, and the
-//! connection strings.
+//! `capy projects …`: create, list, show, update, delete, retry provisioning, the
+//! connection strings and credentials, and their rotation.
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -91,7 +91,34 @@ pub enum ProjectsCommand {
     },
     /// The connection strings (with the password) of a ready project.
     Connections { id: String },
+    /// The credentials of a ready project as fields (host, port, username, password,
+    /// database, ssl_mode, connection strings), and the previous login during a grace.
+    Credentials { id: String },
+    /// Rotates a project's credentials: a project.rotate_credentials job makes a new
+    /// login with a new password; the old one works for --grace-hours, then is dropped.
+    RotateCredentials {
+        id: String,
+        /// Hours the old login keeps working (0–720).
+        #[arg(long, env = "CAPY_GRACE_HOURS", default_value_t = 24)]
+        grace_hours: i64,
+        #[command(flatten)]
+        wait: WaitFlag,
+    },
 }
+
+/// The fields `capy projects credentials` prints.
+const CREDENTIAL_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "username",
+    "password",
+    "database",
+    "ssl_mode",
+    "connection_string",
+    "pooled_connection_string",
+    "previous_username",
+    "previous_expires_at",
+];
 
 /// The settings a project is created or updated with.
 #[derive(Debug, Args)]
@@ -246,6 +273,31 @@ impl ProjectsCommand {
                     return output::json(&answer);
                 }
                 output::show(&answer, &["direct_url", "pooled_url", "username"])
+            }
+            Self::Credentials { id } => {
+                let answer = ctx
+                    .client
+                    .get(&format!("/v1/projects/{}/credentials", segment(&id)?), &[])
+                    .await?;
+                if ctx.json() {
+                    return output::json(&answer);
+                }
+                output::show(&answer, CREDENTIAL_KEYS)
+            }
+            Self::RotateCredentials {
+                id,
+                grace_hours,
+                wait,
+            } => {
+                let body = json!({ "grace_hours": grace_hours });
+                let answer = ctx
+                    .client
+                    .post(
+                        &format!("/v1/projects/{}/credentials/rotate", segment(&id)?),
+                        Some(&body),
+                    )
+                    .await?;
+                super::job_answer(ctx, answer, wait.wait).await
             }
         }
     }

@@ -2,6 +2,8 @@
 //! as its admin with tokio-postgres and are idempotent: each reads the catalogs first
 //! and does only what is missing, so a retried attempt is safe.
 
+mod credentials_retire;
+mod credentials_rotate;
 mod extensions;
 mod project_create;
 mod project_delete;
@@ -72,6 +74,8 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         job_type::PROJECT_EXTENSION_ENABLE => extensions::enable(input).await,
         job_type::PROJECT_EXTENSION_DISABLE => extensions::disable(input).await,
         job_type::PROJECT_STORAGE_CHECK => storage_check::run(input).await,
+        job_type::PROJECT_ROTATE_CREDENTIALS => credentials_rotate::run(input).await,
+        job_type::PROJECT_RETIRE_CREDENTIALS => credentials_retire::run(input).await,
         other => Err(StepError::permanent(format!(
             "capy-step has no built-in step for job type '{other}'"
         ))),

@@ -45,7 +45,7 @@ struct Names<'a> {
 
 impl<'a> Names<'a> {
     fn new(project: &'a StepProject) -> Result<Self, StepError> {
-        let owner_name = owner_role_name(&project.role_name)?;
+        let owner_name = owner_role_name(&project.database_name)?;
         Ok(Self {
             project,
             role: quote_ident(&project.role_name),
@@ -56,9 +56,11 @@ impl<'a> Names<'a> {
     }
 }
 
-/// The name of the NOLOGIN role that owns the project's database.
-pub fn owner_role_name(role_name: &str) -> Result<String, StepError> {
-    let name = format!("{role_name}_owner");
+/// The name of the NOLOGIN role that owns the project's database: `<database>_owner`.
+/// (The project's first login has the database's name; a rotation changes the login,
+/// never the owner.)
+pub fn owner_role_name(database_name: &str) -> Result<String, StepError> {
+    let name = format!("{database_name}_owner");
     if is_valid_identifier(&name) {
         Ok(name)
     } else {
@@ -128,6 +130,30 @@ async fn converge_tenant_role(
     provision: Provision,
 ) -> Result<(), StepError> {
     let project = names.project;
+    let role_exists = exists(client, ROLE_EXISTS, &project.role_name).await?;
+    if !role_exists && provision == Provision::Update {
+        return Err(not_provisioned("role", &project.role_name));
+    }
+    let password = (provision == Provision::Create).then_some(project.password.as_str());
+    converge_login(client, project, &project.role_name, password).await
+}
+
+/// Makes or fixes a login `role_name` of the project (its own, or the new one a
+/// rotation makes) with the tenant's limits and attributes, and the password given (as
+/// a SCRAM verifier; `None` leaves it alone). The login is a member of no role that
+/// owns the database.
+pub async fn converge_login(
+    client: &Client,
+    project: &StepProject,
+    role_name: &str,
+    password: Option<&str>,
+) -> Result<(), StepError> {
+    if !is_valid_identifier(role_name) {
+        return Err(StepError::permanent(format!(
+            "invalid role name {role_name:?}"
+        )));
+    }
+    let role = quote_ident(role_name);
     let replication = if project.replication {
         "REPLICATION"
     } else {
@@ -138,28 +164,24 @@ async fn converge_tenant_role(
          CONNECTION LIMIT {}",
         project.max_connections
     );
-    if provision == Provision::Create {
+    if let Some(password) = password {
         // The server stores a SCRAM verifier; the plain password never reaches its logs.
-        let verifier = postgres_protocol::password::scram_sha_256(project.password.as_bytes());
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
         attributes.push_str(&format!(" PASSWORD {}", quote_literal(&verifier)));
     }
-    let verb = match (
-        exists(client, ROLE_EXISTS, &project.role_name).await?,
-        provision,
-    ) {
-        (true, _) => "ALTER",
-        (false, Provision::Create) => "CREATE",
-        (false, Provision::Update) => return Err(not_provisioned("role", &project.role_name)),
+    let verb = if exists(client, ROLE_EXISTS, role_name).await? {
+        "ALTER"
+    } else {
+        "CREATE"
     };
     execute(
         client,
-        &format!("{verb} ROLE {} {attributes}", names.role),
+        &format!("{verb} ROLE {role} {attributes}"),
         "configuring the role",
     )
     .await?;
     println!(
-        "role {}: {}, connection limit {}",
-        project.role_name,
+        "role {role_name}: {}, connection limit {}",
         if verb == "CREATE" {
             "created"
         } else {
@@ -167,18 +189,22 @@ async fn converge_tenant_role(
         },
         project.max_connections
     );
-    revoke_owner_membership(client, names).await
+    let owner_name = owner_role_name(&project.database_name)?;
+    revoke_owner_membership(client, role_name, &owner_name).await
 }
 
 /// The tenant must not be able to `SET ROLE` to the owner, by any grant.
-async fn revoke_owner_membership(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
-    let (role, owner) = (&names.project.role_name, &names.owner_name);
+async fn revoke_owner_membership(
+    client: &Client,
+    role: &str,
+    owner: &str,
+) -> Result<(), StepError> {
     if !is_member(client, role, owner).await? {
         return Ok(());
     }
     execute(
         client,
-        &format!("REVOKE {} FROM {}", names.owner, names.role),
+        &format!("REVOKE {} FROM {}", quote_ident(owner), quote_ident(role)),
         "revoking the owner role from the tenant",
     )
     .await?;
@@ -269,8 +295,11 @@ async fn converge_database(client: &Client, names: &Names<'_>) -> Result<(), Ste
 }
 
 /// Only the tenant (and the owner) may connect: every other grant on the database,
-/// PUBLIC's included (and any an older owner-tenant made), is revoked.
+/// PUBLIC's included (and any an older owner-tenant made), is revoked. The login a
+/// rotation replaced keeps its grants until it is retired.
 async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
+    let mut logins = vec![names.project.role_name.clone()];
+    logins.extend(names.project.previous_role_name.clone());
     let rows = client
         .query(
             "select distinct r.rolname::text
@@ -278,8 +307,8 @@ async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(),
                   aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
                   left join pg_roles r on r.oid = a.grantee
              where d.datname = $1 and a.grantee <> d.datdba
-               and r.rolname is distinct from $2",
-            &[&names.project.database_name, &names.project.role_name],
+               and not coalesce(r.rolname::text = any($2), false)",
+            &[&names.project.database_name, &logins],
         )
         .await
         .map_err(|e| StepError::from_db("reading the database's grants", &e))?;
@@ -381,6 +410,11 @@ async fn converge_schema(cluster: &StepCluster, names: &Names<'_>) -> Result<(),
         None => println!("schema public: dropped by the tenant; nothing to own"),
         Some(owner) if owner == project.role_name => {
             println!("schema public: owned by {}", project.role_name)
+        }
+        // The login a rotation replaced still owns it until it is retired (its
+        // successor is a member of it); the retire gives it over.
+        Some(owner) if project.previous_role_name.as_ref() == Some(&owner) => {
+            println!("schema public: owned by the previous login {owner}")
         }
         Some(_) => {
             execute(

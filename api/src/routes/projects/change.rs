@@ -151,6 +151,16 @@ pub async fn delete(
     .await?;
     // A key narrowed to a deleted project ends with it.
     api_keys::revoke_keys_of_project(&mut tx, id).await?;
+    // The delete drops every login: a retire waiting for its grace has nothing to do.
+    sqlx::query(
+        "update jobs set state = 'cancelled', completed_at = now(), updated_at = now(),
+                error = 'the project is being deleted; its delete drops the login'
+         where project_id = $1 and type = $2 and state = 'pending'",
+    )
+    .bind(id)
+    .bind(job_type::PROJECT_RETIRE_CREDENTIALS)
+    .execute(&mut *tx)
+    .await?;
     let job = queue_project_job(&mut tx, &state, id, job_type::PROJECT_DELETE, json!({})).await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(JobBody { job })))
@@ -200,7 +210,7 @@ pub async fn retry_provisioning(
 }
 
 /// The project's pending or claimed job of `job_type`, if any.
-async fn job_in_flight(
+pub(super) async fn job_in_flight(
     tx: &mut sqlx::PgConnection,
     project_id: Uuid,
     job_type: &str,

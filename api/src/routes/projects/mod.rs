@@ -3,11 +3,13 @@
 
 mod change;
 mod create;
+mod credentials;
 mod extensions;
 mod validate;
 
 pub use change::*;
 pub use create::*;
+pub use credentials::*;
 pub use extensions::*;
 pub(crate) use validate::name as validate_name;
 pub(crate) use validate::{LABEL_PATTERN, NAME_PATTERN};
@@ -99,27 +101,38 @@ pub async fn connections(
 ) -> ApiResult<Json<Connections>> {
     principal.require_scope(SCOPE_CREDENTIALS)?;
     let project = visible_project(&state, &principal, id).await?;
-    if project.state != "ready" {
-        return Err(ApiError::Conflict(format!(
-            "the project is not ready (state: {}); poll its latest job",
-            project.state
-        )));
-    }
-    let sealed: Vec<u8> =
-        sqlx::query_scalar("select password_encrypted from projects where id = $1")
-            .bind(id)
-            .fetch_one(&state.pool)
-            .await?;
-    let password = state
-        .secrets
-        .open(&sealed)
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    require_ready(&project)?;
+    let password = open_password(&state, id).await?;
     let url = |port: i32| connection_url(&project, port, &password);
     Ok(Json(Connections {
         direct_url: url(project.direct_port)?,
         pooled_url: url(project.pooled_port)?,
         username: project.role_name.clone(),
     }))
+}
+
+/// Credentials are answered (and rotated) only for a ready project: 409 otherwise.
+fn require_ready(project: &Project) -> ApiResult<()> {
+    if project.state == "ready" {
+        return Ok(());
+    }
+    Err(ApiError::Conflict(format!(
+        "the project is not ready (state: {}); poll its latest job",
+        project.state
+    )))
+}
+
+/// The project's current password, opened.
+async fn open_password(state: &AppState, id: Uuid) -> ApiResult<String> {
+    let sealed: Vec<u8> =
+        sqlx::query_scalar("select password_encrypted from projects where id = $1")
+            .bind(id)
+            .fetch_one(&state.pool)
+            .await?;
+    state
+        .secrets
+        .open(&sealed)
+        .map_err(|e| ApiError::Internal(e.into()))
 }
 
 pub(crate) fn connection_url(project: &Project, port: i32, password: &str) -> ApiResult<String> {
@@ -198,6 +211,7 @@ pub(crate) async fn queue_project_job(
             locked_resource: Some(format!("project:{project_id}")),
             max_attempts: state.settings.job_max_attempts,
             args,
+            run_at: None,
         },
     )
     .await?;

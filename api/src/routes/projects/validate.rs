@@ -68,3 +68,29 @@ pub fn storage_limit(value: Option<i64>) -> ApiResult<()> {
         _ => Ok(()),
     }
 }
+
+/// The hours a rotated-out login keeps working.
+pub const GRACE_HOURS_RANGE: std::ops::RangeInclusive<i32> = 0..=720;
+
+/// `grace_hours` as sent (any JSON: its own message for every wrong kind); `default`
+/// when left out or null.
+pub fn grace_hours(value: Option<&serde_json::Value>, default: i32) -> ApiResult<i32> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(default);
+    };
+    // A whole number however JSON writes it (1 or 1.0), as JSON Schema's integer.
+    let whole = value.as_i64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 1e9)
+            .map(|f| f as i64)
+    });
+    match whole.and_then(|n| i32::try_from(n).ok()) {
+        Some(hours) if GRACE_HOURS_RANGE.contains(&hours) => Ok(hours),
+        _ => bad(format!(
+            "grace_hours must be a whole number of hours from {} to {} (30 days), not {value}",
+            GRACE_HOURS_RANGE.start(),
+            GRACE_HOURS_RANGE.end()
+        )),
+    }
+}
