@@ -34,6 +34,8 @@ pub async fn control_plane() -> anyhow::Result<(capy_testkit::TestDatabase, Stri
             public_host: cluster.host().to_string(),
             direct_port: i32::from(cluster.port),
             pooled_port: i32::from(cluster.port),
+            pooled_host: None,
+            pooler_auth_user: None,
             ssl_mode: "disable".into(),
             max_projects: None,
         },

@@ -48,6 +48,10 @@ pub struct StepCluster {
     /// database when the attempt starts (never from the job's args).
     #[serde(default)]
     pub allowed_extensions: Vec<String>,
+    /// The role the cluster's PgBouncer runs `auth_query` as: project steps install
+    /// `capy_pooler.lookup` for it in the project's database. `None`: no pooler.
+    #[serde(default)]
+    pub pooler_auth_user: Option<String>,
 }
 
 impl StepInput {

@@ -29,6 +29,7 @@ struct ClusterRow {
     name: String,
     admin_url_encrypted: Vec<u8>,
     allowed_extensions: Vec<String>,
+    pooler_auth_user: Option<String>,
 }
 
 /// Builds the JSON a step reads on stdin.
@@ -58,7 +59,8 @@ pub async fn load_input(
     let cluster_id = job.cluster_id.or(project.as_ref().map(|p| p.cluster_id));
     let cluster: Option<ClusterRow> = match cluster_id {
         Some(id) => sqlx::query_as(
-            "select id, name, admin_url_encrypted, allowed_extensions from clusters where id = $1",
+            "select id, name, admin_url_encrypted, allowed_extensions, pooler_auth_user
+             from clusters where id = $1",
         )
         .bind(id)
         .fetch_optional(pool)
@@ -92,6 +94,7 @@ pub async fn load_input(
                 id: c.id,
                 name: c.name,
                 allowed_extensions: c.allowed_extensions,
+                pooler_auth_user: c.pooler_auth_user,
             })
         })
         .transpose()?;

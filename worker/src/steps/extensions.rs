@@ -576,6 +576,7 @@ mod tests {
             name: "c".into(),
             admin_url: String::new(),
             allowed_extensions: Vec::new(),
+            pooler_auth_user: None,
         };
         let choose = |offer: &Offer, cluster: &StepCluster| {
             choose_installer(offer, cluster, "file_fdw").map_err(|e| (e.transient, e.message))
