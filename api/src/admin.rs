@@ -98,10 +98,9 @@ pub struct ClusterSpec {
 pub const POOLER_AUTH_USER_RULE: &str = "must be 1 to 63 characters: lowercase letters, \
     digits and '_', starting with a letter, and not start with 'pg_'";
 
-/// Whether `role` may name a cluster's pooler lookup role: a name capy may put in SQL,
-/// and not one PostgreSQL keeps for itself (`pg_…`).
+/// Whether `role` may name a cluster's pooler lookup role.
 pub fn is_valid_pooler_auth_user(role: &str) -> bool {
-    capy_shared::ident::is_valid_identifier(role) && !role.starts_with("pg_")
+    capy_shared::ident::is_valid_role_name(role)
 }
 
 /// Registers a new cluster; answers its id, or `None` when the name is taken.

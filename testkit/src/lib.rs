@@ -4,9 +4,11 @@
 //! fresh database on it with [`fresh_database`].
 
 mod cluster;
+mod pooler;
 mod processes;
 
 pub use cluster::{cluster, postgres_bin_dir, TestCluster};
+pub use pooler::{pgbouncer_ini, pooler, PoolerConfig, PoolerTls, TestPooler, POOLER_AUTH_USER};
 pub use processes::{bin_path, free_port, ChildGuard, ProcessStack};
 
 use anyhow::Context as _;

@@ -6,6 +6,7 @@ mod extensions;
 mod project_create;
 mod project_delete;
 mod project_update;
+mod pooler_lookup;
 mod storage_check;
 mod tenant_database;
 

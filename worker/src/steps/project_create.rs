@@ -15,7 +15,12 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     let cluster = require_cluster(input, job_type::PROJECT_CREATE)?;
     validate_project(project)?;
     let client = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
-    converge(&client, &cluster.admin_url, project, Provision::Create).await?;
+    converge(
+        &client,
+        &cluster.admin_url,
+        project,
+        cluster.pooler_auth_user.as_deref(),
+        Provision::Create).await?;
     // One connection as the project's own role proves the credentials work, and
     // makes the server build the database's relation cache file now, so the client's
     // first connection does not pay for it (about 10 ms on a new database).

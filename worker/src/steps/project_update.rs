@@ -18,7 +18,12 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     let cluster = require_cluster(input, job_type::PROJECT_UPDATE)?;
     validate_project(project)?;
     let client = connect(&cluster.admin_url, &format!("cluster '{}'", cluster.name)).await?;
-    converge(&client, &cluster.admin_url, project, Provision::Update).await?;
+    converge(
+        &client,
+        &cluster.admin_url,
+        project,
+        cluster.pooler_auth_user.as_deref(),
+        Provision::Update).await?;
     println!("project {}: settings applied", project.id);
     Ok(())
 }

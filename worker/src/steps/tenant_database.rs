@@ -20,11 +20,13 @@
 //! it is a member of none (it cannot be: NOCREATEROLE, and converge revokes the owner
 //! role from it); NOINHERIT would not stop `SET ROLE` to a role it was granted anyway.
 
-use capy_shared::ident::{is_valid_identifier, quote_ident, quote_literal};
+use capy_shared::ident::{is_valid_identifier, is_valid_role_name, quote_ident, quote_literal};
 use capy_shared::step::StepProject;
 use tokio_postgres::Client;
 
-use super::{connect_database, execute, exists, StepError, DATABASE_EXISTS, ROLE_EXISTS};
+use super::{
+    connect_database, execute, exists, pooler_lookup, StepError, DATABASE_EXISTS, ROLE_EXISTS,
+};
 
 /// Whether converge may create what is missing (`project.create`) or only fixes what
 /// exists (`project.update`: a missing role or database is an error).
@@ -41,17 +43,27 @@ struct Names<'a> {
     role: String,
     owner: String,
     database: String,
+    /// The cluster's pooler lookup role (validated), if it has a pooler.
+    pooler: Option<&'a str>,
 }
 
 impl<'a> Names<'a> {
-    fn new(project: &'a StepProject) -> Result<Self, StepError> {
+    fn new(project: &'a StepProject, pooler: Option<&'a str>) -> Result<Self, StepError> {
         let owner_name = owner_role_name(&project.role_name)?;
+        if let Some(role) = pooler {
+            if !is_valid_role_name(role) {
+                return Err(StepError::permanent(format!(
+                    "invalid pooler_auth_user {role:?}"
+                )));
+            }
+        }
         Ok(Self {
             project,
             role: quote_ident(&project.role_name),
             owner: quote_ident(&owner_name),
             database: quote_ident(&project.database_name),
             owner_name,
+            pooler,
         })
     }
 }
@@ -76,13 +88,19 @@ pub fn storage_allows(size: i64, limit: Option<i64>) -> bool {
 
 /// Brings the project's roles and database to the model above. `client` is the
 /// cluster admin's session; `admin_url` reaches the project's database as the admin.
+/// `pooler`: the cluster's pooler lookup role, which gets CONNECT on the database and
+/// the lookup function inside it ([`pooler_lookup`]).
 pub async fn converge(
     client: &Client,
     admin_url: &str,
     project: &StepProject,
+    pooler: Option<&str>,
     provision: Provision,
 ) -> Result<(), StepError> {
-    let names = Names::new(project)?;
+    let names = Names::new(project, pooler)?;
+    if let Some(role) = pooler {
+        pooler_lookup::check_role(client, role).await?;
+    }
     if provision == Provision::Update {
         // Settings are applied to what project.create made; nothing is created here.
         require_provisioned(client, project).await?;
@@ -93,7 +111,10 @@ pub async fn converge(
     converge_database(client, &names).await?;
     converge_database_acl(client, &names).await?;
     if converge_connections(client, &names).await? == Connections::Allowed {
-        converge_schema(admin_url, &names).await?;
+        let inside = converge_schema(admin_url, &names).await?;
+        if let Some(role) = pooler {
+            pooler_lookup::install(&inside, role).await?;
+        }
     } else {
         // Nobody gets in, the admin included; the next update that allows
         // connections again (a claim, or a lifted limit) gives schema public over.
@@ -268,8 +289,9 @@ async fn converge_database(client: &Client, names: &Names<'_>) -> Result<(), Ste
     Ok(())
 }
 
-/// Only the tenant (and the owner) may connect: every other grant on the database,
-/// PUBLIC's included (and any an older owner-tenant made), is revoked.
+/// Only the tenant (and the owner) may connect, and the pooler's lookup role (CONNECT
+/// alone): every other grant on the database, PUBLIC's included (and any an older
+/// owner-tenant made), is revoked. One transaction, so the pooler never loses CONNECT.
 async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
     let rows = client
         .query(
@@ -299,6 +321,12 @@ async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(),
          GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {database} TO {role};",
         role = names.role
     ));
+    if let Some(pooler) = names.pooler {
+        sql.push_str(&format!(
+            "GRANT CONNECT ON DATABASE {database} TO {};",
+            quote_ident(pooler)
+        ));
+    }
     execute(client, &sql, "granting the database to the role alone").await?;
     println!(
         "database {}: CONNECT, TEMPORARY, CREATE for {} alone",
@@ -359,7 +387,8 @@ async fn converge_connections(
 /// session's search_path is pg_catalog alone, so nothing the tenant made in its
 /// database (a schema named after the admin, an operator) can stand in for a catalog
 /// object in what the admin runs there.
-async fn converge_schema(admin_url: &str, names: &Names<'_>) -> Result<(), StepError> {
+/// Answers the admin's session inside the database, for what else converge does there.
+async fn converge_schema(admin_url: &str, names: &Names<'_>) -> Result<Client, StepError> {
     let project = names.project;
     let inside = connect_database(admin_url, &project.database_name, "project's database").await?;
     execute(
@@ -392,7 +421,7 @@ async fn converge_schema(admin_url: &str, names: &Names<'_>) -> Result<(), StepE
             println!("schema public: now owned by {}", project.role_name);
         }
     }
-    Ok(())
+    Ok(inside)
 }
 
 async fn require_provisioned(client: &Client, project: &StepProject) -> Result<(), StepError> {
