@@ -115,9 +115,11 @@ impl TestPooler {
     fn start() -> anyhow::Result<Self> {
         let cluster = crate::cluster()?;
         let owner = ClusterOwner::current()?;
+        // Inside the process's own folder, removed with it once the process is gone.
         let dir = std::env::temp_dir()
             .join(format!("capy-testkit-{}", nix::unistd::Uid::current()))
-            .join(format!("pooler-{}", std::process::id()));
+            .join(std::process::id().to_string())
+            .join("pooler");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).context("creating the test pooler's folder")?;
         owner.chown(&dir)?;

@@ -144,7 +144,9 @@ pub struct RegisterCluster {
     /// starting with a letter, not `pg_…`. The operator creates it (LOGIN, not a
     /// superuser); project jobs then install `capy_pooler.lookup` in each project
     /// database, executable by this role alone. Left out: no pooler.
-    #[schema(pattern = "^[a-z][a-z0-9_]{0,62}$")]
+    #[schema(
+        pattern = "^([a-oq-z][a-z0-9_]{0,62}|p([a-fh-z0-9_][a-z0-9_]{0,61})?|pg([a-z0-9][a-z0-9_]{0,60})?)$"
+    )]
     pooler_auth_user: Option<String>,
     /// `disable`, `allow`, `prefer` (default), `require`, `verify-ca` or `verify-full`.
     #[schema(schema_with = ssl_mode_schema)]

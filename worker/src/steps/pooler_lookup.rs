@@ -20,9 +20,6 @@ use super::{execute, StepError};
 /// The schema holding the lookup function, in every project database.
 pub const SCHEMA: &str = "capy_pooler";
 
-/// What PgBouncer's `auth_query` runs.
-pub const AUTH_QUERY: &str = "SELECT usename, passwd FROM capy_pooler.lookup($1)";
-
 /// Checks, on the cluster admin's session, that the lookup role exists, may log in and
 /// is no superuser, and that the admin is a superuser (the function reads `pg_authid`
 /// with the admin's rights). Failures are permanent: the operator must act.
