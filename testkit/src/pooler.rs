@@ -59,7 +59,9 @@ pub struct PoolerConfig<'a> {
 
 /// The one pgbouncer.ini capy's tests (and bench) run: every database of the cluster,
 /// transaction pooling, SCRAM with `auth_query` through the lookup role, room for many
-/// clients on few server connections.
+/// clients on few server connections. A client waits at most 10 s for a server
+/// connection (`query_wait_timeout`): that is also how long the sessions of a deleted
+/// project's database linger before PgBouncer closes them.
 pub fn pgbouncer_ini(config: &PoolerConfig<'_>) -> String {
     let mut ini = format!(
         "[databases]
@@ -76,6 +78,7 @@ auth_user = {POOLER_AUTH_USER}
 auth_query = {AUTH_QUERY}
 max_client_conn = 1000
 default_pool_size = 5
+query_wait_timeout = 10
 ignore_startup_parameters = extra_float_digits,options
 logfile = {dir}/pgbouncer.log
 pidfile = {dir}/pgbouncer.pid
