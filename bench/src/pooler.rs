@@ -1,7 +1,8 @@
 //! `pooler`: pgbench's select-only TPS through the cluster's PgBouncer (transaction
 //! mode, SCRAM through auth_query) beside the same directly, in one run, on a project
-//! made through the API (max_connections 20); then 200 clients through the pooler,
-//! which the project's limit would refuse directly.
+//! made through the API; then 200 clients through the pooler, which the project's
+//! limit would refuse directly. The limit is [`MAX_CONNECTIONS`]: 20 direct clients
+//! plus the pooler's idle server connections from the previous round.
 
 use anyhow::Context as _;
 use capy_testkit::{pooler as test_pooler, ProcessStack};
@@ -9,6 +10,8 @@ use serde_json::{json, Value};
 
 use crate::provision::control_plane;
 use crate::stats::{median, round2};
+
+const MAX_CONNECTIONS: i32 = 40;
 
 #[derive(Debug, clap::Args)]
 pub struct PoolerArgs {
@@ -49,7 +52,7 @@ pub async fn pooler(args: &PoolerArgs) -> anyhow::Result<()> {
                 "endpoint": endpoint,
                 "clients": clients,
                 "seconds": args.seconds,
-                "project_max_connections": 20,
+                "project_max_connections": MAX_CONNECTIONS,
                 "tps_runs": samples.iter().map(|t| round2(*t)).collect::<Vec<_>>(),
                 "tps_median": round2(median(&mut samples)),
             })
@@ -64,7 +67,7 @@ async fn project_urls(api: &str, key: &str) -> anyhow::Result<(String, String)> 
     let created: Value = http
         .post(format!("{api}/v1/projects"))
         .bearer_auth(key)
-        .json(&json!({"name": "bench-pooler", "max_connections": 20}))
+        .json(&json!({"name": "bench-pooler", "max_connections": MAX_CONNECTIONS}))
         .send()
         .await?
         .error_for_status()?
