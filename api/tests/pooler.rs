@@ -93,16 +93,24 @@ impl Capy {
 
     async fn create(&self, name: &str) -> Tenant {
         let (status, answer) = self
-            .call("POST", "/v1/projects", &self.key, Some(json!({"name": name})))
+            .call(
+                "POST",
+                "/v1/projects",
+                &self.key,
+                Some(json!({"name": name})),
+            )
             .await;
         assert_eq!(status, 202, "{answer}");
         let id = answer["project"]["id"].as_str().unwrap().to_string();
-        let job = self
-            .wait_job(answer["job"]["id"].as_str().unwrap())
-            .await;
+        let job = self.wait_job(answer["job"]["id"].as_str().unwrap()).await;
         assert_eq!(job["state"], "completed", "{job}");
         let (status, urls) = self
-            .call("GET", &format!("/v1/projects/{id}/connections"), &self.key, None)
+            .call(
+                "GET",
+                &format!("/v1/projects/{id}/connections"),
+                &self.key,
+                None,
+            )
             .await;
         assert_eq!(status, 200, "{urls}");
         Tenant {
@@ -118,7 +126,12 @@ impl Capy {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (_, body) = self
-                .call("GET", &format!("/v1/jobs/{job_id}?wait=10"), &self.key, None)
+                .call(
+                    "GET",
+                    &format!("/v1/jobs/{job_id}?wait=10"),
+                    &self.key,
+                    None,
+                )
                 .await;
             let job = body["job"].clone();
             if job["state"] == "completed" || job["state"] == "failed" {
@@ -197,7 +210,11 @@ async fn pooled_url_points_at_the_pooler_and_logs_the_tenant_in_through_auth_que
     tx.execute("insert into t select generate_series(1, 10)", &[])
         .await
         .unwrap();
-    let inside: i64 = tx.query_one("select count(*) from t", &[]).await.unwrap().get(0);
+    let inside: i64 = tx
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
     tx.commit().await.unwrap();
     assert_eq!(inside, 10);
     let seen = client
@@ -305,10 +322,7 @@ async fn the_tenant_cannot_touch_the_lookup_function_and_it_leaks_no_other_verif
             other => holes.push(format!("{sql}: {other:?}")),
         }
     }
-    let own_call = format!(
-        "SELECT * FROM capy_pooler.lookup('{}')",
-        tenant.role
-    );
+    let own_call = format!("SELECT * FROM capy_pooler.lookup('{}')", tenant.role);
     if own.batch_execute(&own_call).await.is_ok() {
         holes.push("the tenant ran the lookup function".into());
     }
@@ -319,7 +333,12 @@ async fn the_tenant_cannot_touch_the_lookup_function_and_it_leaks_no_other_verif
     let found = lookup(&lookup_role, &tenant.role).await;
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].1.starts_with("SCRAM-SHA-256$"));
-    for role in ["postgres", POOLER_AUTH_USER, &other.role, &format!("{}_owner", tenant.role)] {
+    for role in [
+        "postgres",
+        POOLER_AUTH_USER,
+        &other.role,
+        &format!("{}_owner", tenant.role),
+    ] {
         assert_eq!(lookup(&lookup_role, role).await, vec![], "{role}");
     }
 }
@@ -364,14 +383,22 @@ async fn a_squatted_schema_is_replaced_and_converge_runs_twice() {
         .unwrap();
     let (schema_owner, function_owner, definer, acl): (String, String, bool, String) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
-    assert_eq!((schema_owner.as_str(), function_owner.as_str()), ("postgres", "postgres"));
+    assert_eq!(
+        (schema_owner.as_str(), function_owner.as_str()),
+        ("postgres", "postgres")
+    );
     assert!(definer);
     // PUBLIC's entry is the one with an empty grantee: `{=U/…` or `,=U/…`.
     assert!(
         !acl.contains("{=") && !acl.contains(",="),
         "PUBLIC still has a right: {acl}"
     );
-    assert_eq!(lookup(&as_lookup_role(&tenant.database).await, &tenant.role).await.len(), 1);
+    assert_eq!(
+        lookup(&as_lookup_role(&tenant.database).await, &tenant.role)
+            .await
+            .len(),
+        1
+    );
     let client = connect(&tenant.pooled_url).await.unwrap();
     client.batch_execute("select 1").await.unwrap();
 }
@@ -389,9 +416,18 @@ async fn deleting_a_project_ends_its_pooled_sessions() {
     // PgBouncer 1.18 holds a client whose server is gone until query_wait_timeout
     // (10 s in the test pooler), then closes it; both checks wait together.
     let started = Instant::now();
-    let (old, new) = tokio::join!(session.batch_execute("select 1"), connect(&tenant.pooled_url));
-    assert!(old.is_err(), "the pooled session still answers after the delete");
-    assert!(new.is_err(), "a new pooled login was let in after the delete");
+    let (old, new) = tokio::join!(
+        session.batch_execute("select 1"),
+        connect(&tenant.pooled_url)
+    );
+    assert!(
+        old.is_err(),
+        "the pooled session still answers after the delete"
+    );
+    assert!(
+        new.is_err(),
+        "a new pooled login was let in after the delete"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "ending the sessions took {:?}",
@@ -403,7 +439,12 @@ async fn deleting_a_project_ends_its_pooled_sessions() {
 async fn a_missing_lookup_role_fails_the_job_with_a_clear_message() {
     let capy = Capy::start("capy_no_such_pooler").await;
     let (status, answer) = capy
-        .call("POST", "/v1/projects", &capy.key, Some(json!({"name": "orphan"})))
+        .call(
+            "POST",
+            "/v1/projects",
+            &capy.key,
+            Some(json!({"name": "orphan"})),
+        )
         .await;
     assert_eq!(status, 202, "{answer}");
     let job = capy.wait_job(answer["job"]["id"].as_str().unwrap()).await;
@@ -457,14 +498,33 @@ async fn a_bad_pooler_auth_user_is_refused_at_registration() {
 fn the_documented_pooler_auth_user_pattern_is_what_the_server_takes() {
     let doc = serde_json::to_value(capy_api::openapi()).unwrap();
     let schema = &doc["components"]["schemas"]["RegisterCluster"]["properties"];
-    let pattern = regex::Regex::new(schema["pooler_auth_user"]["pattern"].as_str().unwrap())
-        .unwrap();
+    let pattern =
+        regex::Regex::new(schema["pooler_auth_user"]["pattern"].as_str().unwrap()).unwrap();
     assert!(schema["pooled_host"]["pattern"].is_string());
     let long = "a".repeat(63);
     let too_long = "a".repeat(64);
     for sample in [
-        "capy_pooler", "p", "pg", "pgb", "pgbouncer", "pg_", "pg_x", "pa", "p_g", "pg1",
-        "a1_", "1a", "_a", "Capy", "capy-pooler", "", &long, &too_long, "z", "q", "o",
+        "capy_pooler",
+        "p",
+        "pg",
+        "pgb",
+        "pgbouncer",
+        "pg_",
+        "pg_x",
+        "pa",
+        "p_g",
+        "pg1",
+        "a1_",
+        "1a",
+        "_a",
+        "Capy",
+        "capy-pooler",
+        "",
+        &long,
+        &too_long,
+        "z",
+        "q",
+        "o",
     ] {
         assert_eq!(
             pattern.is_match(sample),

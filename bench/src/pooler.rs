@@ -39,8 +39,11 @@ pub async fn pooler(args: &PoolerArgs) -> anyhow::Result<()> {
         for (n, (_, url, clients)) in runs.iter().enumerate() {
             let seconds = args.seconds.to_string();
             let clients = clients.to_string();
-            let output = pgbench(url, &["-S", "-n", "-j", "2", "-c", &clients, "-T", &seconds])
-                .await?;
+            let output = pgbench(
+                url,
+                &["-S", "-n", "-j", "2", "-c", &clients, "-T", &seconds],
+            )
+            .await?;
             tps[n].push(parse_tps(&output)?);
         }
     }

@@ -129,7 +129,10 @@ impl TestPooler {
         let password = format!("pw{}", uuid::Uuid::new_v4().simple());
         create_lookup_role(&cluster.admin_url_for("postgres"), &password)?;
         let auth_file = dir.join("userlist.txt");
-        std::fs::write(&auth_file, format!("\"{POOLER_AUTH_USER}\" \"{password}\"\n"))?;
+        std::fs::write(
+            &auth_file,
+            format!("\"{POOLER_AUTH_USER}\" \"{password}\"\n"),
+        )?;
         restrict(&auth_file)?;
         owner.chown(&auth_file)?;
         let port = crate::free_port()?;
@@ -225,7 +228,10 @@ fn create_lookup_role(admin_url: &str, password: &str) -> anyhow::Result<()> {
 #[allow(unsafe_code)]
 fn supervise(mut command: Command) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt as _;
-    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
     // the parent; it runs in the child between fork and exec.
     unsafe {

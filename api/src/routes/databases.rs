@@ -21,7 +21,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::projects::{
-    connection_url, fetch_project, Endpoint, queue_project_job, ProjectUpdated, DEFAULT_MAX_CONNECTIONS,
+    connection_url, fetch_project, queue_project_job, Endpoint, ProjectUpdated,
+    DEFAULT_MAX_CONNECTIONS,
 };
 use crate::auth::{Principal, SCOPE_WRITE};
 use crate::bodies::{ErrorBody, ErrorResponses};

@@ -146,7 +146,11 @@ impl ClustersCommand {
                 set(&mut body, "direct_port", direct_port.map(Value::from));
                 set(&mut body, "pooled_port", pooled_port.map(Value::from));
                 set(&mut body, "pooled_host", pooled_host.map(Value::from));
-                set(&mut body, "pooler_auth_user", pooler_auth_user.map(Value::from));
+                set(
+                    &mut body,
+                    "pooler_auth_user",
+                    pooler_auth_user.map(Value::from),
+                );
                 set(&mut body, "ssl_mode", ssl_mode.map(Value::from));
                 set(&mut body, "max_projects", max_projects.map(Value::from));
                 let answer = ctx.client.post("/v1/clusters", Some(&body)).await?;

@@ -3,10 +3,10 @@
 //! and does only what is missing, so a retried attempt is safe.
 
 mod extensions;
+mod pooler_lookup;
 mod project_create;
 mod project_delete;
 mod project_update;
-mod pooler_lookup;
 mod storage_check;
 mod tenant_database;
 

@@ -144,7 +144,10 @@ async fn revoke_others_sql(inside: &Client, lookup: &str) -> Result<String, Step
         .iter()
         .map(|row| {
             let (object, grantee): (&str, String) = (row.get(0), row.get(1));
-            format!("REVOKE ALL ON {object} FROM {} CASCADE;", quote_ident(&grantee))
+            format!(
+                "REVOKE ALL ON {object} FROM {} CASCADE;",
+                quote_ident(&grantee)
+            )
         })
         .collect())
 }

@@ -20,7 +20,9 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         &cluster.admin_url,
         project,
         cluster.pooler_auth_user.as_deref(),
-        Provision::Create).await?;
+        Provision::Create,
+    )
+    .await?;
     // One connection as the project's own role proves the credentials work, and
     // makes the server build the database's relation cache file now, so the client's
     // first connection does not pay for it (about 10 ms on a new database).

@@ -23,7 +23,9 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         &cluster.admin_url,
         project,
         cluster.pooler_auth_user.as_deref(),
-        Provision::Update).await?;
+        Provision::Update,
+    )
+    .await?;
     println!("project {}: settings applied", project.id);
     Ok(())
 }
