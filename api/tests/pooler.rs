@@ -399,6 +399,32 @@ async fn a_squatted_schema_is_replaced_and_converge_runs_twice() {
             .len(),
         1
     );
+
+    // An overload owned by the tenant in capy's schema (as a race could leave): the
+    // next converge drops the schema and makes it again.
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION capy_pooler.lookup(p name) RETURNS TABLE (usename name, passwd text)
+                 LANGUAGE sql AS $$ SELECT 'x'::name, 'y' $$;
+             ALTER FUNCTION capy_pooler.lookup(name) OWNER TO {}",
+            tenant.role
+        ))
+        .await
+        .unwrap();
+    let job = capy
+        .run_job("PATCH", &path, Some(json!({"statement_timeout": "43s"})))
+        .await;
+    assert_eq!(job["state"], "completed", "{job}");
+    let functions: i64 = admin
+        .query_one(
+            "select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+             where n.nspname = 'capy_pooler'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(functions, 1, "the tenant's overload is still there");
     let client = connect(&tenant.pooled_url).await.unwrap();
     client.batch_execute("select 1").await.unwrap();
 }

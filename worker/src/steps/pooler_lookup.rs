@@ -59,31 +59,53 @@ pub async fn check_role(client: &Client, lookup: &str) -> Result<(), StepError> 
 
 /// Installs (or brings back to the model above) schema `capy_pooler` and its function
 /// in the database `inside` is connected to, as the cluster admin. A schema of that
-/// name the admin does not own (a tenant made it first) is dropped with what is in it.
-/// Runs as one transaction; running it again changes nothing.
+/// name holding anything the admin does not own (a tenant made it first) is dropped
+/// with what is in it. Runs as one transaction; running it again changes nothing.
 pub async fn install(inside: &Client, lookup: &str) -> Result<(), StepError> {
-    let owner: Option<bool> = inside
-        .query_opt(
-            "select nspowner operator(pg_catalog.=) (select oid from pg_catalog.pg_roles
-                 where rolname operator(pg_catalog.=) current_user)
-             from pg_catalog.pg_namespace where nspname operator(pg_catalog.=) $1",
-            &[&SCHEMA],
-        )
-        .await
-        .map_err(|e| StepError::from_db("reading schema capy_pooler", &e))?
-        .map(|row| row.get(0));
     let mut sql = String::from("BEGIN;");
-    if owner == Some(false) {
-        // Not capy's: whatever is in it could stand in for the function.
+    if schema_is_clean(inside).await? == Some(false) {
+        // Not capy's alone: whatever is in it could stand in for the function.
         sql.push_str("DROP SCHEMA capy_pooler CASCADE;");
-        println!("schema capy_pooler: made by another role; dropped");
+        println!("schema capy_pooler: held objects of another role; dropped");
     }
     sql.push_str(&install_sql(lookup));
     sql.push_str(&revoke_others_sql(inside, lookup).await?);
     sql.push_str("COMMIT;");
     execute(inside, &sql, "installing the pooler's lookup function").await?;
+    // A tenant's CREATE SCHEMA committed between the check and the install would have
+    // been taken over with what it held: the retry drops it.
+    if schema_is_clean(inside).await? != Some(true) {
+        return Err(StepError {
+            transient: true,
+            message: "schema capy_pooler changed while it was installed; retrying".into(),
+        });
+    }
     println!("schema capy_pooler: lookup function for {lookup}");
     Ok(())
+}
+
+/// Whether schema `capy_pooler` and everything in it belong to the admin (`None`: no
+/// such schema). The admin session's search_path is pg_catalog first, so the
+/// operators below are the catalog's.
+async fn schema_is_clean(inside: &Client) -> Result<Option<bool>, StepError> {
+    inside
+        .query_opt(
+            "select n.nspowner = me.oid
+                and not exists (select 1 from pg_proc p
+                                where p.pronamespace = n.oid and p.proowner <> me.oid)
+                and not exists (select 1 from pg_class c
+                                where c.relnamespace = n.oid and c.relowner <> me.oid)
+                and not exists (select 1 from pg_type t
+                                where t.typnamespace = n.oid and t.typowner <> me.oid)
+                and not exists (select 1 from pg_operator o
+                                where o.oprnamespace = n.oid and o.oprowner <> me.oid)
+             from pg_namespace n, (select oid from pg_roles where rolname = current_user) me
+             where n.nspname = $1",
+            &[&SCHEMA],
+        )
+        .await
+        .map(|row| row.map(|r| r.get(0)))
+        .map_err(|e| StepError::from_db("reading schema capy_pooler", &e))
 }
 
 /// The schema, the function and their grants to the lookup role alone.
