@@ -85,10 +85,24 @@ pub struct ClusterSpec {
     pub public_host: String,
     pub direct_port: i32,
     pub pooled_port: i32,
+    /// Where clients reach the pooler; `None`: `public_host`.
+    pub pooled_host: Option<String>,
+    /// The role PgBouncer's auth_query logs in as (a validated identifier); `None`: no
+    /// pooler, no lookup function in project databases.
+    pub pooler_auth_user: Option<String>,
     pub ssl_mode: String,
     /// The CA certificate (PEM) the server's certificate chains to.
     pub ca_pem: Option<String>,
     pub max_projects: Option<i32>,
+}
+
+/// What [`is_valid_pooler_auth_user`] checks, for error messages.
+pub const POOLER_AUTH_USER_RULE: &str = "must be 1 to 63 characters: lowercase letters, \
+    digits and '_', starting with a letter, and not start with 'pg_'";
+
+/// Whether `role` may name a cluster's pooler lookup role.
+pub fn is_valid_pooler_auth_user(role: &str) -> bool {
+    capy_shared::ident::is_valid_role_name(role)
 }
 
 /// Registers a new cluster; answers its id, or `None` when the name is taken.
@@ -109,7 +123,8 @@ pub async fn upsert_cluster(
     let on_conflict = "do update set region = excluded.region,
              admin_url_encrypted = excluded.admin_url_encrypted,
              public_host = excluded.public_host, direct_port = excluded.direct_port,
-             pooled_port = excluded.pooled_port, ssl_mode = excluded.ssl_mode,
+             pooled_port = excluded.pooled_port, pooled_host = excluded.pooled_host,
+             pooler_auth_user = excluded.pooler_auth_user, ssl_mode = excluded.ssl_mode,
              ca_pem = excluded.ca_pem,
              max_projects = excluded.max_projects, updated_at = now()";
     insert_cluster(pool, secrets, spec, on_conflict)
@@ -126,8 +141,8 @@ async fn insert_cluster(
 ) -> anyhow::Result<Option<Uuid>> {
     sqlx::query_scalar(&format!(
         "insert into clusters (id, name, region, admin_url_encrypted, public_host, direct_port,
-             pooled_port, ssl_mode, max_projects, ca_pem)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             pooled_port, ssl_mode, max_projects, pooled_host, pooler_auth_user, ca_pem)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
          on conflict (name) {on_conflict}
          returning id"
     ))
@@ -140,6 +155,8 @@ async fn insert_cluster(
     .bind(spec.pooled_port)
     .bind(&spec.ssl_mode)
     .bind(spec.max_projects)
+    .bind(&spec.pooled_host)
+    .bind(&spec.pooler_auth_user)
     .bind(&spec.ca_pem)
     .fetch_optional(pool)
     .await

@@ -51,6 +51,13 @@ pub async fn run(pool: &PgPool, args: &BootstrapArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if let Some(role) = &args.cluster_pooler_auth_user {
+        anyhow::ensure!(
+            admin::is_valid_pooler_auth_user(role),
+            "CAPY_BOOTSTRAP_CLUSTER_POOLER_AUTH_USER {}",
+            admin::POOLER_AUTH_USER_RULE
+        );
+    }
     let port = i32::from(url.port().unwrap_or(5432));
     let cluster_id = admin::upsert_cluster(
         pool,
@@ -61,7 +68,9 @@ pub async fn run(pool: &PgPool, args: &BootstrapArgs) -> anyhow::Result<()> {
             admin_url: args.cluster_url.clone(),
             public_host: url.host_str().unwrap_or("127.0.0.1").to_string(),
             direct_port: port,
-            pooled_port: port,
+            pooled_port: args.cluster_pooled_port.unwrap_or(port),
+            pooled_host: args.cluster_pooled_host.clone(),
+            pooler_auth_user: args.cluster_pooler_auth_user.clone(),
             ssl_mode: args.cluster_ssl_mode.clone(),
             ca_pem: ca_pem.clone(),
             max_projects: None,

@@ -130,4 +130,14 @@ pub struct BootstrapArgs {
     /// server's certificate (sslmode verify-full unless the URL names another mode).
     #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_CA_FILE")]
     pub cluster_ca_file: Option<PathBuf>,
+    /// Port of the cluster's pooler (PgBouncer); the cluster URL's port when unset.
+    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_POOLED_PORT", value_parser = clap::value_parser!(i32).range(1..=65535))]
+    pub cluster_pooled_port: Option<i32>,
+    /// Host of the cluster's pooler; the cluster URL's host when unset.
+    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_POOLED_HOST")]
+    pub cluster_pooled_host: Option<String>,
+    /// The role the pooler's auth_query logs in as (e.g. `capy_pooler`); unset: no
+    /// pooler.
+    #[arg(long, env = "CAPY_BOOTSTRAP_CLUSTER_POOLER_AUTH_USER")]
+    pub cluster_pooler_auth_user: Option<String>,
 }

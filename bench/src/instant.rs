@@ -30,7 +30,7 @@ fn p99_ms(samples: &mut [Duration]) -> f64 {
 /// Times `runs` creations against a stack whose workers keep `pool` databases ready:
 /// POST → select 1, and the POST's answer alone.
 async fn measure(runs: usize, pool: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
-    let (db, _) = control_plane().await?;
+    let (db, _) = control_plane(None).await?;
     let env = [
         ("CAPY_INSTANT_POOL_SIZE", pool.to_string()),
         ("CAPY_LEASE_SECONDS", "4".to_string()),

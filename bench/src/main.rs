@@ -4,6 +4,7 @@
 
 mod instant;
 mod metrics;
+mod pooler;
 mod provision;
 mod queue;
 mod stats;
@@ -56,6 +57,9 @@ enum Bench {
     },
     /// The API's /metrics scrape time: an empty jobs table, then 1,000,000 finished jobs.
     Metrics(metrics::MetricsArgs),
+    /// pgbench TPS (select-only) through the pooler (PgBouncer, transaction mode) beside
+    /// direct, same run: -c 20 both ways, then -c 200 through the pooler.
+    Pooler(pooler::PoolerArgs),
 }
 
 #[tokio::main]
@@ -73,5 +77,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::History(args) => queue::history(&args).await,
         Bench::Instant { runs } => instant::instant(runs).await,
         Bench::Metrics(args) => metrics::metrics(&args).await,
+        Bench::Pooler(args) => pooler::pooler(&args).await,
     }
 }

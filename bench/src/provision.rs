@@ -12,8 +12,10 @@ use serde_json::{json, Value};
 use crate::stats::{median_ms, ms, round2};
 
 /// A fresh control database with an organization key and the private cluster
-/// registered as `local`.
-pub async fn control_plane() -> anyhow::Result<(capy_testkit::TestDatabase, String)> {
+/// registered as `local` (behind `pooler` when given).
+pub async fn control_plane(
+    pooler: Option<&capy_testkit::TestPooler>,
+) -> anyhow::Result<(capy_testkit::TestDatabase, String)> {
     let cluster = cluster()?;
     let db = fresh_database().await?;
     let secrets = SecretBox::from_key_text(TEST_SECRET_KEY)?;
@@ -33,7 +35,9 @@ pub async fn control_plane() -> anyhow::Result<(capy_testkit::TestDatabase, Stri
             admin_url: cluster.admin_url_for("postgres"),
             public_host: cluster.host().to_string(),
             direct_port: i32::from(cluster.port),
-            pooled_port: i32::from(cluster.port),
+            pooled_port: i32::from(pooler.map_or(cluster.port, |p| p.port)),
+            pooled_host: pooler.map(|p| p.host().to_string()),
+            pooler_auth_user: pooler.map(|_| capy_testkit::POOLER_AUTH_USER.to_string()),
             ssl_mode: "disable".into(),
             max_projects: None,
             ca_pem: None,
@@ -45,7 +49,7 @@ pub async fn control_plane() -> anyhow::Result<(capy_testkit::TestDatabase, Stri
 
 pub async fn provision(runs: usize) -> anyhow::Result<()> {
     let cluster = cluster()?;
-    let (db, key) = control_plane().await?;
+    let (db, key) = control_plane(None).await?;
     let stack = ProcessStack::start(&db.url, 2, &[]).await?;
     let http = reqwest::Client::new();
 
@@ -152,7 +156,7 @@ pub async fn tls_cost(runs: usize) -> anyhow::Result<()> {
         .context("the cluster has no certificates (CAPY_BENCH_DATABASE_URL given?)")?
         .ca_pem
         .clone();
-    let (db, key) = control_plane().await?;
+    let (db, key) = control_plane(None).await?;
     let secrets = SecretBox::from_key_text(TEST_SECRET_KEY)?;
     let base = cluster.admin_url_for("postgres");
     let mut cluster_ids = Vec::new();
@@ -210,6 +214,8 @@ fn bench_cluster(name: &str, admin_url: String, ca_pem: Option<String>) -> Clust
         ssl_mode: "disable".into(),
         max_projects: None,
         ca_pem,
+        pooled_host: None,
+        pooler_auth_user: None,
     }
 }
 

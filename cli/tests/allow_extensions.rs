@@ -85,6 +85,8 @@ async fn the_admin_sets_and_clears_a_clusters_allowed_extensions() {
             public_host: test_cluster.host().to_string(),
             direct_port: i32::from(test_cluster.port),
             pooled_port: i32::from(test_cluster.port),
+            pooled_host: None,
+            pooler_auth_user: None,
             ssl_mode: "disable".into(),
             max_projects: None,
             ca_pem: None,

@@ -95,6 +95,8 @@ impl Stack {
             public_host: test_cluster.host().to_string(),
             direct_port: i32::from(test_cluster.port),
             pooled_port: i32::from(test_cluster.port),
+            pooled_host: None,
+            pooler_auth_user: None,
             ssl_mode: "disable".into(),
             max_projects: None,
             ca_pem: None,

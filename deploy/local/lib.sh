@@ -72,3 +72,29 @@ ensure_tls_certificates() {
     chmod 644 ca.crt server.crt
   ) || die "making the TLS certificates in $dir failed"
 }
+
+# Prints PgBouncer's path: $CAPY_PGBOUNCER, else Debian's /usr/sbin/pgbouncer, else PATH.
+pgbouncer_bin() {
+  if [ -n "${CAPY_PGBOUNCER:-}" ]; then
+    [ -x "$CAPY_PGBOUNCER" ] && { echo "$CAPY_PGBOUNCER"; return 0; }
+    return 1
+  fi
+  [ -x /usr/sbin/pgbouncer ] && { echo /usr/sbin/pgbouncer; return 0; }
+  command -v pgbouncer 2>/dev/null
+}
+
+# Installs PgBouncer (the pooled endpoint) from Debian's packages when it is missing.
+# Debian's package also enables a system-wide pgbouncer service on port 6432; capy's
+# own runs beside it, on its own port and config, so that service is left alone.
+ensure_pgbouncer() {
+  pgbouncer_bin >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    note "PgBouncer is missing: installing it from Debian's packages"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null ||
+      die "apt-get install pgbouncer failed"
+    pgbouncer_bin >/dev/null || die "pgbouncer is installed but was not found; set CAPY_PGBOUNCER"
+  else
+    die "PgBouncer is missing: run 'sudo apt-get install pgbouncer', or set CAPY_PGBOUNCER to its path"
+  fi
+}

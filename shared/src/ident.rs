@@ -10,6 +10,12 @@ pub fn is_valid_identifier(name: &str) -> bool {
         && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
 }
 
+/// Whether `name` may name a role an operator creates for capy (the pooler's lookup
+/// role): a valid identifier that PostgreSQL does not keep for itself (`pg_…`).
+pub fn is_valid_role_name(name: &str) -> bool {
+    is_valid_identifier(name) && !name.starts_with("pg_")
+}
+
 /// `"name"`, with embedded quotes doubled.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

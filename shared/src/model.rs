@@ -130,8 +130,8 @@ pub struct JobAttempt {
     pub stderr: String,
 }
 
-/// A project (logical database) as CapyDB shows it. Host, ports and SSL mode come from
-/// its cluster; the password is never part of it.
+/// A project (logical database) as CapyDB shows it. Hosts, ports and SSL mode come
+/// from its cluster; the password is never part of it.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Project {
     pub id: Uuid,
@@ -148,6 +148,8 @@ pub struct Project {
     pub role_name: String,
     pub public_host: String,
     pub direct_port: i32,
+    /// Where the cluster's pooler (PgBouncer) listens: `pooled_host:pooled_port`.
+    pub pooled_host: String,
     pub pooled_port: i32,
     pub ssl_mode: String,
     pub max_connections: i32,
@@ -163,6 +165,6 @@ pub struct Project {
 /// Select list and join for [`Project`]: `FROM projects p JOIN clusters c`.
 pub const PROJECT_SELECT: &str = "select p.id, p.organization_id, p.cluster_id, p.name, p.slug, \
     p.region, p.environment, p.plan, p.state, p.database_name, p.role_name, c.public_host, \
-    c.direct_port, c.pooled_port, c.ssl_mode, p.max_connections, p.statement_timeout, \
+    c.direct_port, coalesce(c.pooled_host, c.public_host) as pooled_host, c.pooled_port, c.ssl_mode, p.max_connections, p.statement_timeout, \
     p.idle_transaction_timeout, p.storage_limit_bytes, p.last_error, p.latest_job_id, \
     p.created_at, p.updated_at from projects p join clusters c on c.id = p.cluster_id";

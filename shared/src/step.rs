@@ -64,6 +64,10 @@ pub struct StepCluster {
     /// The CA certificate (PEM) the cluster's server certificate must chain to.
     #[serde(default)]
     pub ca_pem: Option<String>,
+    /// The role the cluster's PgBouncer runs `auth_query` as: project steps install
+    /// `capy_pooler.lookup` for it in the project's database. `None`: no pooler.
+    #[serde(default)]
+    pub pooler_auth_user: Option<String>,
 }
 
 impl StepInput {

@@ -313,7 +313,7 @@ fn refuse_plaintext(hba: &Path) -> anyhow::Result<()> {
         .context("writing pg_hba.conf")
 }
 
-fn wait_until_accepting(host: &str, port: u16) -> anyhow::Result<()> {
+pub(crate) fn wait_until_accepting(host: &str, port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect((host, port)).is_ok() {
@@ -358,12 +358,12 @@ pub fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
 
 /// PostgreSQL refuses to run as root; as root, the cluster belongs to `postgres`.
 #[derive(Clone, Copy)]
-struct ClusterOwner {
+pub(crate) struct ClusterOwner {
     ids: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
 }
 
 impl ClusterOwner {
-    fn current() -> anyhow::Result<Self> {
+    pub(crate) fn current() -> anyhow::Result<Self> {
         if !nix::unistd::Uid::effective().is_root() {
             return Ok(Self { ids: None });
         }
@@ -376,7 +376,7 @@ impl ClusterOwner {
         })
     }
 
-    fn command(&self, program: &Path) -> Command {
+    pub(crate) fn command(&self, program: &Path) -> Command {
         use std::os::unix::process::CommandExt as _;
         let mut command = Command::new(program);
         if let Some((uid, gid)) = self.ids {
@@ -385,7 +385,7 @@ impl ClusterOwner {
         command
     }
 
-    fn chown(&self, path: &Path) -> anyhow::Result<()> {
+    pub(crate) fn chown(&self, path: &Path) -> anyhow::Result<()> {
         if let Some((uid, gid)) = self.ids {
             nix::unistd::chown(path, Some(uid), Some(gid))
                 .with_context(|| format!("chown {}", path.display()))?;

@@ -4,10 +4,14 @@
 //! fresh database on it with [`fresh_database`].
 
 mod cluster;
+mod pooler;
 mod processes;
 mod tls;
 
 pub use cluster::{cluster, postgres_bin_dir, tls_only_cluster, TestCluster};
+pub use pooler::{
+    pgbouncer_ini, pooler, tls_only_pooler, PoolerConfig, PoolerTls, TestPooler, POOLER_AUTH_USER,
+};
 pub use processes::{bin_path, free_port, ChildGuard, ProcessStack};
 pub use tls::TestCertificates;
 

@@ -33,6 +33,7 @@ struct ClusterRow {
     admin_url_encrypted: Vec<u8>,
     allowed_extensions: Vec<String>,
     ca_pem: Option<String>,
+    pooler_auth_user: Option<String>,
 }
 
 /// Builds the JSON a step reads on stdin.
@@ -63,7 +64,8 @@ pub async fn load_input(
     let cluster_id = job.cluster_id.or(project.as_ref().map(|p| p.cluster_id));
     let cluster: Option<ClusterRow> = match cluster_id {
         Some(id) => sqlx::query_as(
-            "select id, name, admin_url_encrypted, allowed_extensions, ca_pem from clusters where id = $1",
+            "select id, name, admin_url_encrypted, allowed_extensions, pooler_auth_user, ca_pem
+             from clusters where id = $1",
         )
         .bind(id)
         .fetch_optional(pool)
@@ -109,6 +111,7 @@ pub async fn load_input(
                 name: c.name,
                 allowed_extensions: c.allowed_extensions,
                 ca_pem: c.ca_pem,
+                pooler_auth_user: c.pooler_auth_user,
             })
         })
         .transpose()?;

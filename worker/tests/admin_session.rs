@@ -16,6 +16,7 @@ fn cluster_of(url: impl Into<String>) -> StepCluster {
         admin_url: url.into(),
         allowed_extensions: Vec::new(),
         ca_pem: None,
+        pooler_auth_user: None,
     }
 }
 

@@ -42,7 +42,13 @@ pub struct Cluster {
     pub admin_url: String,
     pub public_host: String,
     pub direct_port: i32,
+    /// Where `pooled_url` points: `pooled_host:pooled_port`.
     pub pooled_port: i32,
+    /// The pooler's host; null: `public_host`.
+    pub pooled_host: Option<String>,
+    /// The role the cluster's PgBouncer runs its `auth_query` as; null: no pooler
+    /// (nothing is installed in project databases for it).
+    pub pooler_auth_user: Option<String>,
     /// The sslmode in tenants' connection strings.
     pub ssl_mode: String,
     /// The CA certificate (PEM) the server's certificate chains to, if registered; also
@@ -69,6 +75,8 @@ struct ClusterRow {
     public_host: String,
     direct_port: i32,
     pooled_port: i32,
+    pooled_host: Option<String>,
+    pooler_auth_user: Option<String>,
     ssl_mode: String,
     ca_pem: Option<String>,
     max_projects: Option<i32>,
@@ -80,7 +88,8 @@ struct ClusterRow {
 }
 
 const CLUSTER_SELECT: &str = "select c.id, c.name, c.region, c.admin_url_encrypted, c.public_host,
-    c.direct_port, c.pooled_port, c.ssl_mode, c.ca_pem, c.max_projects,
+    c.direct_port, c.pooled_port, c.pooled_host, c.pooler_auth_user, c.ssl_mode, c.ca_pem,
+    c.max_projects,
     (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null) as project_count,
     c.last_checked_at, c.allowed_extensions, c.created_at, c.updated_at from clusters c";
 
@@ -143,6 +152,19 @@ pub struct RegisterCluster {
     #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 1, maximum = 65535)]
     pooled_port: Option<i32>,
+    /// Host of the cluster's pooler (PgBouncer); `public_host` when left out. The
+    /// projects' `pooled_url` points at `pooled_host:pooled_port`.
+    #[schema(pattern = "^[A-Za-z0-9.:\\[\\]-]{1,253}$")]
+    pooled_host: Option<String>,
+    /// The login role the cluster's PgBouncer runs `auth_query` as (`SELECT usename,
+    /// passwd FROM capy_pooler.lookup($1)`): 1–63 lowercase letters, digits and '_',
+    /// starting with a letter, not `pg_…`. The operator creates it (LOGIN, not a
+    /// superuser); project jobs then install `capy_pooler.lookup` in each project
+    /// database, executable by this role alone. Left out: no pooler.
+    #[schema(
+        pattern = "^([a-oq-z][a-z0-9_]{0,62}|p([a-fh-z0-9_][a-z0-9_]{0,61})?|pg([a-z0-9][a-z0-9_]{0,60})?)$"
+    )]
+    pooler_auth_user: Option<String>,
     /// The sslmode of tenants' connection strings: `disable`, `allow`, `prefer`
     /// (default), `require`, `verify-ca` or `verify-full`.
     #[schema(schema_with = ssl_mode_schema)]
@@ -234,12 +256,12 @@ impl RegisterCluster {
         let public_host = self
             .public_host
             .unwrap_or_else(|| parsed.host_str().unwrap_or_default().to_string());
-        let host_ok = (1..=253).contains(&public_host.len())
-            && public_host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-        if !host_ok {
-            return bad("public_host must be a host name or IP address");
+        check_host(&public_host, "public_host")?;
+        if let Some(host) = &self.pooled_host {
+            check_host(host, "pooled_host")?;
+        }
+        if let Some(role) = &self.pooler_auth_user {
+            check_pooler_auth_user(role)?;
         }
         let ssl_mode = self.ssl_mode.unwrap_or_else(|| "prefer".into());
         if !SSL_MODES.contains(&ssl_mode.as_str()) {
@@ -257,10 +279,38 @@ impl RegisterCluster {
             public_host,
             direct_port,
             pooled_port,
+            pooled_host: self.pooled_host,
+            pooler_auth_user: self.pooler_auth_user,
             ssl_mode,
             ca_pem: self.ca_pem,
             max_projects: self.max_projects,
         })
+    }
+}
+
+/// A host name or IP address clients connect to (`field` names it in the error).
+fn check_host(host: &str, field: &str) -> ApiResult<()> {
+    let ok = (1..=253).contains(&host.len())
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{field} must be a host name or IP address"
+        )))
+    }
+}
+
+fn check_pooler_auth_user(role: &str) -> ApiResult<()> {
+    if admin::is_valid_pooler_auth_user(role) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "pooler_auth_user {}",
+            admin::POOLER_AUTH_USER_RULE
+        )))
     }
 }
 
@@ -421,6 +471,8 @@ fn present(state: &AppState, row: ClusterRow) -> ApiResult<Cluster> {
         public_host: row.public_host,
         direct_port: row.direct_port,
         pooled_port: row.pooled_port,
+        pooled_host: row.pooled_host,
+        pooler_auth_user: row.pooler_auth_user,
         ssl_mode: row.ssl_mode,
         ca_pem: row.ca_pem,
         max_projects: row.max_projects,

@@ -21,7 +21,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::projects::{
-    connection_url, fetch_project, queue_project_job, ProjectUpdated, DEFAULT_MAX_CONNECTIONS,
+    connection_url, fetch_project, queue_project_job, Endpoint, ProjectUpdated,
+    DEFAULT_MAX_CONNECTIONS,
 };
 use crate::auth::{Principal, SCOPE_WRITE};
 use crate::bodies::{ErrorBody, ErrorResponses};
@@ -559,7 +560,7 @@ async fn answer(state: &AppState, id: Uuid) -> Result<InstantDatabase, Refusal> 
             "{}/claim/{id}",
             state.settings.public_url.trim_end_matches('/')
         ),
-        connection_string: connection_url(project, project.pooled_port, &password)?,
+        connection_string: connection_url(project, Endpoint::Pooled, &password)?,
     })
 }
 

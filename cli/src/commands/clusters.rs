@@ -16,7 +16,9 @@ const CLUSTER_KEYS: &[&str] = &[
     "admin_url",
     "public_host",
     "direct_port",
+    "pooled_host",
     "pooled_port",
+    "pooler_auth_user",
     "ssl_mode",
     "max_projects",
     "project_count",
@@ -63,8 +65,16 @@ pub enum ClustersCommand {
         public_host: Option<String>,
         #[arg(long, env = "CAPY_CLUSTER_DIRECT_PORT")]
         direct_port: Option<u16>,
+        /// The port of the cluster's pooler (PgBouncer); the direct port otherwise.
         #[arg(long, env = "CAPY_CLUSTER_POOLED_PORT")]
         pooled_port: Option<u16>,
+        /// The pooler's host (the public host otherwise).
+        #[arg(long, env = "CAPY_CLUSTER_POOLED_HOST")]
+        pooled_host: Option<String>,
+        /// The role PgBouncer's auth_query logs in as (e.g. capy_pooler); project jobs
+        /// install capy_pooler.lookup for it in every project database.
+        #[arg(long, env = "CAPY_CLUSTER_POOLER_AUTH_USER")]
+        pooler_auth_user: Option<String>,
         /// The sslmode of tenants' connection strings: disable, allow, prefer, require,
         /// verify-ca or verify-full (capy's own connections follow the URL's sslmode).
         #[arg(long, env = "CAPY_CLUSTER_SSL_MODE")]
@@ -137,6 +147,8 @@ impl ClustersCommand {
                 public_host,
                 direct_port,
                 pooled_port,
+                pooled_host,
+                pooler_auth_user,
                 ssl_mode,
                 ca_file,
                 max_projects,
@@ -151,6 +163,12 @@ impl ClustersCommand {
                 set(&mut body, "public_host", public_host.map(Value::from));
                 set(&mut body, "direct_port", direct_port.map(Value::from));
                 set(&mut body, "pooled_port", pooled_port.map(Value::from));
+                set(&mut body, "pooled_host", pooled_host.map(Value::from));
+                set(
+                    &mut body,
+                    "pooler_auth_user",
+                    pooler_auth_user.map(Value::from),
+                );
                 set(&mut body, "ssl_mode", ssl_mode.map(Value::from));
                 set(&mut body, "max_projects", max_projects.map(Value::from));
                 let answer = ctx.client.post("/v1/clusters", Some(&body)).await?;

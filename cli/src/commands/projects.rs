@@ -22,6 +22,7 @@ const PROJECT_KEYS: &[&str] = &[
     "role_name",
     "public_host",
     "direct_port",
+    "pooled_host",
     "pooled_port",
     "ssl_mode",
     "max_connections",

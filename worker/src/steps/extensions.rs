@@ -577,6 +577,7 @@ mod tests {
             admin_url: String::new(),
             ca_pem: None,
             allowed_extensions: Vec::new(),
+            pooler_auth_user: None,
         };
         let choose = |offer: &Offer, cluster: &StepCluster| {
             choose_installer(offer, cluster, "file_fdw").map_err(|e| (e.transient, e.message))

@@ -5,6 +5,7 @@
 mod credentials_retire;
 mod credentials_rotate;
 mod extensions;
+mod pooler_lookup;
 mod project_create;
 mod project_delete;
 mod project_update;

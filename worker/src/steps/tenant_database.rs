@@ -20,11 +20,13 @@
 //! it is a member of none (it cannot be: NOCREATEROLE, and converge revokes the owner
 //! role from it); NOINHERIT would not stop `SET ROLE` to a role it was granted anyway.
 
-use capy_shared::ident::{is_valid_identifier, quote_ident, quote_literal};
+use capy_shared::ident::{is_valid_identifier, is_valid_role_name, quote_ident, quote_literal};
 use capy_shared::step::{StepCluster, StepProject};
 use tokio_postgres::Client;
 
-use super::{connect_database, execute, exists, StepError, DATABASE_EXISTS, ROLE_EXISTS};
+use super::{
+    connect_database, execute, exists, pooler_lookup, StepError, DATABASE_EXISTS, ROLE_EXISTS,
+};
 
 /// Whether converge may create what is missing (`project.create`) or only fixes what
 /// exists (`project.update`: a missing role or database is an error).
@@ -41,17 +43,27 @@ struct Names<'a> {
     role: String,
     owner: String,
     database: String,
+    /// The cluster's pooler lookup role (validated), if it has a pooler.
+    pooler: Option<&'a str>,
 }
 
 impl<'a> Names<'a> {
-    fn new(project: &'a StepProject) -> Result<Self, StepError> {
+    fn new(project: &'a StepProject, pooler: Option<&'a str>) -> Result<Self, StepError> {
         let owner_name = owner_role_name(&project.database_name)?;
+        if let Some(role) = pooler {
+            if !is_valid_role_name(role) {
+                return Err(StepError::permanent(format!(
+                    "invalid pooler_auth_user {role:?}"
+                )));
+            }
+        }
         Ok(Self {
             project,
             role: quote_ident(&project.role_name),
             owner: quote_ident(&owner_name),
             database: quote_ident(&project.database_name),
             owner_name,
+            pooler,
         })
     }
 }
@@ -78,13 +90,19 @@ pub fn storage_allows(size: i64, limit: Option<i64>) -> bool {
 
 /// Brings the project's roles and database to the model above. `client` is the
 /// cluster admin's session; `cluster` is reached again for the project's database.
+/// The cluster's pooler lookup role, if it has one, gets CONNECT on the database and
+/// the lookup function inside it ([`pooler_lookup`]).
 pub async fn converge(
     client: &Client,
     cluster: &StepCluster,
     project: &StepProject,
     provision: Provision,
 ) -> Result<(), StepError> {
-    let names = Names::new(project)?;
+    let pooler = cluster.pooler_auth_user.as_deref();
+    let names = Names::new(project, pooler)?;
+    if let Some(role) = pooler {
+        pooler_lookup::check_role(client, role).await?;
+    }
     if provision == Provision::Update {
         // Settings are applied to what project.create made; nothing is created here.
         require_provisioned(client, project).await?;
@@ -95,7 +113,10 @@ pub async fn converge(
     converge_database(client, &names).await?;
     converge_database_acl(client, &names).await?;
     if converge_connections(client, &names).await? == Connections::Allowed {
-        converge_schema(cluster, &names).await?;
+        let inside = converge_schema(cluster, &names).await?;
+        if let Some(role) = pooler {
+            pooler_lookup::install(&inside, role).await?;
+        }
     } else {
         // Nobody gets in, the admin included; the next update that allows
         // connections again (a claim, or a lifted limit) gives schema public over.
@@ -294,9 +315,10 @@ async fn converge_database(client: &Client, names: &Names<'_>) -> Result<(), Ste
     Ok(())
 }
 
-/// Only the tenant (and the owner) may connect: every other grant on the database,
-/// PUBLIC's included (and any an older owner-tenant made), is revoked. The login a
-/// rotation replaced keeps its grants until it is retired.
+/// Only the tenant (and the owner) may connect, and the pooler's lookup role (CONNECT
+/// alone): every other grant on the database, PUBLIC's included (and any an older
+/// owner-tenant made), is revoked. The login a rotation replaced keeps its grants until
+/// it is retired. One transaction, so the pooler never loses CONNECT.
 async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(), StepError> {
     let mut logins = vec![names.project.role_name.clone()];
     logins.extend(names.project.previous_role_name.clone());
@@ -328,6 +350,12 @@ async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(),
          GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {database} TO {role};",
         role = names.role
     ));
+    if let Some(pooler) = names.pooler {
+        sql.push_str(&format!(
+            "GRANT CONNECT ON DATABASE {database} TO {};",
+            quote_ident(pooler)
+        ));
+    }
     execute(client, &sql, "granting the database to the role alone").await?;
     println!(
         "database {}: CONNECT, TEMPORARY, CREATE for {} alone",
@@ -388,7 +416,8 @@ async fn converge_connections(
 /// session's search_path is pg_catalog alone, so nothing the tenant made in its
 /// database (a schema named after the admin, an operator) can stand in for a catalog
 /// object in what the admin runs there.
-async fn converge_schema(cluster: &StepCluster, names: &Names<'_>) -> Result<(), StepError> {
+/// Answers the admin's session inside the database, for what else converge does there.
+async fn converge_schema(cluster: &StepCluster, names: &Names<'_>) -> Result<Client, StepError> {
     let project = names.project;
     let inside = connect_database(cluster, &project.database_name, "project's database").await?;
     execute(
@@ -426,7 +455,7 @@ async fn converge_schema(cluster: &StepCluster, names: &Names<'_>) -> Result<(),
             println!("schema public: now owned by {}", project.role_name);
         }
     }
-    Ok(())
+    Ok(inside)
 }
 
 async fn require_provisioned(client: &Client, project: &StepProject) -> Result<(), StepError> {

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::change::job_in_flight;
 use super::{
     connection_url, lock_visible_project, open_password, queue_project_job, require_ready,
-    validate, visible_project,
+    validate, visible_project, Endpoint,
 };
 use crate::auth::{Principal, SCOPE_CREDENTIALS, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
@@ -70,8 +70,8 @@ pub async fn credentials(
         .fetch_one(&state.pool)
         .await?;
     Ok(Json(Credentials {
-        connection_string: connection_url(&project, project.direct_port, &password)?,
-        pooled_connection_string: connection_url(&project, project.pooled_port, &password)?,
+        connection_string: connection_url(&project, Endpoint::Direct, &password)?,
+        pooled_connection_string: connection_url(&project, Endpoint::Pooled, &password)?,
         host: project.public_host,
         port: project.direct_port,
         username: project.role_name,

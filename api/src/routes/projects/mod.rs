@@ -103,10 +103,10 @@ pub async fn connections(
     let project = visible_project(&state, &principal, id).await?;
     require_ready(&project)?;
     let password = open_password(&state, id).await?;
-    let url = |port: i32| connection_url(&project, port, &password);
+    let url = |endpoint| connection_url(&project, endpoint, &password);
     Ok(Json(Connections {
-        direct_url: url(project.direct_port)?,
-        pooled_url: url(project.pooled_port)?,
+        direct_url: url(Endpoint::Direct)?,
+        pooled_url: url(Endpoint::Pooled)?,
         username: project.role_name.clone(),
     }))
 }
@@ -135,10 +135,29 @@ async fn open_password(state: &AppState, id: Uuid) -> ApiResult<String> {
         .map_err(|e| ApiError::Internal(e.into()))
 }
 
-pub(crate) fn connection_url(project: &Project, port: i32, password: &str) -> ApiResult<String> {
+/// Which of the project's addresses a connection string points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// The cluster itself: `public_host:direct_port`.
+    Direct,
+    /// The cluster's pooler: `pooled_host:pooled_port`.
+    Pooled,
+}
+
+/// The one place connection strings are built: the project's role and password, its
+/// database, the endpoint's host and port, and the cluster's `sslmode`.
+pub(crate) fn connection_url(
+    project: &Project,
+    endpoint: Endpoint,
+    password: &str,
+) -> ApiResult<String> {
+    let (host, port) = match endpoint {
+        Endpoint::Direct => (&project.public_host, project.direct_port),
+        Endpoint::Pooled => (&project.pooled_host, project.pooled_port),
+    };
     let mut url = url::Url::parse(&format!(
-        "postgresql://{}:{port}/{}",
-        project.public_host, project.database_name
+        "postgresql://{host}:{port}/{}",
+        project.database_name
     ))
     .map_err(|e| ApiError::Internal(e.into()))?;
     url.set_username(&project.role_name)
