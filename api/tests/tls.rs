@@ -9,7 +9,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use capy_testkit::{tls_only_cluster, ProcessStack, TestCertificates, TestCluster};
+use capy_testkit::{
+    tls_only_cluster, tls_only_pooler, ProcessStack, TestCertificates, TestCluster,
+    POOLER_AUTH_USER,
+};
 use common::TestApp;
 use serde_json::{json, Value};
 
@@ -80,6 +83,19 @@ impl Stack {
         query: &str,
         ca_pem: Option<&str>,
     ) -> (u16, Value) {
+        self.register_with(name, host, query, ca_pem, json!({}))
+            .await
+    }
+
+    /// As [`Self::register`], with `extra` fields merged into the body.
+    async fn register_with(
+        &self,
+        name: &str,
+        host: &str,
+        query: &str,
+        ca_pem: Option<&str>,
+        extra: Value,
+    ) -> (u16, Value) {
         let base = self.cluster.admin_url_for("postgres");
         let url = format!(
             "{}?hostaddr=127.0.0.1{query}",
@@ -88,6 +104,9 @@ impl Stack {
         let mut body = json!({"name": name, "url": url, "region": name, "ssl_mode": "verify-full"});
         if let Some(pem) = ca_pem {
             body["ca_pem"] = json!(pem);
+        }
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
         }
         let admin = self.app.admin_key.clone();
         self.request("POST", "/v1/clusters", &admin, Some(body))
@@ -157,8 +176,14 @@ async fn the_whole_path_runs_over_verified_tls() {
     let ca = ca_pem(stack.cluster);
     let ca_path = stack.cluster.certificates().unwrap().ca_path.clone();
 
+    let pooler = tls_only_pooler().unwrap();
+    let extra = json!({
+        "pooled_host": "localhost",
+        "pooled_port": pooler.port,
+        "pooler_auth_user": POOLER_AUTH_USER,
+    });
     let (status, body) = stack
-        .register("tls", "localhost", "&sslmode=verify-full", Some(&ca))
+        .register_with("tls", "localhost", "&sslmode=verify-full", Some(&ca), extra)
         .await;
     assert_eq!(status, 201, "{body}");
     let access = &body["access"];
@@ -227,6 +252,60 @@ async fn the_whole_path_runs_over_verified_tls() {
     // The same URL under another name for the host fails verification.
     let wrong_host = direct.replace("@localhost:", "@127.0.0.2:");
     assert!(psql(&wrong_host, &ca_path, "select 1").is_err());
+    // The pooled endpoint too: PgBouncer shows the server's certificate to tenants.
+    let pooled = connections["pooled_url"].as_str().unwrap();
+    assert!(
+        pooled.contains(&format!("@localhost:{}", pooler.port)),
+        "{pooled}"
+    );
+    let user = psql(pooled, &ca_path, "select current_user");
+    assert_eq!(
+        user.as_deref(),
+        Ok(connections["username"].as_str().unwrap()),
+        "pooled psql: {user:?}"
+    );
+
+    // Rotation over TLS: both logins work during the grace, through either endpoint.
+    stack
+        .completed(
+            stack
+                .request(
+                    "POST",
+                    &format!("/v1/projects/{project_id}/credentials/rotate"),
+                    &key,
+                    Some(json!({"grace_hours": 1})),
+                )
+                .await,
+        )
+        .await;
+    let (status, credentials) = stack
+        .request(
+            "GET",
+            &format!("/v1/projects/{project_id}/credentials"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{credentials}");
+    assert_eq!(credentials["ssl_mode"], "verify-full", "{credentials}");
+    for url in [
+        credentials["connection_string"]
+            .as_str()
+            .unwrap()
+            .replace("@127.0.0.1:", "@localhost:"),
+        credentials["pooled_connection_string"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        direct.clone(),
+    ] {
+        let ssl = psql(
+            &url,
+            &ca_path,
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+        );
+        assert!(ssl.is_ok(), "{ssl:?}");
+    }
 
     stack
         .completed(
