@@ -178,8 +178,11 @@ pub async fn tls_cost(runs: usize) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let (mut plain, mut tls) = (Vec::new(), Vec::new());
     for run in 0..runs + 2 {
-        for (cluster_id, into) in [(cluster_ids[0], &mut plain), (cluster_ids[1], &mut tls)] {
-            let body = json!({"name": format!("tls-bench-{run}"), "cluster_id": cluster_id});
+        for (cluster_id, into, mode) in [
+            (cluster_ids[0], &mut plain, "plain"),
+            (cluster_ids[1], &mut tls, "tls"),
+        ] {
+            let body = json!({"name": format!("bench-{mode}-{run}"), "cluster_id": cluster_id});
             let took = post_to_completed(&http, &stack, &key, body).await?;
             if run >= 2 {
                 into.push(took);
