@@ -51,6 +51,12 @@ pub async fn run(pool: &PgPool, args: &BootstrapArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if let Some(host) = &args.cluster_pooled_host {
+        anyhow::ensure!(
+            url::Url::parse(&format!("postgresql://{host}:5432/d")).is_ok(),
+            "CAPY_BOOTSTRAP_CLUSTER_POOLED_HOST must be a host name or IP address (IPv6 in brackets)"
+        );
+    }
     if let Some(role) = &args.cluster_pooler_auth_user {
         anyhow::ensure!(
             admin::is_valid_pooler_auth_user(role),

@@ -279,6 +279,16 @@ async fn rotation_keeps_the_old_login_for_its_grace_then_retires_it() {
         (3500.0..=3600.0).contains(&due_in),
         "retire due in {due_in} s"
     );
+    // Nobody keeps the old login alive by cancelling its retire.
+    let (retire_id, _) = stack.retire_job(&text(&first["username"])).await;
+    let (status, body) = stack
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/jobs/{retire_id}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
 
     // The hour passes: the old login is refused, its open session ended; the new one
     // owns the table.

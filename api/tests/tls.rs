@@ -443,6 +443,11 @@ async fn bad_tls_settings_are_refused_with_400() {
             "ca_pem",
         ),
         ("", Some("hello"), "ca_pem holds no PEM certificate"),
+        (
+            "&sslmode=verify-ca",
+            None,
+            "verify-ca needs the cluster's CA certificate",
+        ),
     ];
     for (query, pem, expected) in cases {
         let (status, body) = stack.register("bad", "localhost", query, pem).await;
@@ -452,6 +457,26 @@ async fn bad_tls_settings_are_refused_with_400() {
             "{query} {pem:?}: {body}"
         );
     }
+    // A CA bundle with its private key pasted in is refused: the PEM is public.
+    let certificates = stack.cluster.certificates().unwrap();
+    let key = std::fs::read_to_string(&certificates.server_key_path).unwrap();
+    let with_key = format!("{}{key}", certificates.ca_pem);
+    let (status, body) = stack
+        .register("keyed", "localhost", "", Some(&with_key))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("certificates only"),
+        "{body}"
+    );
+    // A pooled host that makes no connection string.
+    let (status, body) = stack
+        .register_with("v6", "localhost", "", None, json!({"pooled_host": "::1"}))
+        .await;
+    assert_eq!(status, 400, "{body}");
     // A cluster without a CA has no ca.pem to serve.
     let local = stack.app.cluster_id;
     let answer = stack

@@ -88,6 +88,10 @@ pub enum TlsConfigError {
     ClientCertificate(&'static str),
     #[error("ca_pem holds no PEM certificate")]
     NoCertificate,
+    #[error("ca_pem must hold certificates only, not a {0} (it is served publicly)")]
+    NotACertificate(String),
+    #[error("sslmode=verify-ca needs the cluster's CA certificate (ca_pem): against the public web roots it would accept any host's certificate")]
+    VerifyCaWithoutCa,
     #[error("ca_pem is not valid PEM: {0}")]
     InvalidPem(String),
     #[error("ca_pem holds a certificate that is not a valid CA certificate: {0}")]
@@ -105,8 +109,22 @@ impl FromStr for SslMode {
     }
 }
 
-/// The certificates of a PEM bundle, checked to be usable as trust roots.
+/// The certificates of a PEM bundle, checked to be usable as trust roots. A bundle
+/// holding anything but certificates (a private key pasted with its certificate) is
+/// refused: the PEM is served to anyone as the cluster's CA.
 pub fn parse_ca_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    if pem.contains('\0') {
+        return Err(TlsConfigError::InvalidPem("it holds a NUL byte".into()));
+    }
+    if let Some(label) = pem
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("-----BEGIN "))
+        .find(|label| *label != "CERTIFICATE-----")
+    {
+        return Err(TlsConfigError::NotACertificate(
+            label.trim_end_matches('-').to_string(),
+        ));
+    }
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsConfigError::InvalidPem(e.to_string()))?;
@@ -132,6 +150,10 @@ pub struct ClusterUrl {
 /// Parses a `postgres://` URL; `default_mode` applies when it has no `sslmode`.
 pub fn parse_url(url: &str, default_mode: SslMode) -> Result<ClusterUrl, TlsConfigError> {
     let mut parsed = url::Url::parse(url).map_err(|_| TlsConfigError::InvalidUrl)?;
+    // libpq reads '+' in a URL literally; form decoding (query_pairs) would make it a
+    // space.
+    let literal_plus = parsed.query().map(|q| q.replace('+', "%2B"));
+    parsed.set_query(literal_plus.as_deref());
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         return Err(TlsConfigError::InvalidUrl);
     }
@@ -360,6 +382,9 @@ impl ClusterTarget {
     pub fn new(admin_url: &str, ca_pem: Option<&str>) -> Result<Self, TlsConfigError> {
         let ClusterUrl { config, ssl_mode } = parse_url(admin_url, default_mode(ca_pem))?;
         let ca = ca_pem.map(parse_ca_pem).transpose()?.unwrap_or_default();
+        if ssl_mode == SslMode::VerifyCa && ca.is_empty() {
+            return Err(TlsConfigError::VerifyCaWithoutCa);
+        }
         Ok(Self {
             config,
             ssl_mode,
@@ -406,7 +431,12 @@ pub fn failure(
     mode: SslMode,
     verification: Option<&Verification>,
 ) -> Option<(&'static str, String)> {
-    if let Some(found) = verification.filter(|v| **v != Verification::Verified) {
+    // verify-ca takes a certificate for another name: the check passed.
+    let accepted = |v: &Verification| {
+        *v == Verification::Verified
+            || (mode == SslMode::VerifyCa && *v == Verification::NameMismatch)
+    };
+    if let Some(found) = verification.filter(|v| !accepted(v)) {
         if mode.verifies() {
             return Some((
                 found.error_kind(),
@@ -421,7 +451,8 @@ pub fn failure(
             format!("the server does not offer TLS, which sslmode={mode} requires"),
         ));
     }
-    if text.contains("TLS") || text.contains("tls") {
+    // tokio-postgres's error for a failed handshake.
+    if text.contains("error performing TLS handshake") {
         return Some(("tls_handshake", format!("the TLS handshake failed: {text}")));
     }
     None
@@ -452,6 +483,9 @@ mod tests {
         assert_eq!(url.ssl_mode, SslMode::VerifyFull);
         assert_eq!(url.config.get_application_name(), Some("a"));
         assert_eq!(url.config.get_options(), Some("-c x=y+1"));
+        let plus =
+            parse_url("postgres://u:p@h/x?options=-c%20a%3Db+c", SslMode::Prefer).expect("parses");
+        assert_eq!(plus.config.get_options(), Some("-c a=b+c"));
         assert_eq!(url.config.get_ssl_mode(), WireSslMode::Require);
         let plain = parse_url("postgres://u:p@h/x", SslMode::Prefer).expect("parses");
         assert_eq!(plain.ssl_mode, SslMode::Prefer);
@@ -463,6 +497,20 @@ mod tests {
             parse_url("postgres://u:p@h/x?sslmode=bogus", SslMode::Prefer).err(),
             Some(TlsConfigError::UnknownSslMode)
         );
+    }
+
+    #[test]
+    fn a_private_key_in_the_bundle_is_refused() {
+        let bundle = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n\
+                      -----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert_eq!(
+            parse_ca_pem(bundle),
+            Err(TlsConfigError::NotACertificate("PRIVATE KEY".into()))
+        );
+        assert!(matches!(
+            ClusterTarget::new("postgres://u:p@h/x?sslmode=verify-ca", None),
+            Err(TlsConfigError::VerifyCaWithoutCa)
+        ));
     }
 
     #[test]

@@ -648,6 +648,30 @@ async fn rotation_steps_may_run_twice_and_an_update_keeps_the_previous_login() {
             .unwrap();
     }
 
+    // Another tenant grants the old login a privilege in its own database (which
+    // would keep DROP ROLE from succeeding), and is made a member of the current
+    // login (as a trigger planted with the old credentials could do before
+    // PostgreSQL 16): the retire undoes both.
+    let other = Project::new();
+    step(job_type::PROJECT_CREATE, &other, json!({}))
+        .await
+        .assert_code(0);
+    as_project(&other)
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "create table lent (x int); grant select on lent to \"{old_role}\""
+        ))
+        .await
+        .unwrap();
+    let admin_session = admin("postgres").await;
+    admin_session
+        .batch_execute(&format!("grant \"{new_role}\" to \"{}\"", other.role_name))
+        .await
+        .unwrap();
+    let members = "select count(*) from pg_auth_members m join pg_roles g on g.oid = m.roleid
+                   join pg_roles r on r.oid = m.member where g.rolname = $1 and r.rolname <> $1";
+
     let retire = json!({ "role": old_role });
     step(
         job_type::PROJECT_RETIRE_CREDENTIALS,
@@ -656,6 +680,16 @@ async fn rotation_steps_may_run_twice_and_an_update_keeps_the_previous_login() {
     )
     .await
     .assert_code(0);
+    assert_eq!(
+        count(
+            &admin_session,
+            "select count(*) from pg_roles where rolname = $1",
+            &old_role
+        )
+        .await,
+        0
+    );
+    assert_eq!(count(&admin_session, members, &new_role).await, 0);
     let again = step(job_type::PROJECT_RETIRE_CREDENTIALS, &project, retire).await;
     assert!(
         again.assert_code(0).stdout.contains("already gone"),

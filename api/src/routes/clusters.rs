@@ -230,7 +230,7 @@ impl RegisterCluster {
             }
             tls::parse_ca_pem(pem).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         }
-        match tls::parse_url(&self.url, tls::default_mode(self.ca_pem.as_deref())) {
+        match tls::ClusterTarget::new(&self.url, self.ca_pem.as_deref()) {
             Err(TlsConfigError::InvalidUrl) | Ok(_) => {}
             Err(e) => return Err(ApiError::BadRequest(format!("url: {e}"))),
         }
@@ -290,15 +290,19 @@ impl RegisterCluster {
 
 /// A host name or IP address clients connect to (`field` names it in the error).
 fn check_host(host: &str, field: &str) -> ApiResult<()> {
+    // It goes into connection strings as their host: it must make one (an IPv6
+    // address in brackets).
     let ok = (1..=253).contains(&host.len())
         && host
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        && url::Url::parse(&format!("postgresql://{host}:5432/d"))
+            .is_ok_and(|u| u.port() == Some(5432) && u.host_str().is_some());
     if ok {
         Ok(())
     } else {
         Err(ApiError::BadRequest(format!(
-            "{field} must be a host name or IP address"
+            "{field} must be a host name or IP address (an IPv6 address in brackets)"
         )))
     }
 }

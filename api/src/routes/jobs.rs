@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::effects;
-use capy_shared::model::{Job, JobAttempt, JOB_COLUMNS};
+use capy_shared::model::{job_type, Job, JobAttempt, JOB_COLUMNS};
 use capy_shared::queue::{self, Transition};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -240,14 +240,23 @@ async fn transition(
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     let mut tx = state.pool.begin().await?;
     // Visibility first, so another organization's job id reveals nothing.
-    let owner: Option<(Option<Uuid>, Option<Uuid>)> =
-        sqlx::query_as("select organization_id, project_id from jobs where id = $1")
+    let owner: Option<(Option<Uuid>, Option<Uuid>, String)> =
+        sqlx::query_as("select organization_id, project_id, type from jobs where id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-    match owner {
-        Some((org, project)) if principal.can_see(org, project) => {}
+    let kind = match owner {
+        Some((org, project, kind)) if principal.can_see(org, project) => kind,
         _ => return Err(ApiError::NotFound("job")),
+    };
+    // The end of a rotation's grace is a promise: whoever holds a key may not keep
+    // the old login alive by cancelling it (a rotation or the delete retires it).
+    if matches!(change, Change::Cancel) && kind == job_type::PROJECT_RETIRE_CREDENTIALS {
+        return Err(ApiError::Conflict(
+            "a project.retire_credentials job cannot be cancelled: it ends a replaced login \
+             when its grace is over"
+                .into(),
+        ));
     }
     let (outcome, verb) = match change {
         Change::Cancel => (queue::cancel(&mut tx, id).await?, "cancelled"),

@@ -91,6 +91,8 @@ pub async fn retire_login(
             project.role_name
         );
     }
+    drop_owned_elsewhere(client, cluster, project, role).await?;
+    revoke_foreign_members(client, project).await?;
     execute(
         client,
         &format!("DROP ROLE IF EXISTS {quoted}"),
@@ -98,6 +100,72 @@ pub async fn retire_login(
     )
     .await?;
     println!("login {role}: dropped");
+    Ok(())
+}
+
+/// Privileges other tenants granted the old login on their objects (any role may, the
+/// names are in pg_roles) would keep DROP ROLE from succeeding: they go too.
+async fn drop_owned_elsewhere(
+    client: &Client,
+    cluster: &StepCluster,
+    project: &StepProject,
+    role: &str,
+) -> Result<(), StepError> {
+    let rows = client
+        .query(
+            "select distinct d.datname::text from pg_shdepend s
+             join pg_database d on d.oid = s.dbid
+             join pg_roles r on r.oid = s.refobjid and s.refclassid = 'pg_authid'::regclass
+             where r.rolname = $1 and d.datname <> $2 and d.datallowconn",
+            &[&role, &project.database_name],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading where the old login holds privileges", &e))?;
+    for row in rows {
+        let database: String = row.get(0);
+        let inside = connect_database(cluster, &database, "database holding grants").await?;
+        execute(
+            &inside,
+            &format!("DROP OWNED BY {}", quote_ident(role)),
+            "revoking what other databases granted the old login",
+        )
+        .await?;
+        println!("login {role}: privileges in database {database} revoked");
+    }
+    Ok(())
+}
+
+/// Before PostgreSQL 16 a session may grant membership in its own role: a holder of
+/// the old credentials could have made another tenant's login a member of the current
+/// one. Only the project's own roles stay members.
+async fn revoke_foreign_members(client: &Client, project: &StepProject) -> Result<(), StepError> {
+    let rows = client
+        .query(
+            "select r.rolname::text from pg_auth_members m
+             join pg_roles g on g.oid = m.roleid join pg_roles r on r.oid = m.member
+             where g.rolname = $1
+               and not (r.rolname = $2 or starts_with(r.rolname, $2 || '_'))",
+            &[&project.role_name, &project.database_name],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading the current login's members", &e))?;
+    for row in rows {
+        let member: String = row.get(0);
+        execute(
+            client,
+            &format!(
+                "REVOKE {} FROM {}",
+                quote_ident(&project.role_name),
+                quote_ident(&member)
+            ),
+            "revoking a foreign membership in the current login",
+        )
+        .await?;
+        println!(
+            "login {}: membership of {member} revoked",
+            project.role_name
+        );
+    }
     Ok(())
 }
 

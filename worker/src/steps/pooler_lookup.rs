@@ -6,9 +6,9 @@
 //! `capy_pooler` is a schema of the cluster admin's (the tenant has no right on it); its
 //! one function is SECURITY DEFINER (it reads `pg_authid`, which only a superuser may)
 //! and answers a SCRAM verifier only for a login role that has CONNECT on the database
-//! it runs in (the project's logins: both of them during a credential rotation) and is
-//! neither a superuser, a replication role, nor the lookup role itself, so no other
-//! role's verifier leaks. Only the lookup role may use the schema and run the function.
+//! it runs in (the project's logins: both of them during a credential rotation, and one
+//! that may replicate logically) and is neither a superuser nor the lookup role itself,
+//! so no other role's verifier leaks (physical replication stays with the superuser). Only the lookup role may use the schema and run the function.
 //! The lookup role itself (LOGIN, with its password) is the operator's: whoever runs
 //! PgBouncer creates it.
 
@@ -126,7 +126,7 @@ fn install_sql(lookup: &str) -> String {
              FROM pg_catalog.pg_authid a
              WHERE a.rolname OPERATOR(pg_catalog.=) p_usename
                AND a.rolname OPERATOR(pg_catalog.<>) {name}
-               AND a.rolcanlogin AND NOT a.rolsuper AND NOT a.rolreplication
+               AND a.rolcanlogin AND NOT a.rolsuper
                AND a.rolpassword OPERATOR(pg_catalog.~~) 'SCRAM-SHA-256$%'
                AND (a.rolvaliduntil IS NULL
                     OR a.rolvaliduntil OPERATOR(pg_catalog.>) pg_catalog.now())
