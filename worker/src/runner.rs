@@ -133,6 +133,13 @@ impl Worker {
         tokio::pin!(shutdown);
         loop {
             while attempts.try_join_next().is_some() {}
+            // A shutdown that came while a step finished or a wake-up was handled stops
+            // claims now, not after one more batch.
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                () = std::future::ready(()) => {}
+            }
             let free = settings
                 .concurrency
                 .saturating_sub(attempts.len())
@@ -173,6 +180,8 @@ impl Worker {
             }
             let slots_full = attempts.len() >= settings.concurrency;
             tokio::select! {
+                // Shutdown first: a wake-up that arrived with it must not claim more.
+                biased;
                 () = &mut shutdown => break,
                 () = wake.notified(), if !slots_full => {}
                 () = tokio::time::sleep(idle_wait), if !slots_full || idle_wait.is_zero() => {}
