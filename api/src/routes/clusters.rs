@@ -224,21 +224,32 @@ impl RegisterCluster {
                 "region must be 1 to 32 characters: lowercase letters, digits, '-' and '_'",
             );
         }
-        if let Some(pem) = &self.ca_pem {
-            if pem.len() > MAX_CA_PEM_BYTES {
-                return bad("ca_pem must be at most 65536 bytes");
-            }
-            tls::parse_ca_pem(pem).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if self
+            .ca_pem
+            .as_ref()
+            .is_some_and(|pem| pem.len() > MAX_CA_PEM_BYTES)
+        {
+            return bad("ca_pem must be at most 65536 bytes");
         }
-        match tls::ClusterTarget::new(&self.url, self.ca_pem.as_deref()) {
-            Err(TlsConfigError::InvalidUrl) | Ok(_) => {}
-            Err(e) => return Err(ApiError::BadRequest(format!("url: {e}"))),
-        }
+        // What workers will connect with: the URL's TLS settings and the CA, each
+        // parsed once.
+        let connectable = match tls::ClusterTarget::new(&self.url, self.ca_pem.as_deref()) {
+            Ok(_) => true,
+            Err(TlsConfigError::InvalidUrl) => false,
+            Err(
+                e @ (TlsConfigError::UnknownSslMode
+                | TlsConfigError::RootCertFile
+                | TlsConfigError::ClientCertificate(_)
+                | TlsConfigError::VerifyCaWithoutCa),
+            ) => return Err(ApiError::BadRequest(format!("url: {e}"))),
+            // The CA's own errors name ca_pem.
+            Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+        };
         let parsed = url::Url::parse(&self.url)
             .ok()
             .filter(|u| matches!(u.scheme(), "postgres" | "postgresql"))
             .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
-            .filter(|_| tls::parse_url(&self.url, tls::SslMode::Prefer).is_ok());
+            .filter(|_| connectable);
         let Some(parsed) = parsed else {
             return bad(
                 "url must be a PostgreSQL URL: postgresql://user:password@host:port/database",
