@@ -13,6 +13,13 @@ const ROTATION_FAILED: &str = "rotating the credentials failed: ";
 
 /// Applies `job`'s current state to its project.
 pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
+    match job.job_type.as_str() {
+        job_type::PROJECT_BACKUP | job_type::PROJECT_BACKUP_VERIFY | job_type::BACKUP_DELETE => {
+            return crate::backups::apply(conn, job).await
+        }
+        job_type::PROJECT_RESTORE => return crate::restores::apply(conn, job).await,
+        _ => {}
+    }
     let Some(project_id) = job.project_id else {
         return Ok(());
     };

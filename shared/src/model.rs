@@ -71,6 +71,21 @@ pub mod job_type {
     pub const PROJECT_ROTATE_CREDENTIALS: &str = "project.rotate_credentials";
     /// Drops a login a rotation replaced (`args.role`), once its grace has ended.
     pub const PROJECT_RETIRE_CREDENTIALS: &str = "project.retire_credentials";
+    /// Dumps the project's database (`pg_dump -Fc`) into the backup store; a backup
+    /// or an export (`args.backup_id`; the kind is the backup row's).
+    pub const PROJECT_BACKUP: &str = "project.backup";
+    /// Restores a backup into a throwaway database and checks its tables and row
+    /// counts against what the backup recorded (`args.backup_id`).
+    pub const PROJECT_BACKUP_VERIFY: &str = "project.backup_verify";
+    /// Deletes an archive from the store (`args.backup_id`, `args.backup_key`): a
+    /// deleted backup, one past retention, an expired export.
+    pub const BACKUP_DELETE: &str = "backup.delete";
+    /// Restores a backup (`args.backup_id`) into the project: a new project made from
+    /// it, or the project itself overwritten (`args.mode`).
+    pub const PROJECT_RESTORE: &str = "project.restore";
+    /// Marks backups past retention and expired exports for deletion (inside the
+    /// worker, queued by a periodic job).
+    pub const BACKUP_EXPIRE: &str = "capy.backup_expire";
     /// Does nothing, inside the worker (no step process): measures the queue itself.
     pub const NOOP: &str = "capy.noop";
 }
@@ -168,3 +183,110 @@ pub const PROJECT_SELECT: &str = "select p.id, p.organization_id, p.cluster_id, 
     c.direct_port, coalesce(c.pooled_host, c.public_host) as pooled_host, c.pooled_port, c.ssl_mode, p.max_connections, p.statement_timeout, \
     p.idle_transaction_timeout, p.storage_limit_bytes, p.last_error, p.latest_job_id, \
     p.created_at, p.updated_at from projects p join clusters c on c.id = p.cluster_id";
+
+/// What a backup row holds: a verified backup or a downloadable export.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum BackupKind {
+    Backup,
+    Export,
+}
+
+impl BackupKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backup => "backup",
+            Self::Export => "export",
+        }
+    }
+}
+
+/// Where a backup is in its life: `pending` until its job completes (an upload cut
+/// short stays pending, then `failed`, and never counts).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum BackupState {
+    Pending,
+    Completed,
+    Failed,
+    Deleting,
+    Deleted,
+}
+
+impl BackupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+/// Whether a backup's test restore matched what it recorded.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum VerificationState {
+    Pending,
+    Verified,
+    Failed,
+    /// Exports are not verified.
+    Skipped,
+}
+
+impl VerificationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Verified => "verified",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// A backup or export as the API shows it (CapyDB's fields, and a few more).
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Backup {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub kind: BackupKind,
+    /// The archive's key in the backup store.
+    pub backup_key: String,
+    pub label: Option<String>,
+    pub database_name: String,
+    pub state: BackupState,
+    pub size_bytes: Option<i64>,
+    /// SHA-256 of the archive, hex.
+    pub sha256: Option<String>,
+    pub verification_state: VerificationState,
+    pub verification_error: Option<String>,
+    pub verified_at: Option<DateTime<Utc>>,
+    /// The schedule that made it (`default`), if any.
+    pub schedule_name: Option<String>,
+    pub retention_days: Option<i32>,
+    /// When it is deleted: exports after 7 days, scheduled backups after their
+    /// retention.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The job that made it.
+    pub job_id: Option<Uuid>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// The columns of [`Backup`] (table `backups`).
+pub const BACKUP_COLUMNS: &str = "id, project_id, kind, backup_key, label, database_name, state, \
+    size_bytes, sha256, verification_state, verification_error, verified_at, schedule_name, \
+    retention_days, expires_at, job_id, error, created_at, completed_at";

@@ -15,12 +15,34 @@ pub const ENV_JOB_ID: &str = "CAPY_JOB_ID";
 pub const ENV_JOB_TYPE: &str = "CAPY_JOB_TYPE";
 pub const ENV_ATTEMPT: &str = "CAPY_ATTEMPT";
 
+/// A step may report a result: one stdout line of this prefix followed by JSON. The
+/// last such line counts; a job's outcome reads it (e.g. a backup's size and checksum).
+pub const RESULT_PREFIX: &str = "capy-result ";
+
+/// The result a step reported on `stdout`, if any (the last [`RESULT_PREFIX`] line).
+pub fn parse_result(stdout: &str) -> Option<serde_json::Value> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| line.strip_prefix(RESULT_PREFIX))
+        .and_then(|json| serde_json::from_str(json).ok())
+}
+
+/// Prints `result` as the step's result line (see [`RESULT_PREFIX`]).
+pub fn print_result(result: &serde_json::Value) {
+    println!("{RESULT_PREFIX}{result}");
+}
+
 /// What a step reads on stdin. It holds secrets, so it has no `Debug`.
 #[derive(Serialize, Deserialize)]
 pub struct StepInput {
     pub job: Job,
     pub project: Option<StepProject>,
     pub cluster: Option<StepCluster>,
+    /// The backup store, for the jobs that read or write archives (backups, exports,
+    /// verifications, restores, deletions); `None` for the others.
+    #[serde(default)]
+    pub store: Option<crate::store::StoreConfig>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -85,6 +107,9 @@ impl StepInput {
                 secrets.extend(url.password().map(str::to_string));
             }
             secrets.extend(crate::redact::url_password(&cluster.admin_url));
+        }
+        if let Some(store) = &self.store {
+            secrets.extend(store.secrets());
         }
         secrets
     }

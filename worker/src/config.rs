@@ -92,6 +92,9 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub step_commands: Vec<String>,
+    /// The backup store, handed to the steps that read or write archives.
+    #[command(flatten)]
+    pub store: capy_shared::store::StoreConfig,
 }
 
 impl Cli {
@@ -140,6 +143,7 @@ impl Cli {
             instant_pool_size: self.instant_pool_size,
             instant_max_per_cluster: self.instant_max_per_cluster,
             instant_storage_check: Duration::from_secs(self.instant_storage_check_seconds),
+            store: self.store.clone(),
         })
     }
 }

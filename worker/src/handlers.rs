@@ -6,6 +6,7 @@ use capy_shared::crypto::SecretBox;
 use capy_shared::model::{job_type, Job};
 use capy_shared::queue::PROJECT_IS_LIVE;
 use capy_shared::step::{StepCluster, StepInput, StepLogin, StepProject};
+use capy_shared::store::StoreConfig;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -40,6 +41,7 @@ struct ClusterRow {
 pub async fn load_input(
     pool: &PgPool,
     secrets: &SecretBox,
+    store: &StoreConfig,
     job: &Job,
 ) -> anyhow::Result<StepInput> {
     let project: Option<ProjectRow> = match job.project_id {
@@ -119,7 +121,20 @@ pub async fn load_input(
         job: job.clone(),
         project,
         cluster,
+        store: needs_store(&job.job_type).then(|| store.clone()),
     })
+}
+
+/// Whether steps of `job_type` read or write the backup store (only they get its
+/// credentials).
+fn needs_store(job_type: &str) -> bool {
+    matches!(
+        job_type,
+        job_type::PROJECT_BACKUP
+            | job_type::PROJECT_BACKUP_VERIFY
+            | job_type::PROJECT_RESTORE
+            | job_type::BACKUP_DELETE
+    )
 }
 
 /// A job of a project that is deleted or being deleted (other than its delete): its

@@ -50,6 +50,8 @@ pub struct WorkerSettings {
     pub instant_max_per_cluster: i64,
     /// How often an unclaimed instant database's size is checked against its limit.
     pub instant_storage_check: Duration,
+    /// The backup store, for the steps that need it (`StepInput.store`).
+    pub store: capy_shared::store::StoreConfig,
 }
 
 pub struct Worker {
@@ -294,7 +296,9 @@ impl Worker {
         job: &Job,
         stop: watch::Receiver<Option<StopReason>>,
     ) -> Result<AttemptOutcome, StopReason> {
-        let input = match handlers::load_input(&self.pool, &self.secrets, job).await {
+        let input = match handlers::load_input(&self.pool, &self.secrets, &self.settings.store, job)
+            .await
+        {
             Ok(input) => input,
             Err(error) if error.is::<handlers::ProjectGone>() => {
                 tracing::warn!(error = %error, "the step does not run");
