@@ -23,6 +23,9 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
     let Some(project_id) = job.project_id else {
         return Ok(());
     };
+    if job.job_type == job_type::PROJECT_DELETE && job.state == "completed" {
+        forget_deleted_project(conn, project_id).await?;
+    }
     if job.job_type == job_type::PROJECT_ROTATE_CREDENTIALS && job.state == "completed" {
         return rotation_completed(conn, job, project_id).await;
     }
@@ -110,6 +113,24 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
         .bind(&job.args)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// A deleted project's schedules go, and its backups expire within a week (a week in
+/// which it can still be restored into a new project; after that its data is gone).
+async fn forget_deleted_project(conn: &mut PgConnection, project_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("delete from periodic_jobs where project_id = $1")
+        .bind(project_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "update backups set expires_at = least(coalesce(expires_at, 'infinity'), now() + interval '7 days'),
+                            updated_at = now()
+         where project_id = $1 and deleted_at is null",
+    )
+    .bind(project_id)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

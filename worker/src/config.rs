@@ -92,6 +92,12 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub step_commands: Vec<String>,
+    /// How often each worker looks for due periodic jobs (scheduled backups, sweeps).
+    #[arg(long, env = "CAPY_PERIODIC_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub periodic_interval_ms: u64,
+    /// Attempts each job a periodic job queues gets.
+    #[arg(long, env = "CAPY_JOB_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub job_max_attempts: i32,
     /// The backup store, handed to the steps that read or write archives.
     #[command(flatten)]
     pub store: capy_shared::store::StoreConfig,
@@ -144,6 +150,8 @@ impl Cli {
             instant_max_per_cluster: self.instant_max_per_cluster,
             instant_storage_check: Duration::from_secs(self.instant_storage_check_seconds),
             store: self.store.clone(),
+            periodic_interval: Duration::from_millis(self.periodic_interval_ms),
+            periodic_max_attempts: self.job_max_attempts,
         })
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use capy_shared::crypto::SecretBox;
 use capy_shared::model::{job_type, Job, RetryClassification};
 use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, RetryPolicy};
-use capy_shared::{effects, instant, redact, step};
+use capy_shared::{backups, effects, instant, periodic, redact, step};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch, Notify};
@@ -24,6 +24,8 @@ use crate::process::{self, StepCommand, StepEnd, StepLimits, StopReason};
 
 /// Outcomes recorded in one statement, at most.
 const FINISH_BATCH: usize = 2000;
+/// The periodic job that sweeps expired backups and exports.
+pub const BACKUP_EXPIRE_SCHEDULE: &str = "capy:backup_expire";
 /// Jobs claimed in one statement, at most.
 const CLAIM_BATCH: usize = 2000;
 
@@ -52,6 +54,10 @@ pub struct WorkerSettings {
     pub instant_storage_check: Duration,
     /// The backup store, for the steps that need it (`StepInput.store`).
     pub store: capy_shared::store::StoreConfig,
+    /// How often the worker looks for due periodic jobs.
+    pub periodic_interval: Duration,
+    /// Attempts each job queued by a periodic job gets.
+    pub periodic_max_attempts: i32,
 }
 
 pub struct Worker {
@@ -129,6 +135,7 @@ impl Worker {
             tokio::spawn(self.clone().listen(wake.clone())),
             tokio::spawn(self.clone().heartbeats()),
             tokio::spawn(self.clone().maintenance()),
+            tokio::spawn(self.clone().periodic()),
         ];
         let mut attempts = JoinSet::new();
         let mut failures = 0u32;
@@ -159,7 +166,11 @@ impl Worker {
                             idle_wait = Duration::ZERO;
                         }
                         for job in jobs {
-                            if job.job_type == job_type::NOOP {
+                            if job.job_type == job_type::BACKUP_EXPIRE {
+                                attempts.spawn(
+                                    self.clone().sweep_expired_backups(job, finished_tx.clone()),
+                                );
+                            } else if job.job_type == job_type::NOOP {
                                 let done = succeeded(&job);
                                 let outcome = Outcome {
                                     finished: done,
@@ -548,6 +559,60 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Queues the due slots of periodic jobs (scheduled backups, capy's own sweeps),
+    /// once per slot whatever the number of workers.
+    async fn periodic(self: Arc<Self>) {
+        let expire = periodic::NewPeriodicJob {
+            name: BACKUP_EXPIRE_SCHEDULE.into(),
+            job_type: job_type::BACKUP_EXPIRE.into(),
+            organization_id: None,
+            project_id: None,
+            cluster_id: None,
+            args: serde_json::json!({}),
+            schedule: periodic::Schedule::Every { seconds: 60 },
+            is_active: true,
+        };
+        if let Err(error) = periodic::ensure(&self.pool, &expire).await {
+            tracing::warn!(error = %error, "could not register the backup expiry sweep");
+        }
+        let mut interval = tokio::time::interval(self.settings.periodic_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            match periodic::fire_due(&self.pool, self.settings.periodic_max_attempts, 100).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "queued the jobs of periodic slots"),
+                Err(error) => tracing::warn!(error = %error, "firing periodic jobs failed"),
+            }
+        }
+    }
+
+    /// `capy.backup_expire`, done by the worker itself in SQL (no step process): marks
+    /// backups past retention and expired exports for deletion, queueing their deletes.
+    async fn sweep_expired_backups(self: Arc<Self>, job: Job, finished: mpsc::Sender<Outcome>) {
+        let result = async {
+            let mut tx = self.pool.begin().await?;
+            let marked = backups::expire(&mut tx, 1000).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(marked)
+        }
+        .await;
+        let mut done = succeeded(&job);
+        match result {
+            Ok(marked) => done.outcome.stdout = format!("marked {marked} backups for deletion\n"),
+            Err(error) => {
+                done.outcome = failure(RetryClassification::Transient, error.to_string());
+                done.retry_delay = self.settings.retry.delay_after(job.attempts);
+            }
+        }
+        let _ = finished
+            .send(Outcome {
+                finished: done,
+                entry: None,
+            })
+            .await;
     }
 
     /// Deletes expired instant databases and keeps the warm pool full.
