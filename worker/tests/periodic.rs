@@ -1,6 +1,9 @@
 //! Periodic jobs: one job per slot however many workers look, once after downtime
 //! (not once per missed slot), and slots computed in UTC.
 
+// Helpers outside #[test] functions panic on failure too: they are test code.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
