@@ -155,7 +155,10 @@ async fn step(job_type: &str, project: &Project, args: Value, store: &Store) -> 
     .expect("capy-step did not finish within 120 s")
     .unwrap();
     let output = Output {
-        code: output.status.code().expect("capy-step was killed by a signal"),
+        code: output
+            .status
+            .code()
+            .expect("capy-step was killed by a signal"),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     };
@@ -258,7 +261,10 @@ async fn back_up(project: &Project, backup: &Backup, store: &Store) -> Value {
         result["size_bytes"].as_u64(),
         Some(std::fs::metadata(&archive).unwrap().len())
     );
-    assert_eq!(result["sha256"].as_str(), Some(sha256_of(&archive).as_str()));
+    assert_eq!(
+        result["sha256"].as_str(),
+        Some(sha256_of(&archive).as_str())
+    );
     assert!(store.file(&manifest_key(&backup.key)).is_file());
     result
 }
@@ -287,9 +293,18 @@ async fn backup_verify_restore_and_delete() {
     );
 
     for _ in 0..2 {
-        let output = step(job_type::PROJECT_BACKUP_VERIFY, &project, backup.args(), &store).await;
+        let output = step(
+            job_type::PROJECT_BACKUP_VERIFY,
+            &project,
+            backup.args(),
+            &store,
+        )
+        .await;
         output.assert_code(0);
-        assert_eq!(output.result(), json!({"verified": true, "tables": 2, "rows": 107}));
+        assert_eq!(
+            output.result(),
+            json!({"verified": true, "tables": 2, "rows": 107})
+        );
     }
     let scratch = format!("capy_verify_{}", &backup.id.simple().to_string()[..16]);
     assert!(!database_exists(&scratch).await);
@@ -325,7 +340,9 @@ async fn restore_over_the_project(project: &Project, backup: &Backup, store: &St
     assert_eq!(count(&tenant, "select count(*) from app.items").await, 7);
     // The extension's function works, and the tenant may write again.
     tenant
-        .batch_execute("insert into orders (id) values (101); insert into app.items (name) values ('x')")
+        .batch_execute(
+            "insert into orders (id) values (101); insert into app.items (name) values ('x')",
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -363,7 +380,13 @@ async fn tampered_manifest_fails(project: &Project, backup: &Backup, store: &Sto
     let mut manifest: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     manifest["tables"][1]["rows"] = json!(99);
     std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
-    let output = step(job_type::PROJECT_BACKUP_VERIFY, project, backup.args(), store).await;
+    let output = step(
+        job_type::PROJECT_BACKUP_VERIFY,
+        project,
+        backup.args(),
+        store,
+    )
+    .await;
     output.assert_code(EXIT_PERMANENT);
     assert_eq!(
         output.last_error(),
@@ -396,21 +419,26 @@ async fn a_hostile_archive_gains_nothing() {
         .unwrap();
     let backup = Backup::of(&project);
     back_up(&project, &backup, &store).await;
-    step(job_type::PROJECT_BACKUP_VERIFY, &project, backup.args(), &store)
-        .await
-        .assert_code(0);
+    step(
+        job_type::PROJECT_BACKUP_VERIFY,
+        &project,
+        backup.args(),
+        &store,
+    )
+    .await
+    .assert_code(0);
     let args = json!({"backup_id": backup.id, "backup_key": backup.key, "mode": "project"});
     step(job_type::PROJECT_RESTORE, &project, args, &store)
         .await
         .assert_code(0);
-    let tenant = as_tenant(&project).await;
-    assert_eq!(count(&tenant, "select count(*) from guarded").await, 3);
     let roles = admin("postgres")
         .await
         .query("select 1 from pg_roles where rolname = $1", &[&intruder])
         .await
         .unwrap();
     assert!(roles.is_empty(), "the archive's function created a role");
+    let tenant = as_tenant(&project).await;
+    assert_eq!(count(&tenant, "select count(*) from guarded").await, 3);
 }
 
 #[tokio::test]
@@ -420,5 +448,9 @@ async fn a_key_of_another_project_is_refused() {
     let other = Backup::of(&Project::new());
     let output = step(job_type::PROJECT_BACKUP, &project, other.args(), &store).await;
     output.assert_code(EXIT_PERMANENT);
-    assert!(output.last_error().contains("another project"), "{}", output.stderr);
+    assert!(
+        output.last_error().contains("another project"),
+        "{}",
+        output.stderr
+    );
 }

@@ -41,7 +41,9 @@ impl BackupArgs {
             .and_then(|project| Uuid::parse_str(project).ok())
             .filter(|project| capy_shared::store::archive_key(*project, backup_id) == key)
             .ok_or_else(|| {
-                StepError::permanent(format!("backup_key {key:?} is not a key of backup {backup_id}"))
+                StepError::permanent(format!(
+                    "backup_key {key:?} is not a key of backup {backup_id}"
+                ))
             })?;
         Ok(Self {
             backup_id,
@@ -133,7 +135,8 @@ pub async fn read_manifest(store: &BackupStore, args: &BackupArgs) -> Result<Man
 
 /// The tables whose rows a dump holds: ordinary tables outside the system schemas and
 /// capy's own, not an extension's, not another session's temporary ones.
-const TABLES: &str = "select n.nspname::text, c.relname::text, format('%I.%I', n.nspname, c.relname)
+const TABLES: &str =
+    "select n.nspname::text, c.relname::text, format('%I.%I', n.nspname, c.relname)
      from pg_class c join pg_namespace n on n.oid = c.relnamespace
      where c.relkind = 'r' and c.relpersistence <> 't'
        and n.nspname not in ('pg_catalog', 'information_schema', 'capy_pooler')
@@ -358,7 +361,8 @@ fn skipped(line: &str, existing_schemas: &BTreeSet<String>) -> bool {
     let desc = words[..desc_len].join(" ");
     let schema = words.get(desc_len).copied().unwrap_or_default();
     let name = words.get(desc_len + 1).copied().unwrap_or_default();
-    let commented = (desc == "COMMENT").then(|| words.get(desc_len + 2).copied().unwrap_or_default());
+    let commented =
+        (desc == "COMMENT").then(|| words.get(desc_len + 2).copied().unwrap_or_default());
     match (desc.as_str(), commented) {
         ("EXTENSION", _) => true,
         ("SCHEMA", _) => existing_schemas.contains(name),

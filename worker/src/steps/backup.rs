@@ -39,7 +39,8 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         ));
     }
     let store = open_store(input)?;
-    let mut client = connect_database(cluster, &project.database_name, "project's database").await?;
+    let mut client =
+        connect_database(cluster, &project.database_name, "project's database").await?;
     let server_version_num = pg_tools::server_version_num(&client).await?;
     let pg_dump = pg_tools::locate(Tool::PgDump, server_version_num)?;
     let tx = client
@@ -96,7 +97,11 @@ async fn dump(
     let env = PgEnv::new(cluster, &project.database_name, Login::Admin)?;
     let mut command = env.command(pg_dump);
     command
-        .args(["--format=custom", "--exclude-schema=capy_pooler", "--no-password"])
+        .args([
+            "--format=custom",
+            "--exclude-schema=capy_pooler",
+            "--no-password",
+        ])
         .arg(format!("--snapshot={snapshot}"))
         .stdout(std::process::Stdio::piped());
     let mut child = pg_tools::spawn(&mut command, Tool::PgDump)?;

@@ -13,8 +13,7 @@ use tokio_postgres::Client;
 
 use super::archive::{self, open_store, read_manifest, BackupArgs, Manifest, TableRows};
 use super::{
-    connect, connect_database, execute, require_cluster, require_project, validate_names,
-    StepError,
+    connect, connect_database, execute, require_cluster, require_project, validate_names, StepError,
 };
 
 pub async fn run(input: &StepInput) -> Result<(), StepError> {
@@ -51,7 +50,9 @@ fn scratch_name(args: &BackupArgs) -> Result<String, StepError> {
     if is_valid_identifier(&name) {
         Ok(name)
     } else {
-        Err(StepError::permanent(format!("invalid database name {name:?}")))
+        Err(StepError::permanent(format!(
+            "invalid database name {name:?}"
+        )))
     }
 }
 
@@ -87,7 +88,10 @@ async fn create_scratch(admin: &Client, scratch: &str, role: &str) -> Result<(),
 async fn drop_scratch(admin: &Client, scratch: &str) -> Result<(), StepError> {
     execute(
         admin,
-        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(scratch)),
+        &format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(scratch)
+        ),
         "dropping the verification database",
     )
     .await?;
@@ -122,10 +126,9 @@ fn compare(expected: &[TableRows], restored: &[TableRows]) -> Result<(), StepErr
             .find(|r| r.schema == table.schema && r.name == table.name);
         let reason = match found {
             None => format!("{} rows in the backup, the table is missing", table.rows),
-            Some(found) if found.rows != table.rows => format!(
-                "{} rows in the backup, {} restored",
-                table.rows, found.rows
-            ),
+            Some(found) if found.rows != table.rows => {
+                format!("{} rows in the backup, {} restored", table.rows, found.rows)
+            }
             Some(_) => continue,
         };
         return Err(StepError::permanent(format!(
@@ -133,10 +136,11 @@ fn compare(expected: &[TableRows], restored: &[TableRows]) -> Result<(), StepErr
             table.schema, table.name
         )));
     }
-    if let Some(extra) = restored
-        .iter()
-        .find(|r| !expected.iter().any(|t| t.schema == r.schema && t.name == r.name))
-    {
+    if let Some(extra) = restored.iter().find(|r| {
+        !expected
+            .iter()
+            .any(|t| t.schema == r.schema && t.name == r.name)
+    }) {
         return Err(StepError::permanent(format!(
             "table {}.{}: restored, but not in the backup's manifest",
             extra.schema, extra.name

@@ -65,7 +65,15 @@ pub async fn enable(input: &StepInput) -> Result<(), StepError> {
     require_database(&admin, project, cluster).await?;
     drop(admin);
     let mut client = connect_project_database(project, cluster).await?;
-    install(&mut client, cluster, project, &name, version.is_some(), &offer).await
+    install(
+        &mut client,
+        cluster,
+        project,
+        &name,
+        version.is_some(),
+        &offer,
+    )
+    .await
 }
 
 /// Makes sure extension `name` (at `version`, else the default) is installed in the

@@ -15,8 +15,8 @@ use tokio_postgres::Client;
 use super::archive::{self, open_store, read_manifest, BackupArgs};
 use super::tenant_database::{converge, Provision};
 use super::{
-    connect, connect_database, execute, exists, require_cluster, require_project,
-    validate_project, StepError, ROLE_EXISTS,
+    connect, connect_database, execute, exists, require_cluster, require_project, validate_project,
+    StepError, ROLE_EXISTS,
 };
 
 /// Where the backup goes.
