@@ -21,6 +21,9 @@ use super::{connect_database, require_cluster, require_project, validate_names, 
 /// Multipart parts of this size: memory use stays bounded whatever the database's size.
 const PART_SIZE: usize = 8 * 1024 * 1024;
 
+/// How long the backup waits for a table's lock (the counts', then pg_dump's).
+const LOCK_WAIT: &str = "5min";
+
 /// What was uploaded.
 struct Upload {
     size: u64,
@@ -50,6 +53,10 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         .start()
         .await
         .map_err(|e| StepError::from_db("starting the snapshot", &e))?;
+    // A lock the tenant holds does not stall the backup forever: it fails, and says so.
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
+        .await
+        .map_err(|e| StepError::from_db("setting the lock timeout", &e))?;
     let snapshot: String = tx
         .query_one("select pg_export_snapshot()", &[])
         .await
@@ -103,6 +110,7 @@ async fn dump(
             "--no-password",
         ])
         .arg(format!("--snapshot={snapshot}"))
+        .arg(format!("--lock-wait-timeout={LOCK_WAIT}"))
         .stdout(std::process::Stdio::piped());
     let mut child = pg_tools::spawn(&mut command, Tool::PgDump)?;
     let mut writer = BufWriter::with_capacity(
