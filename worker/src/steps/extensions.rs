@@ -64,34 +64,76 @@ pub async fn enable(input: &StepInput) -> Result<(), StepError> {
     let offer = read_offer(&admin, cluster, &name, version.as_deref()).await?;
     require_database(&admin, project, cluster).await?;
     drop(admin);
-    let installer = choose_installer(&offer, cluster, &name)?;
-
     let mut client = connect_project_database(project, cluster).await?;
-    let before = installed_version(&client, &name).await?;
-    let mut create = format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(&name));
-    if let Some(version) = &version {
-        create.push_str(&format!(" VERSION {}", quote_literal(version)));
+    install(
+        &mut client,
+        cluster,
+        project,
+        &name,
+        version.is_some(),
+        &offer,
+    )
+    .await
+}
+
+/// Makes sure extension `name` (at `version`, else the default) is installed in the
+/// database `client` (an admin session) is in, by the installer PostgreSQL's rules and
+/// the operator's allow-list choose, exactly as [`enable`] would. `admin` is the
+/// admin's session in its own database, which reads what the cluster offers. Used by
+/// the restore steps for the extensions a backup's manifest lists.
+pub async fn ensure(
+    admin: &tokio_postgres::Client,
+    client: &mut tokio_postgres::Client,
+    cluster: &StepCluster,
+    project: &StepProject,
+    name: &str,
+    version: Option<&str>,
+) -> Result<(), StepError> {
+    if !is_valid_extension_name(name) || !version.is_none_or(is_valid_version) {
+        return Err(StepError::permanent(format!(
+            "invalid extension name or version {name:?} {version:?}"
+        )));
+    }
+    let offer = read_offer(admin, cluster, name, version).await?;
+    install(client, cluster, project, name, version.is_some(), &offer).await
+}
+
+/// Creates the extension of `offer` (and updates it to the offered version when one
+/// was asked for) in the database `client` is in.
+async fn install(
+    client: &mut tokio_postgres::Client,
+    cluster: &StepCluster,
+    project: &StepProject,
+    name: &str,
+    pinned: bool,
+    offer: &Offer,
+) -> Result<(), StepError> {
+    let installer = choose_installer(offer, cluster, name)?;
+    let before = installed_version(client, name).await?;
+    let mut create = format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(name));
+    if pinned {
+        create.push_str(&format!(" VERSION {}", quote_literal(&offer.version)));
     }
     match installer {
         Installer::Tenant => {
             if offer.schema.is_none() {
                 create.push_str(&format!(" SCHEMA {}", quote_ident(TENANT_SCHEMA)));
             }
-            as_tenant(&mut client, project, &create, "creating the extension").await?;
+            as_tenant(client, project, &create, "creating the extension").await?;
         }
         Installer::LockedAdmin => {
             create.push_str(&format!(" SCHEMA {}", quote_ident(LOCKED_SCHEMA)));
-            as_locked_admin(&mut client, project, &offer, &create).await?;
+            as_locked_admin(client, project, offer, &create).await?;
         }
     }
     match &before {
         None => println!("extension {name}: created ({})", installer.describe()),
         Some(current) => println!("extension {name}: already installed at version {current}"),
     }
-    if version.is_some() {
-        update_to(&mut client, project, &offer, installer, &name).await?;
+    if pinned {
+        update_to(client, project, offer, installer, name).await?;
     }
-    let installed = installed_version(&client, &name).await?.ok_or_else(|| {
+    let installed = installed_version(client, name).await?.ok_or_else(|| {
         StepError::permanent(format!(
             "extension {name:?} is not in pg_extension after CREATE EXTENSION"
         ))

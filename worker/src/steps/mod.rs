@@ -2,13 +2,19 @@
 //! as its admin with tokio-postgres and are idempotent: each reads the catalogs first
 //! and does only what is missing, so a retried attempt is safe.
 
+mod archive;
+mod backup;
+mod backup_delete;
+mod backup_verify;
 mod credentials_retire;
 mod credentials_rotate;
 mod extensions;
+mod pg_tools;
 mod pooler_lookup;
 mod project_create;
 mod project_delete;
 mod project_update;
+mod restore;
 mod storage_check;
 mod tenant_database;
 
@@ -77,6 +83,10 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         job_type::PROJECT_STORAGE_CHECK => storage_check::run(input).await,
         job_type::PROJECT_ROTATE_CREDENTIALS => credentials_rotate::run(input).await,
         job_type::PROJECT_RETIRE_CREDENTIALS => credentials_retire::run(input).await,
+        job_type::PROJECT_BACKUP => backup::run(input).await,
+        job_type::PROJECT_BACKUP_VERIFY => backup_verify::run(input).await,
+        job_type::BACKUP_DELETE => backup_delete::run(input).await,
+        job_type::PROJECT_RESTORE => restore::run(input).await,
         other => Err(StepError::permanent(format!(
             "capy-step has no built-in step for job type '{other}'"
         ))),
