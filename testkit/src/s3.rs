@@ -106,8 +106,12 @@ impl TestS3 {
     /// The keys of the multipart uploads begun and neither completed nor aborted
     /// (ListMultipartUploads; moto takes it unsigned).
     pub fn pending_uploads(&self) -> anyhow::Result<Vec<String>> {
-        let (status, body) = http_request(&self.endpoint, "GET", &format!("/{}?uploads", self.bucket))?;
-        anyhow::ensure!(status == 200, "ListMultipartUploads answered {status}: {body}");
+        let (status, body) =
+            http_request(&self.endpoint, "GET", &format!("/{}?uploads", self.bucket))?;
+        anyhow::ensure!(
+            status == 200,
+            "ListMultipartUploads answered {status}: {body}"
+        );
         Ok(body
             .split("<Key>")
             .skip(1)
@@ -128,7 +132,10 @@ impl TestS3 {
         let endpoint = format!("http://127.0.0.1:{port}");
         let bucket = "capy-test".to_string();
         let (status, body) = http_request(&endpoint, "PUT", &format!("/{bucket}"))?;
-        anyhow::ensure!(status == 200, "creating the bucket answered {status}: {body}");
+        anyhow::ensure!(
+            status == 200,
+            "creating the bucket answered {status}: {body}"
+        );
         Ok(Self {
             endpoint,
             bucket,
@@ -153,7 +160,9 @@ fn moto_venv() -> anyhow::Result<PathBuf> {
     if marker.exists() {
         return Ok(venv);
     }
-    let parent = venv.parent().context("the virtualenv has no parent folder")?;
+    let parent = venv
+        .parent()
+        .context("the virtualenv has no parent folder")?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let lock = std::fs::File::create(parent.join("moto-venv.lock"))?;
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
@@ -183,7 +192,13 @@ fn install_moto(venv: &Path, marker: &Path) -> anyhow::Result<()> {
         );
     }
     let output = Command::new(venv.join("bin").join("python"))
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .arg(format!("moto[server]=={MOTO_VERSION}"))
         .output()
         .context("running pip")?;

@@ -21,7 +21,8 @@ async fn multipart_uploads_read_back_and_presigned_urls_download() {
     let key = "projects/p/backups/b.dump";
     // 12 MiB in 5 MiB parts (S3's smallest but the last): three parts.
     let data: Vec<u8> = (0..12 * MIB).map(|i| (i % 251) as u8).collect();
-    let mut writer = BufWriter::with_capacity(store.object_store().clone(), store.path(key), 5 * MIB);
+    let mut writer =
+        BufWriter::with_capacity(store.object_store().clone(), store.path(key), 5 * MIB);
     for chunk in data.chunks(MIB) {
         writer.write_all(chunk).await.unwrap();
     }
@@ -30,15 +31,28 @@ async fn multipart_uploads_read_back_and_presigned_urls_download() {
     let read = store.object_store().get(&store.path(key)).await.unwrap();
     assert_eq!(read.meta.size, data.len() as u64);
     assert_eq!(read.bytes().await.unwrap().as_ref(), data.as_slice());
-    assert_eq!(s3.list(&prefix).await.unwrap(), vec![format!("{prefix}/{key}")]);
-    assert_eq!(s3.get(&format!("{prefix}/{key}")).await.unwrap().unwrap().len(), data.len());
+    assert_eq!(
+        s3.list(&prefix).await.unwrap(),
+        vec![format!("{prefix}/{key}")]
+    );
+    assert_eq!(
+        s3.get(&format!("{prefix}/{key}"))
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        data.len()
+    );
 
     let url = store
         .signed_url(key, Duration::from_secs(60))
         .await
         .unwrap()
         .expect("an S3 store signs URLs");
-    assert!(url.query().unwrap_or_default().contains("X-Amz-Signature"), "{url}");
+    assert!(
+        url.query().unwrap_or_default().contains("X-Amz-Signature"),
+        "{url}"
+    );
     let response = reqwest::get(url.as_str()).await.unwrap();
     assert_eq!(response.status(), 200);
     let body = response.bytes().await.unwrap();
@@ -46,7 +60,11 @@ async fn multipart_uploads_read_back_and_presigned_urls_download() {
         hex::encode(sha2::Sha256::digest(&body)),
         hex::encode(sha2::Sha256::digest(&data))
     );
-    assert!(s3.pending_uploads().unwrap().iter().all(|k| !k.starts_with(&prefix)));
+    assert!(s3
+        .pending_uploads()
+        .unwrap()
+        .iter()
+        .all(|k| !k.starts_with(&prefix)));
 }
 
 #[tokio::test]
