@@ -88,5 +88,5 @@ async fn an_aborted_multipart_upload_leaves_no_object() {
     ));
     assert!(s3.list(&prefix).await.unwrap().is_empty());
     assert!(!s3.pending_uploads().unwrap().contains(&path.to_string()));
-    assert!(s3.get(&path.to_string()).await.unwrap().is_none());
+    assert!(s3.get(path.as_ref()).await.unwrap().is_none());
 }
