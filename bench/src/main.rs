@@ -2,6 +2,7 @@
 //! Build everything first (`cargo build --release --workspace --bins`): the benches run
 //! the API and workers as real processes from the same target folder.
 
+mod backup;
 mod instant;
 mod metrics;
 mod pooler;
@@ -60,6 +61,11 @@ enum Bench {
     /// pgbench TPS (select-only) through the pooler (PgBouncer, transaction mode) beside
     /// direct, same run: -c 20 both ways, then -c 200 through the pooler.
     Pooler(pooler::PoolerArgs),
+    /// A project database of --size-mib (default 1 GiB): capy backup → completed,
+    /// verification, restore into a new project, beside `pg_dump -Fc | pg_restore` and
+    /// `pg_dump -Fc > file` on the same cluster; peak RSS of the workers, steps and
+    /// pg_dump/pg_restore while capy runs.
+    Backup(backup::BackupArgs),
 }
 
 #[tokio::main]
@@ -78,5 +84,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Instant { runs } => instant::instant(runs).await,
         Bench::Metrics(args) => metrics::metrics(&args).await,
         Bench::Pooler(args) => pooler::pooler(&args).await,
+        Bench::Backup(args) => backup::backup(&args).await,
     }
 }

@@ -24,9 +24,10 @@ pg_bindir() {
   return 1
 }
 
-# Installs PostgreSQL's server from Debian's packages when it is missing.
+# Installs PostgreSQL's server from Debian's packages when it is missing, and its
+# client tools: backups run pg_dump and pg_restore.
 ensure_postgres() {
-  pg_bindir >/dev/null && return 0
+  pg_bindir >/dev/null && { ensure_pg_client; return 0; }
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     note "PostgreSQL's server is missing: installing it from Debian's packages"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
@@ -35,6 +36,46 @@ ensure_postgres() {
     pg_bindir >/dev/null || die "postgresql is installed but initdb was not found; set CAPY_PG_BINDIR"
   else
     die "PostgreSQL's server binaries (initdb, postgres) are missing: run 'sudo apt-get install postgresql', or set CAPY_PG_BINDIR to the folder holding them"
+  fi
+  ensure_pg_client
+}
+
+# pg_dump and pg_restore (backups, verification, restores), beside the server's
+# binaries or on PATH; from Debian's postgresql-client when missing.
+has_pg_client() {
+  local dir
+  dir=$(pg_bindir 2>/dev/null) || dir=""
+  if [ -n "$dir" ] && [ -x "$dir/pg_dump" ] && [ -x "$dir/pg_restore" ]; then return 0; fi
+  command -v pg_dump >/dev/null 2>&1 && command -v pg_restore >/dev/null 2>&1
+}
+
+ensure_pg_client() {
+  has_pg_client && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    note "pg_dump/pg_restore are missing: installing postgresql-client from Debian's packages"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null ||
+      die "apt-get install postgresql-client failed"
+    has_pg_client || die "postgresql-client is installed but pg_dump was not found"
+  else
+    die "pg_dump and pg_restore are missing: run 'sudo apt-get install postgresql-client' (the same major as the server or newer)"
+  fi
+}
+
+# python3 with its venv module: the tests run moto's S3 server from a virtualenv they
+# make (capy_testkit::s3). python3-venv from Debian's packages when missing.
+ensure_python_venv() {
+  local python=${CAPY_PYTHON:-python3}
+  "$python" -c 'import venv, ensurepip' >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    note "python3's venv module is missing: installing python3-venv from Debian's packages"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null ||
+      die "apt-get install python3-venv failed"
+    "$python" -c 'import venv, ensurepip' >/dev/null 2>&1 ||
+      die "python3-venv is installed but '$python -c \"import venv, ensurepip\"' still fails; set CAPY_PYTHON to a python3 with venv"
+  else
+    die "$python with its venv module is missing (the tests' S3 server runs from a virtualenv): run 'sudo apt-get install python3 python3-venv', or set CAPY_PYTHON to a python3 that has it"
   fi
 }
 

@@ -6,6 +6,7 @@
 mod cluster;
 mod pooler;
 mod processes;
+mod s3;
 mod tls;
 
 pub use cluster::{cluster, postgres_bin_dir, tls_only_cluster, TestCluster};
@@ -13,6 +14,7 @@ pub use pooler::{
     pgbouncer_ini, pooler, tls_only_pooler, PoolerConfig, PoolerTls, TestPooler, POOLER_AUTH_USER,
 };
 pub use processes::{bin_path, free_port, ChildGuard, ProcessStack};
+pub use s3::{s3, TestS3, MOTO_VERSION};
 pub use tls::TestCertificates;
 
 use anyhow::Context as _;

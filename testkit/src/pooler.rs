@@ -175,7 +175,7 @@ impl TestPooler {
         owner.chown(&ini)?;
         let mut command = owner.command(Path::new(&pgbouncer_path()));
         command.arg(&ini);
-        supervise(command)?;
+        supervise(command, "pgbouncer")?;
         crate::cluster::wait_until_accepting("127.0.0.1", port)?;
         Ok(Self {
             host: "127.0.0.1".into(),
@@ -247,10 +247,11 @@ fn create_lookup_role(admin_url: &str, password: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the pooler from a thread that waits on it for the process's life: the
-/// parent-death signal goes when that thread ends, i.e. when the test process exits.
+/// Runs a server (`what`: the pooler, the S3 server) from a thread that waits on it for
+/// the process's life: the parent-death signal goes when that thread ends, i.e. when
+/// the test process exits.
 #[allow(unsafe_code)]
-fn supervise(mut command: Command) -> anyhow::Result<()> {
+pub(crate) fn supervise(mut command: Command, what: &str) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt as _;
     command
         .stdin(Stdio::null())
@@ -266,7 +267,7 @@ fn supervise(mut command: Command) -> anyhow::Result<()> {
     }
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
-        .name("capy-test-pgbouncer".into())
+        .name(format!("capy-test-{what}"))
         .spawn(move || match command.spawn() {
             Ok(mut child) => {
                 let _ = tx.send(Ok(()));
@@ -276,8 +277,8 @@ fn supervise(mut command: Command) -> anyhow::Result<()> {
                 let _ = tx.send(Err(e));
             }
         })
-        .context("starting the pooler supervisor thread")?;
+        .with_context(|| format!("starting the {what} supervisor thread"))?;
     rx.recv()
-        .context("the pooler supervisor is gone")?
-        .context("starting pgbouncer")
+        .with_context(|| format!("the {what} supervisor is gone"))?
+        .with_context(|| format!("starting the {what} server"))
 }
