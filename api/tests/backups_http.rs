@@ -46,7 +46,10 @@ fn s(value: &Value) -> &str {
 }
 
 async fn count(app: &TestApp, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(&app.db.pool).await.unwrap()
+    sqlx::query_scalar(sql)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
 }
 
 async fn job(app: &TestApp, id: &str) -> Job {
@@ -90,7 +93,12 @@ async fn a_backup_is_queued_listed_and_shown() {
     let (app, project, _) = app_with_store().await;
     let path = format!("/v1/projects/{project}/backups");
     let (status, created) = app
-        .call("POST", &path, Some(&app.key), Some(r#"{"label":" nightly "}"#))
+        .call(
+            "POST",
+            &path,
+            Some(&app.key),
+            Some(r#"{"label":" nightly "}"#),
+        )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{created}");
     let backup = &created["backup"];
@@ -131,7 +139,12 @@ async fn a_backup_is_queued_listed_and_shown() {
     assert_eq!(listed["backups"].as_array().unwrap().len(), 1);
     // A backup is not an export, nor the other way round.
     let (status, _) = app
-        .call("GET", &format!("/v1/exports/{}", s(&backup["id"])), Some(&app.key), None)
+        .call(
+            "GET",
+            &format!("/v1/exports/{}", s(&backup["id"])),
+            Some(&app.key),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
@@ -146,7 +159,12 @@ async fn a_backup_is_queued_listed_and_shown() {
     assert_eq!(first["backups"].as_array().unwrap().len(), 2);
     let cursor = s(&first["next_cursor"]);
     let (_, second) = app
-        .call("GET", &format!("{path}?limit=2&cursor={cursor}"), Some(&app.key), None)
+        .call(
+            "GET",
+            &format!("{path}?limit=2&cursor={cursor}"),
+            Some(&app.key),
+            None,
+        )
         .await;
     assert_eq!(second["backups"], json!([backup]), "{second}");
 }
@@ -188,7 +206,12 @@ async fn refusals_queue_nothing() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert!(s(&answer["error"]).contains("label"), "{answer}");
     let (status, answer) = app
-        .call("GET", &format!("/v1/backups/{}", Uuid::now_v7()), Some(&app.key), None)
+        .call(
+            "GET",
+            &format!("/v1/backups/{}", Uuid::now_v7()),
+            Some(&app.key),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
 
@@ -196,11 +219,21 @@ async fn refusals_queue_nothing() {
     let other = app.create_project("fresh").await;
     let other = s(&other["project"]["id"]).to_string();
     let (status, answer) = app
-        .call("POST", &format!("/v1/projects/{other}/backups"), Some(&app.key), Some("{}"))
+        .call(
+            "POST",
+            &format!("/v1/projects/{other}/backups"),
+            Some(&app.key),
+            Some("{}"),
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
     let (status, _) = app
-        .call("DELETE", &format!("/v1/projects/{project}"), Some(&app.key), None)
+        .call(
+            "DELETE",
+            &format!("/v1/projects/{project}"),
+            Some(&app.key),
+            None,
+        )
         .await;
     assert!(status.is_success());
     let (status, answer) = app.call("POST", &path, Some(&app.key), Some("{}")).await;
@@ -230,11 +263,21 @@ async fn refusals_queue_nothing() {
 async fn another_organizations_key_finds_no_backup() {
     let (app, project, _) = app_with_store().await;
     let (_, created) = app
-        .call("POST", &format!("/v1/projects/{project}/backups"), Some(&app.key), Some("{}"))
+        .call(
+            "POST",
+            &format!("/v1/projects/{project}/backups"),
+            Some(&app.key),
+            Some("{}"),
+        )
         .await;
     let backup = s(&created["backup"]["id"]).to_string();
     let (_, export) = app
-        .call("POST", &format!("/v1/projects/{project}/exports"), Some(&app.key), Some("{}"))
+        .call(
+            "POST",
+            &format!("/v1/projects/{project}/exports"),
+            Some(&app.key),
+            Some("{}"),
+        )
         .await;
     let export = s(&export["export"]["id"]).to_string();
     sqlx::query("update backups set state = 'completed'")
@@ -254,7 +297,10 @@ async fn another_organizations_key_finds_no_backup() {
         ("GET", format!("/v1/exports/{export}/download")),
         ("GET", format!("/v1/projects/{project}/backups")),
         ("POST", format!("/v1/projects/{project}/backups")),
-        ("GET", format!("/v1/projects/{project}/scheduled-backups/default")),
+        (
+            "GET",
+            format!("/v1/projects/{project}/scheduled-backups/default"),
+        ),
     ] {
         let body = (method == "POST").then_some("{}");
         let (status, answer) = app.call(method, &path, Some(&other_key), body).await;
@@ -263,7 +309,11 @@ async fn another_organizations_key_finds_no_backup() {
     }
     assert_eq!(count(&app, "select count(*) from jobs").await, before);
     assert_eq!(
-        count(&app, "select count(*) from backups where state = 'completed'").await,
+        count(
+            &app,
+            "select count(*) from backups where state = 'completed'"
+        )
+        .await,
         2
     );
 }
@@ -275,8 +325,14 @@ async fn the_default_schedule_round_trips() {
     let (status, answer) = app.call("GET", &path, Some(&app.key), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
     for (body, field) in [
-        (r#"{"cron_hour":24,"cron_minute":0,"is_active":true}"#, "cron_hour"),
-        (r#"{"cron_hour":1,"cron_minute":60,"is_active":true}"#, "cron_minute"),
+        (
+            r#"{"cron_hour":24,"cron_minute":0,"is_active":true}"#,
+            "cron_hour",
+        ),
+        (
+            r#"{"cron_hour":1,"cron_minute":60,"is_active":true}"#,
+            "cron_minute",
+        ),
         (
             r#"{"cron_hour":1,"cron_minute":0,"is_active":true,"retention_days":0}"#,
             "retention_days",
@@ -288,13 +344,20 @@ async fn the_default_schedule_round_trips() {
     }
     assert_eq!(count(&app, "select count(*) from periodic_jobs").await, 0);
 
-    let body = r#"{"cron_hour":3,"cron_minute":15,"is_active":true,"label":"daily","retention_days":14}"#;
+    let body =
+        r#"{"cron_hour":3,"cron_minute":15,"is_active":true,"label":"daily","retention_days":14}"#;
     let (status, put) = app.call("PUT", &path, Some(&app.key), Some(body)).await;
     assert_eq!(status, StatusCode::OK, "{put}");
     assert_eq!(put["name"], "default");
     assert_eq!(put["project_id"], project.as_str());
-    assert_eq!((&put["cron_hour"], &put["cron_minute"]), (&json!(3), &json!(15)));
-    assert_eq!((&put["label"], &put["retention_days"]), (&json!("daily"), &json!(14)));
+    assert_eq!(
+        (&put["cron_hour"], &put["cron_minute"]),
+        (&json!(3), &json!(15))
+    );
+    assert_eq!(
+        (&put["label"], &put["retention_days"]),
+        (&json!("daily"), &json!(14))
+    );
     let next: chrono::DateTime<chrono::Utc> = s(&put["next_run_at"]).parse().unwrap();
     assert!(next > chrono::Utc::now());
     assert!(next <= chrono::Utc::now() + chrono::Duration::days(1));
@@ -324,7 +387,10 @@ async fn the_default_schedule_round_trips() {
     let body = r#"{"cron_hour":0,"cron_minute":0,"is_active":false}"#;
     let (status, put) = app.call("PUT", &path, Some(&app.key), Some(body)).await;
     assert_eq!(status, StatusCode::OK, "{put}");
-    assert_eq!((&put["is_active"], &put["retention_days"]), (&json!(false), &json!(7)));
+    assert_eq!(
+        (&put["is_active"], &put["retention_days"]),
+        (&json!(false), &json!(7))
+    );
     assert_eq!(put["label"], Value::Null);
     assert_eq!(count(&app, "select count(*) from periodic_jobs").await, 1);
     assert_eq!(
@@ -337,7 +403,12 @@ async fn the_default_schedule_round_trips() {
 async fn deleting_twice_queues_one_job_and_verify_queues_its_job() {
     let (app, project, _) = app_with_store().await;
     let (_, created) = app
-        .call("POST", &format!("/v1/projects/{project}/backups"), Some(&app.key), Some("{}"))
+        .call(
+            "POST",
+            &format!("/v1/projects/{project}/backups"),
+            Some(&app.key),
+            Some("{}"),
+        )
         .await;
     let id = s(&created["backup"]["id"]).to_string();
     let path = format!("/v1/backups/{id}");
@@ -349,13 +420,24 @@ async fn deleting_twice_queues_one_job_and_verify_queues_its_job() {
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
 
     // The dump completes: its result is recorded and a verification queued.
-    finish(&app, s(&created["job"]["id"]), "completed", &result_line(42), None).await;
+    finish(
+        &app,
+        s(&created["job"]["id"]),
+        "completed",
+        &result_line(42),
+        None,
+    )
+    .await;
     let (_, shown) = app.call("GET", &path, Some(&app.key), None).await;
     let backup = &shown["backup"];
     assert_eq!(backup["state"], "completed", "{shown}");
     assert_eq!(backup["size_bytes"], 42);
     assert_eq!(backup["sha256"], "ab".repeat(32));
-    assert_eq!(backup["expires_at"], Value::Null, "an unscheduled backup is kept");
+    assert_eq!(
+        backup["expires_at"],
+        Value::Null,
+        "an unscheduled backup is kept"
+    );
     let verify_jobs = format!(
         "select count(*) from jobs where type = 'project.backup_verify' and locked_resource = 'backup:{id}'"
     );
@@ -366,10 +448,20 @@ async fn deleting_twice_queues_one_job_and_verify_queues_its_job() {
     assert_eq!(verified["job"]["type"], "project.backup_verify");
     assert_eq!(verified["job"]["args"]["backup_id"], id.as_str());
     assert_eq!(count(&app, &verify_jobs).await, 1);
-    finish(&app, s(&verified["job"]["id"]), "failed", "", Some("rows differ in public.t")).await;
+    finish(
+        &app,
+        s(&verified["job"]["id"]),
+        "failed",
+        "",
+        Some("rows differ in public.t"),
+    )
+    .await;
     let (_, shown) = app.call("GET", &path, Some(&app.key), None).await;
     assert_eq!(shown["backup"]["verification_state"], "failed");
-    assert_eq!(shown["backup"]["verification_error"], "rows differ in public.t");
+    assert_eq!(
+        shown["backup"]["verification_error"],
+        "rows differ in public.t"
+    );
 
     let (status, deleted) = app.call("DELETE", &path, Some(&app.key), None).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{deleted}");
@@ -377,7 +469,10 @@ async fn deleting_twice_queues_one_job_and_verify_queues_its_job() {
     let job = &deleted["job"];
     assert_eq!(job["type"], "backup.delete");
     assert_eq!(job["project_id"], Value::Null);
-    assert_eq!(job["organization_id"], app.organization_id.to_string().as_str());
+    assert_eq!(
+        job["organization_id"],
+        app.organization_id.to_string().as_str()
+    );
     assert_eq!(job["locked_resource"], format!("backup:{id}"));
     let (status, again) = app.call("DELETE", &path, Some(&app.key), None).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{again}");
@@ -392,9 +487,18 @@ async fn deleting_twice_queues_one_job_and_verify_queues_its_job() {
     assert_eq!(again["backup"]["state"], "deleted");
     assert_eq!(count(&app, delete_jobs).await, 1);
     let (_, listed) = app
-        .call("GET", &format!("/v1/projects/{project}/backups"), Some(&app.key), None)
+        .call(
+            "GET",
+            &format!("/v1/projects/{project}/backups"),
+            Some(&app.key),
+            None,
+        )
         .await;
-    assert_eq!(listed["backups"], json!([]), "deleted backups are not listed");
+    assert_eq!(
+        listed["backups"],
+        json!([]),
+        "deleted backups are not listed"
+    );
 }
 
 /// Completes export `id` by hand: its row, and `bytes` as its archive in the folder.
@@ -429,7 +533,12 @@ async fn fetch(app: &TestApp, path: &str) -> (StatusCode, axum::http::HeaderMap,
 async fn a_completed_export_downloads_through_a_signed_url() {
     let (app, project, folder) = app_with_store().await;
     let (_, created) = app
-        .call("POST", &format!("/v1/projects/{project}/exports"), Some(&app.key), Some("{}"))
+        .call(
+            "POST",
+            &format!("/v1/projects/{project}/exports"),
+            Some(&app.key),
+            Some("{}"),
+        )
         .await;
     let id = s(&created["export"]["id"]).to_string();
     let download = format!("/v1/exports/{id}/download");
@@ -444,7 +553,10 @@ async fn a_completed_export_downloads_through_a_signed_url() {
     let path = url
         .strip_prefix(app.state.settings.public_url.as_str())
         .unwrap();
-    assert!(path.starts_with(&format!("/v1/exports/{id}/file?expires=")), "{url}");
+    assert!(
+        path.starts_with(&format!("/v1/exports/{id}/file?expires=")),
+        "{url}"
+    );
     let expires: chrono::DateTime<chrono::Utc> = s(&answer["expires_at"]).parse().unwrap();
     assert!(expires > chrono::Utc::now() + chrono::Duration::minutes(4));
 
@@ -453,15 +565,18 @@ async fn a_completed_export_downloads_through_a_signed_url() {
     assert_eq!(body, archive);
     assert_eq!(headers["content-type"], "application/octet-stream");
     let disposition = headers["content-disposition"].to_str().unwrap();
-    assert!(disposition.starts_with("attachment; filename="), "{disposition}");
-    assert!(disposition.contains(&format!("-{id}.dump")), "{disposition}");
+    assert!(
+        disposition.starts_with("attachment; filename="),
+        "{disposition}"
+    );
+    assert!(
+        disposition.contains(&format!("-{id}.dump")),
+        "{disposition}"
+    );
 
     // Altered, unsigned, another export's, or expired: 403.
-    let tampered = if path.ends_with('0') {
-        format!("{}1", &path[..path.len() - 1])
-    } else {
-        format!("{}0", &path[..path.len() - 1])
-    };
+    let (head, last) = path.split_at(path.len() - 1);
+    let tampered = format!("{head}{}", if last == "0" { "1" } else { "0" });
     let other = path.replace(&id, &Uuid::now_v7().to_string());
     let unsigned = format!("/v1/exports/{id}/file");
     let past = chrono::Utc::now().timestamp() - 10;
@@ -469,7 +584,12 @@ async fn a_completed_export_downloads_through_a_signed_url() {
     let expired = format!("/v1/exports/{id}/file?expires={past}&signature={signature}");
     for bad in [&tampered, &other, &unsigned, &expired] {
         let (status, _, body) = fetch(&app, bad).await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "{bad}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "{bad}: {}",
+            String::from_utf8_lossy(&body)
+        );
         assert!(!body.starts_with(b"PGDMP"));
     }
 
@@ -513,12 +633,29 @@ async fn outcomes_and_expiry_apply_once() {
         ..new.clone()
     };
     let mut tx = app.db.pool.begin().await.unwrap();
-    let (export, export_job) = backups::queue_backup(&mut tx, &export_new).await.unwrap().unwrap();
+    let (export, export_job) = backups::queue_backup(&mut tx, &export_new)
+        .await
+        .unwrap()
+        .unwrap();
     tx.commit().await.unwrap();
 
     // Applied twice, a completion queues one verification.
-    finish(&app, &job.id.to_string(), "completed", &result_line(7), None).await;
-    finish(&app, &job.id.to_string(), "completed", &result_line(7), None).await;
+    finish(
+        &app,
+        &job.id.to_string(),
+        "completed",
+        &result_line(7),
+        None,
+    )
+    .await;
+    finish(
+        &app,
+        &job.id.to_string(),
+        "completed",
+        &result_line(7),
+        None,
+    )
+    .await;
     let verify = "select count(*) from jobs where type = 'project.backup_verify'";
     assert_eq!(count(&app, verify).await, 1);
     let days: f64 = sqlx::query_scalar(
@@ -530,14 +667,24 @@ async fn outcomes_and_expiry_apply_once() {
     .unwrap();
     assert!((days - 3.0).abs() < 0.01, "{days}");
     // An export expires after 7 days and is never verified; a failure is recorded.
-    finish(&app, &export_job.id.to_string(), "failed", "", Some("pg_dump: error")).await;
+    finish(
+        &app,
+        &export_job.id.to_string(),
+        "failed",
+        "",
+        Some("pg_dump: error"),
+    )
+    .await;
     let (state, error): (String, Option<String>) =
         sqlx::query_as("select state, error from backups where id = $1")
             .bind(export.id)
             .fetch_one(&app.db.pool)
             .await
             .unwrap();
-    assert_eq!((state.as_str(), error.as_deref()), ("failed", Some("pg_dump: error")));
+    assert_eq!(
+        (state.as_str(), error.as_deref()),
+        ("failed", Some("pg_dump: error"))
+    );
     assert_eq!(count(&app, verify).await, 1);
 
     // Past their expiry, both are marked and each gets one delete, however many run.
@@ -557,7 +704,11 @@ async fn outcomes_and_expiry_apply_once() {
                    and organization_id is not null and locked_resource like 'backup:%'";
     assert_eq!(count(&app, deletes).await, 2);
     assert_eq!(
-        count(&app, "select count(*) from backups where state = 'deleting'").await,
+        count(
+            &app,
+            "select count(*) from backups where state = 'deleting'"
+        )
+        .await,
         2
     );
     assert_eq!(run().await, 0);
@@ -569,5 +720,8 @@ async fn outcomes_and_expiry_apply_once() {
         .await
         .unwrap();
     let mut tx = app.db.pool.begin().await.unwrap();
-    assert!(backups::queue_backup(&mut tx, &new).await.unwrap().is_none());
+    assert!(backups::queue_backup(&mut tx, &new)
+        .await
+        .unwrap()
+        .is_none());
 }

@@ -133,7 +133,11 @@ impl Client {
             .read_timeout(REQUEST_TIMEOUT)
             .build()
             .context("building the HTTP client")?;
-        let mut response = http.get(url).send().await.map_err(|e| self.unreachable(&e))?;
+        let mut response = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&e))?;
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();

@@ -170,7 +170,11 @@ async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OwnedBac
 }
 
 /// The latest job of `job_type` on backup `id` (its `backup:<id>` lock).
-async fn latest_job(conn: &mut PgConnection, id: Uuid, job_type: &str) -> sqlx::Result<Option<Job>> {
+async fn latest_job(
+    conn: &mut PgConnection,
+    id: Uuid,
+    job_type: &str,
+) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
         "select {JOB_COLUMNS} from jobs where locked_resource = $1 and type = $2
          order by created_at desc, id desc limit 1"
@@ -269,8 +273,7 @@ pub async fn request_verify(
         return Ok(Err(Refusal::NotFound));
     };
     let backup = owned.backup;
-    if backup.kind != BackupKind::Backup || backup.state != crate::model::BackupState::Completed
-    {
+    if backup.kind != BackupKind::Backup || backup.state != crate::model::BackupState::Completed {
         return Ok(Err(Refusal::State(backup.state.as_str())));
     }
     if let Some(job) = latest_job(conn, id, job_type::PROJECT_BACKUP_VERIFY)
@@ -626,7 +629,10 @@ mod tests {
             next_daily_run(at(10, 30, 1), 10 * 60 + 30),
             at(10, 30, 0) + Duration::days(1)
         );
-        assert_eq!(next_daily_run(at(23, 59, 59), 0), at(0, 0, 0) + Duration::days(1));
+        assert_eq!(
+            next_daily_run(at(23, 59, 59), 0),
+            at(0, 0, 0) + Duration::days(1)
+        );
         assert_eq!(next_daily_run(at(0, 0, 0), 1439), at(23, 59, 0));
     }
 
@@ -641,7 +647,10 @@ mod tests {
         assert_eq!(result.sha256, Some("ab".repeat(32)));
         assert_eq!(result.manifest.unwrap()["tables"], 1);
         assert_eq!(BackupResult::parse(None), BackupResult::default());
-        assert_eq!(BackupResult::parse(Some("no result")), BackupResult::default());
+        assert_eq!(
+            BackupResult::parse(Some("no result")),
+            BackupResult::default()
+        );
         let bad = BackupResult::parse(Some("capy-result {\"sha256\": \"x'; drop\"}"));
         assert_eq!(bad.sha256, None);
     }

@@ -57,7 +57,10 @@ pub struct BackupList {
 
 /// A label as given: trimmed, empty is none; too long or with control characters, 422.
 pub(crate) fn label(value: Option<String>) -> ApiResult<Option<String>> {
-    let Some(label) = value.map(|l| l.trim().to_string()).filter(|l| !l.is_empty()) else {
+    let Some(label) = value
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+    else {
         return Ok(None);
     };
     if label.chars().count() > LABEL_MAX_CHARS || label.chars().any(char::is_control) {
@@ -150,7 +153,12 @@ pub async fn create(
     let (tx, backup, job) =
         create_kind(&state, &principal, id, BackupKind::Backup, body.label).await?;
     idempotent
-        .commit(&state, tx, StatusCode::ACCEPTED, BackupAndJob { backup, job })
+        .commit(
+            &state,
+            tx,
+            StatusCode::ACCEPTED,
+            BackupAndJob { backup, job },
+        )
         .await
 }
 
@@ -237,7 +245,12 @@ pub async fn verify(
         format!("the backup is {s}: only a completed backup can be verified")
     })?;
     idempotent
-        .commit(&state, tx, StatusCode::ACCEPTED, BackupAndJob { backup, job })
+        .commit(
+            &state,
+            tx,
+            StatusCode::ACCEPTED,
+            BackupAndJob { backup, job },
+        )
         .await
 }
 
@@ -377,10 +390,7 @@ mod tests {
             retention_days: days,
         };
         let schedule = body(23, 59, None).schedule().unwrap();
-        assert_eq!(
-            (schedule.minute_of_day, schedule.retention_days),
-            (1439, 7)
-        );
+        assert_eq!((schedule.minute_of_day, schedule.retention_days), (1439, 7));
         let message = |b: PutSchedule| b.schedule().unwrap_err().to_string();
         assert!(message(body(24, 0, None)).contains("cron_hour"));
         assert!(message(body(-1, 0, None)).contains("cron_hour"));

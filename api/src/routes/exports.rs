@@ -78,7 +78,12 @@ pub async fn create(
     let (tx, export, job) =
         create_kind(&state, &principal, id, BackupKind::Export, body.label).await?;
     idempotent
-        .commit(&state, tx, StatusCode::ACCEPTED, ExportAndJob { export, job })
+        .commit(
+            &state,
+            tx,
+            StatusCode::ACCEPTED,
+            ExportAndJob { export, job },
+        )
         .await
 }
 
@@ -194,7 +199,9 @@ pub async fn file(
         .secrets
         .verify(&signed_message(id, expires), &signature)
     {
-        return Err(ApiError::Forbidden("this download link's signature is wrong"));
+        return Err(ApiError::Forbidden(
+            "this download link's signature is wrong",
+        ));
     }
     if expires < Utc::now().timestamp() {
         return Err(ApiError::Forbidden("this download link has expired"));

@@ -176,13 +176,7 @@ pub fn print_list(ctx: &Ctx, list: &Value, field_name: &str) -> anyhow::Result<(
         return output::json(list);
     }
     let mut table = Table::new(&[
-        "ID",
-        "STATE",
-        "VERIFIED",
-        "SIZE",
-        "LABEL",
-        "CREATED",
-        "EXPIRES",
+        "ID", "STATE", "VERIFIED", "SIZE", "LABEL", "CREATED", "EXPIRES",
     ]);
     for b in list[field_name].as_array().into_iter().flatten() {
         table.row(

@@ -27,13 +27,14 @@ pub enum ExportsCommand {
     List { project: String },
     /// One export.
     Show { id: String },
-    /// Prints a URL that downloads the export for 5 minutes, or with --output fetches
-    /// it into a file (needs the credentials:read scope).
+    /// Prints a URL that downloads the export for 5 minutes, or with --file fetches it
+    /// into a file (needs the credentials:read scope).
     Download {
         id: String,
-        /// Write the archive to this file instead of printing the URL.
-        #[arg(long, short)]
-        output: Option<PathBuf>,
+        /// Write the archive to this file instead of printing the URL. (Not `--output`:
+        /// that is every command's output format.)
+        #[arg(long, short = 'f', value_name = "FILE")]
+        file: Option<PathBuf>,
     },
 }
 
@@ -66,7 +67,7 @@ impl ExportsCommand {
                 }
                 output::show(&answer["export"], BACKUP_KEYS)
             }
-            Self::Download { id, output: file } => {
+            Self::Download { id, file } => {
                 let path = format!("/v1/exports/{}/download", segment(&id)?);
                 let answer = ctx.client.get(&path, &[]).await?;
                 let Some(file) = file else {

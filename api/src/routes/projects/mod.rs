@@ -169,7 +169,11 @@ pub(crate) fn connection_url(
 }
 
 /// The live project `id`, if the caller may see it; 404 otherwise.
-pub(crate) async fn visible_project(state: &AppState, principal: &Principal, id: Uuid) -> ApiResult<Project> {
+pub(crate) async fn visible_project(
+    state: &AppState,
+    principal: &Principal,
+    id: Uuid,
+) -> ApiResult<Project> {
     let mut conn = state.pool.acquire().await?;
     fetch_project(&mut conn, id)
         .await?
