@@ -713,6 +713,25 @@ async fn outcomes_and_expiry_apply_once() {
     );
     assert_eq!(run().await, 0);
 
+    // A delete that failed leaves the backup deleting; asking again queues another.
+    let failed: String = sqlx::query_scalar(
+        "select id::text from jobs where type = 'backup.delete' and args->>'backup_id' = $1",
+    )
+    .bind(backup.id.to_string())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    finish(&app, &failed, "failed", "", Some("store unreachable")).await;
+    let mut tx = app.db.pool.begin().await.unwrap();
+    let (again, retry) = backups::request_delete(&mut tx, backup.id, 2)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(again.state, capy_shared::model::BackupState::Deleting);
+    assert_ne!(retry.id.to_string(), failed);
+    assert_eq!(count(&app, deletes).await, 3);
+
     // A project being deleted gets no backup.
     sqlx::query("update projects set state = 'deleting' where id = $1")
         .bind(project)

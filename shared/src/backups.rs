@@ -8,7 +8,7 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::model::{job_type, Backup, BackupKind, Job, JOB_COLUMNS};
+use crate::model::{job_type, Backup, BackupKind, BackupState, Job, BACKUP_COLUMNS, JOB_COLUMNS};
 use crate::queue::{self, NewJob};
 use crate::step;
 use crate::store;
@@ -81,32 +81,53 @@ pub async fn queue_backup(
         },
     )
     .await?;
+    let row = Row {
+        id,
+        organization_id,
+        key: &key,
+        database_name: &project.database_name,
+        job_id: job.id,
+    };
+    let backup = insert(conn, new, &row).await?;
+    Ok(Some((backup, job)))
+}
+
+/// What [`queue_backup`] decided for the row it inserts.
+struct Row<'a> {
+    id: Uuid,
+    organization_id: Uuid,
+    key: &'a str,
+    database_name: &'a str,
+    job_id: Uuid,
+}
+
+async fn insert(conn: &mut PgConnection, new: &NewBackup, row: &Row<'_>) -> sqlx::Result<Backup> {
+    // Exports are downloads, not restore points: nothing to verify.
     let verification = match new.kind {
         BackupKind::Export => "skipped",
         BackupKind::Backup => "pending",
     };
-    let backup: Backup = sqlx::query_as(&format!(
+    sqlx::query_as(&format!(
         "insert into backups (id, organization_id, project_id, kind, backup_key, label,
                               database_name, verification_state, schedule_name,
                               retention_days, job_id)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          returning {}",
-        crate::model::BACKUP_COLUMNS
+        BACKUP_COLUMNS
     ))
-    .bind(id)
-    .bind(organization_id)
+    .bind(row.id)
+    .bind(row.organization_id)
     .bind(new.project_id)
     .bind(new.kind)
-    .bind(&key)
+    .bind(row.key)
     .bind(&new.label)
-    .bind(&project.database_name)
+    .bind(row.database_name)
     .bind(verification)
     .bind(&new.schedule_name)
     .bind(new.retention_days)
-    .bind(job.id)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(Some((backup, job)))
+    .bind(row.job_id)
+    .fetch_one(conn)
+    .await
 }
 
 /// A backup with the organization that owns it (for visibility checks).
@@ -125,7 +146,7 @@ pub async fn find(
 ) -> sqlx::Result<Option<OwnedBackup>> {
     sqlx::query_as(&format!(
         "select organization_id, {} from backups where id = $1 and kind = $2",
-        crate::model::BACKUP_COLUMNS
+        BACKUP_COLUMNS
     ))
     .bind(id)
     .bind(kind)
@@ -148,7 +169,7 @@ pub async fn list(
          where project_id = $1 and kind = $2 and deleted_at is null
            and ($3::uuid is null or id < $3)
          order by id desc limit $4",
-        crate::model::BACKUP_COLUMNS
+        BACKUP_COLUMNS
     ))
     .bind(project_id)
     .bind(kind)
@@ -162,7 +183,7 @@ pub async fn list(
 async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OwnedBackup>> {
     sqlx::query_as(&format!(
         "select organization_id, {} from backups where id = $1 for update",
-        crate::model::BACKUP_COLUMNS
+        BACKUP_COLUMNS
     ))
     .bind(id)
     .fetch_optional(conn)
@@ -210,16 +231,15 @@ pub async fn request_delete(
         return Ok(Err(Refusal::NotFound));
     };
     let state = owned.backup.state;
-    if state == crate::model::BackupState::Pending {
+    if state == BackupState::Pending {
         return Ok(Err(Refusal::State(state.as_str())));
     }
+    // The delete in flight, or the one that deleted it, answers a repeated request.
     let previous = latest_job(conn, id, job_type::BACKUP_DELETE).await?;
-    if let Some(job) = previous.filter(|j| {
-        in_flight(j) || state == crate::model::BackupState::Deleted || j.state == "completed"
-    }) {
+    if let Some(job) = previous.filter(|j| in_flight(j) || state == BackupState::Deleted) {
         return Ok(Ok((owned.backup, job)));
     }
-    if state == crate::model::BackupState::Deleted {
+    if state == BackupState::Deleted {
         return Ok(Err(Refusal::State(state.as_str())));
     }
     let job = queue_delete(conn, &owned, max_attempts).await?;
@@ -230,7 +250,7 @@ pub async fn request_delete(
 async fn set_deleting(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Backup> {
     sqlx::query_as(&format!(
         "update backups set state = 'deleting', updated_at = now() where id = $1 returning {}",
-        crate::model::BACKUP_COLUMNS
+        BACKUP_COLUMNS
     ))
     .bind(id)
     .fetch_one(conn)
@@ -273,7 +293,7 @@ pub async fn request_verify(
         return Ok(Err(Refusal::NotFound));
     };
     let backup = owned.backup;
-    if backup.kind != BackupKind::Backup || backup.state != crate::model::BackupState::Completed {
+    if backup.kind != BackupKind::Backup || backup.state != BackupState::Completed {
         return Ok(Err(Refusal::State(backup.state.as_str())));
     }
     if let Some(job) = latest_job(conn, id, job_type::PROJECT_BACKUP_VERIFY)
@@ -287,7 +307,7 @@ pub async fn request_verify(
         "update backups set verification_state = 'pending', verification_error = null,
                             verified_at = null, updated_at = now()
          where id = $1 returning {}",
-        crate::model::BACKUP_COLUMNS
+        BACKUP_COLUMNS
     ))
     .bind(id)
     .fetch_one(&mut *conn)
@@ -352,7 +372,7 @@ const EXPIRED_DELETE_ATTEMPTS: i32 = 5;
 
 /// [`crate::model::BACKUP_COLUMNS`], each prefixed with `alias.`.
 fn prefixed_columns(alias: &str) -> String {
-    crate::model::BACKUP_COLUMNS
+    BACKUP_COLUMNS
         .split(',')
         .map(|c| format!("{alias}.{}", c.trim()))
         .collect::<Vec<_>>()
@@ -465,7 +485,7 @@ async fn backup_completed(conn: &mut PgConnection, job: &Job, id: Uuid) -> sqlx:
                                       then now() + make_interval(days => retention_days) end
          where id = $1 and state = 'pending'
          returning {}",
-        crate::model::BACKUP_COLUMNS
+        BACKUP_COLUMNS
     ))
     .bind(id)
     .bind(result.size_bytes)
