@@ -94,6 +94,9 @@ pub struct ServeArgs {
     /// cancelled) in this many last seconds.
     #[arg(long, env = "CAPY_METRICS_FINISHED_WINDOW_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub metrics_finished_window_seconds: u64,
+    /// Where backups and exports are kept (downloads are signed from it).
+    #[command(flatten)]
+    pub store: capy_shared::store::StoreConfig,
 }
 
 #[derive(Debug, clap::Args)]

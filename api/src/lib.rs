@@ -77,6 +77,21 @@ pub struct AppState {
     pub settings: ApiSettings,
     /// Instant databases handed out per client address.
     pub instant_limiter: std::sync::Arc<rate_limit::RateLimiter>,
+    /// The backup store; `None`: backups, exports and restores are refused (409).
+    pub backup_store: Option<capy_shared::store::BackupStore>,
+}
+
+impl AppState {
+    /// The backup store, or the 409 that says none is configured.
+    pub fn require_backup_store(&self) -> error::ApiResult<&capy_shared::store::BackupStore> {
+        self.backup_store.as_ref().ok_or_else(|| {
+            error::ApiError::Conflict(
+                "no backup store is configured (CAPY_BACKUP_STORE); backups, exports and \
+                 restores are unavailable"
+                    .into(),
+            )
+        })
+    }
 }
 
 pub fn router(state: AppState) -> Router {

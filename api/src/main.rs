@@ -7,6 +7,7 @@ use capy_api::config::{Cli, Command, ServeArgs};
 use capy_api::{metrics_router, public_router, ApiSettings, AppState};
 use capy_shared::crypto::SecretBox;
 use capy_shared::instant::ClientCaps;
+use capy_shared::store::BackupStore;
 use capy_shared::{db, telemetry};
 use clap::Parser as _;
 
@@ -25,6 +26,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Unset: no store (backups are refused); set but unusable: no start.
+    let backup_store = match &args.store.url {
+        None => None,
+        Some(_) => Some(BackupStore::open(&args.store).context("opening the backup store")?),
+    };
     let state = AppState {
         pool: db::pool(&args.database.database_url, args.pool_size)?,
         secrets: SecretBox::from_key_text(&args.secret_key)?,
@@ -47,6 +53,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..ApiSettings::default()
         },
         instant_limiter: Default::default(),
+        backup_store,
     };
     let metrics = match args.metrics_addr {
         Some(address) => Some((

@@ -121,6 +121,19 @@ fn walk() -> Vec<Case> {
         case("POST", "/v1/projects/{id}/extensions", Write, NotFound, NotFound)
             .body(r#"{"name":"pgcrypto"}"#),
         case("DELETE", "/v1/projects/{id}/extensions/{name}", Write, NotFound, NotFound),
+        // Backups, their schedule, exports.
+        case("GET", "/v1/projects/{id}/backups", Read, NotFound, NotFound),
+        case("POST", "/v1/projects/{id}/backups", Write, NotFound, NotFound).body("{}"),
+        case("GET", "/v1/backups/{id}", Read, NotFound, NotFound),
+        case("DELETE", "/v1/backups/{id}", Write, NotFound, NotFound),
+        case("POST", "/v1/backups/{id}/verify", Write, NotFound, NotFound),
+        case("GET", "/v1/projects/{id}/scheduled-backups/default", Read, NotFound, NotFound),
+        case("PUT", "/v1/projects/{id}/scheduled-backups/default", Write, NotFound, NotFound)
+            .body(r#"{"cron_hour":1,"cron_minute":2,"is_active":true}"#),
+        case("GET", "/v1/projects/{id}/exports", Read, NotFound, NotFound),
+        case("POST", "/v1/projects/{id}/exports", Write, NotFound, NotFound).body("{}"),
+        case("GET", "/v1/exports/{id}", Read, NotFound, NotFound),
+        case("GET", "/v1/exports/{id}/download", Credentials, NotFound, NotFound),
         // Jobs.
         case("GET", "/v1/jobs", Read, List("jobs"), List("jobs")),
         case("GET", "/v1/jobs", Read, EmptyList("jobs"), EmptyList("jobs"))
@@ -162,13 +175,16 @@ fn walk() -> Vec<Case> {
 }
 
 /// Endpoints any caller may use without a key; none may name a tenant's objects.
-/// A cluster's CA certificate is public, as any CA certificate (tested in tls.rs).
-const PUBLIC: [&str; 4] = [
+/// A cluster's CA certificate is public, as any CA certificate (tested in tls.rs); an
+/// export's file answers only a signed URL (tested in backups_http.rs).
+const PUBLIC: [&str; 5] = [
     "/healthz",
     "/readyz",
     "/metrics",
     "/v1/clusters/{id}/ca.pem",
+    EXPORT_FILE,
 ];
+const EXPORT_FILE: &str = "/v1/exports/{id}/file";
 /// `/v1/me` shows only the calling key itself (tested in projects_http.rs);
 /// `POST /v1/databases` takes no key and names no one's objects (tested in instant.rs).
 const NOT_WALKED: [&str; 2] = ["/v1/me", "/v1/databases"];
@@ -180,6 +196,8 @@ struct Target {
     job: String,
     key: String,
     cluster: String,
+    backup: String,
+    export: String,
     tag: String,
 }
 
@@ -195,6 +213,10 @@ impl Target {
             &self.key
         } else if case.template.starts_with("/v1/clusters/") {
             &self.cluster
+        } else if case.template.starts_with("/v1/backups/") {
+            &self.backup
+        } else if case.template.starts_with("/v1/exports/") {
+            &self.export
         } else {
             assert!(
                 !case.template.contains("{id}"),
@@ -309,6 +331,8 @@ struct World {
     b_org: String,
     b_key: String,
     b_project: String,
+    /// A completed backup and export of each of P1 and P2: (project, backup, export).
+    archives: Vec<(String, String, String)>,
 }
 
 async fn post(app: &TestApp, key: &str, path: &str, body: Value) -> Value {
@@ -389,7 +413,12 @@ impl World {
         let b_key = s(&b_key["key"]).to_string();
         let b_project = post(&app, &b_key, "/v1/projects", json!({"name": "bravo-one"})).await;
         let b_project = s(&b_project["project"]["id"]).to_string();
+        let mut archives = Vec::new();
+        for project in [&p1, &p2] {
+            archives.push(archives_of(&app, s(&project["id"])).await);
+        }
         Self {
+            archives,
             a_org,
             p1,
             p2,
@@ -421,6 +450,10 @@ impl World {
         hidden.key(&self.p2_key);
         hidden.text(&self.p1_key);
         hidden.text(&self.app.key);
+        for (_, backup, export) in &self.archives {
+            hidden.id(backup);
+            hidden.id(export);
+        }
         hidden
     }
 
@@ -432,11 +465,24 @@ impl World {
             hidden.id(job);
         }
         hidden.key(&self.p2_key);
+        for (project, backup, export) in &self.archives {
+            if project == s(&self.p2["id"]) {
+                hidden.id(backup);
+                hidden.id(export);
+            }
+        }
         hidden
     }
 
     fn target(&self, project: &Value, job: &str, key: &Value) -> Target {
+        let (_, backup, export) = self
+            .archives
+            .iter()
+            .find(|(p, _, _)| p == s(&project["id"]))
+            .unwrap();
         Target {
+            backup: backup.clone(),
+            export: export.clone(),
             org: self.a_org.clone(),
             project: s(&project["id"]).to_string(),
             job: job.to_string(),
@@ -469,6 +515,12 @@ impl World {
              union all
              select format('key %s %s', id, revoked_at is null) from api_keys
              where organization_id = $1
+             union all
+             select format('backup %s %s %s', id, state, verification_state) from backups
+             where organization_id = $1
+             union all
+             select format('schedule %s %s %s', name, minute_of_day, is_active)
+             from periodic_jobs where organization_id = $1
              order by 1",
         )
         .bind(self.app.organization_id)
@@ -476,6 +528,41 @@ impl World {
         .await
         .unwrap()
     }
+}
+
+/// A completed backup and export of `project` (rows only: no worker runs here), and
+/// its default schedule; answers (project, backup, export).
+async fn archives_of(app: &TestApp, project: &str) -> (String, String, String) {
+    let mut ids = Vec::new();
+    for kind in ["backup", "export"] {
+        let id = uuid::Uuid::now_v7();
+        sqlx::query(
+            "insert into backups (id, organization_id, project_id, kind, backup_key,
+                                  database_name, state, verification_state)
+             select $1, organization_id, id, $3,
+                    'projects/' || id || '/backups/' || $1 || '.dump', database_name,
+                    'completed', 'verified'
+             from projects where id = $2::uuid",
+        )
+        .bind(id)
+        .bind(project)
+        .bind(kind)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+        ids.push(id.to_string());
+    }
+    let schedule = capy_shared::backups::Schedule {
+        minute_of_day: 60,
+        is_active: true,
+        label: None,
+        retention_days: 7,
+    };
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    capy_shared::backups::put_schedule(&mut conn, project.parse().unwrap(), &schedule)
+        .await
+        .unwrap();
+    (project.to_string(), ids.remove(0), ids.remove(0))
 }
 
 #[tokio::test]
@@ -742,7 +829,15 @@ async fn every_endpoint_wants_a_valid_key_and_public_ones_name_no_tenant() {
         .await
         .unwrap();
     for template in PUBLIC {
-        let path = template.replace("{id}", &world.app.cluster_id.to_string());
+        // An export's file without a signature: refused, naming nothing.
+        let (path, expected) = if template == EXPORT_FILE {
+            let export = &world.archives[0].2;
+            let path = template.replace("{id}", export);
+            (format!("{path}?expires=9999999999"), StatusCode::FORBIDDEN)
+        } else {
+            let path = template.replace("{id}", &world.app.cluster_id.to_string());
+            (path, StatusCode::OK)
+        };
         let request = Request::builder()
             .method("GET")
             .uri(&path)
@@ -755,7 +850,7 @@ async fn every_endpoint_wants_a_valid_key_and_public_ones_name_no_tenant() {
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8_lossy(&bytes);
-        assert_eq!(status, StatusCode::OK, "GET {path} → {text}");
+        assert_eq!(status, expected, "GET {path} → {text}");
         hidden.assert_absent(&format!("GET {path}"), &text);
     }
 }

@@ -121,6 +121,57 @@ impl Client {
         Ok(Value::Object(all))
     }
 
+    /// Fetches `url` (a signed download URL: no Authorization header, which a
+    /// presigned S3 URL would refuse) into `file`, through `<file>.part` so a cut
+    /// download never looks whole; answers the bytes written.
+    pub async fn download(&self, url: &str, file: &std::path::Path) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt as _;
+        // No overall timeout: an archive may take long; a stalled connection still
+        // fails on the read timeout.
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(REQUEST_TIMEOUT)
+            .build()
+            .context("building the HTTP client")?;
+        let mut response = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").and_then(Value::as_str).map(String::from))
+                .unwrap_or_else(|| text.chars().take(300).collect());
+            return Err(ApiError {
+                status: status.as_u16(),
+                message: format!("downloading: {message}"),
+            }
+            .into());
+        }
+        let mut partial = file.as_os_str().to_owned();
+        partial.push(".part");
+        let partial = std::path::PathBuf::from(partial);
+        let mut out = tokio::fs::File::create(&partial)
+            .await
+            .with_context(|| format!("creating {}", partial.display()))?;
+        let mut written = 0u64;
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.unreachable(&e))? {
+            out.write_all(&chunk)
+                .await
+                .with_context(|| format!("writing {}", partial.display()))?;
+            written += chunk.len() as u64;
+        }
+        out.flush().await?;
+        out.sync_all().await?;
+        tokio::fs::rename(&partial, file)
+            .await
+            .with_context(|| format!("moving the download to {}", file.display()))?;
+        Ok(written)
+    }
+
     /// GET of an answer that is not JSON (a PEM file), as text.
     pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let bytes = self.send_raw(Method::GET, path, &[], None).await?;

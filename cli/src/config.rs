@@ -195,6 +195,13 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
 mod tests {
     use super::*;
 
+    /// Clap's own checks of every subcommand: no flag a subcommand defines clashes
+    /// with a global one (`--output` is the output format everywhere).
+    #[test]
+    fn the_command_line_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
     fn args(api_key: Option<&str>, admin_key: Option<&str>, env_file: PathBuf) -> GlobalArgs {
         GlobalArgs {
             api_url: None,

@@ -7,6 +7,7 @@
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hmac::{Hmac, Mac};
 use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 
@@ -25,7 +26,15 @@ pub enum SecretError {
 #[derive(Clone)]
 pub struct SecretBox {
     cipher: XChaCha20Poly1305,
+    /// Signs URLs (export downloads): a key of its own derived from the secret key,
+    /// so a signature never uses the sealing key itself.
+    signing_key: [u8; 32],
 }
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// What the signing key is derived for (HMAC-SHA256 of this under the secret key).
+const SIGNING_KEY_PURPOSE: &[u8] = b"capy url signing v1";
 
 impl std::fmt::Debug for SecretBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,7 +52,11 @@ impl SecretBox {
             .filter(|b| b.len() == 32)
             .ok_or(SecretError::BadKey)?;
         let cipher = XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| SecretError::BadKey)?;
-        Ok(Self { cipher })
+        let signing_key = hmac_sha256(&bytes, SIGNING_KEY_PURPOSE);
+        Ok(Self {
+            cipher,
+            signing_key,
+        })
     }
 
     /// A new random key, as 64 hex characters.
@@ -77,6 +90,31 @@ impl SecretBox {
             .map_err(|_| SecretError::Open)?;
         String::from_utf8(plaintext).map_err(|_| SecretError::Open)
     }
+
+    /// HMAC-SHA256 of `message` under the signing key, hex.
+    pub fn sign(&self, message: &str) -> String {
+        hex::encode(hmac_sha256(&self.signing_key, message.as_bytes()))
+    }
+
+    /// Whether `signature` (hex) is [`Self::sign`]'s for `message`, compared in
+    /// constant time.
+    pub fn verify(&self, message: &str, signature: &str) -> bool {
+        let Ok(signature) = hex::decode(signature) else {
+            return false;
+        };
+        let Ok(mut mac) = <HmacSha256 as Mac>::new_from_slice(&self.signing_key) else {
+            return false;
+        };
+        mac.update(message.as_bytes());
+        mac.verify_slice(&signature).is_ok()
+    }
+}
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    // HMAC takes keys of any length: this cannot fail.
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    mac.update(message);
+    mac.finalize().into_bytes().into()
 }
 
 /// A random password of 32 URL-safe characters (192 bits).
@@ -129,6 +167,19 @@ mod tests {
         let other = SecretBox::from_key_text(&SecretBox::generate_key_text()).unwrap();
         assert!(other.open(&sealed).is_err());
         assert!(secret_box.open(&sealed[..10]).is_err());
+    }
+
+    #[test]
+    fn signatures_verify_only_for_their_message_and_key() {
+        let secret_box = SecretBox::from_key_text(&SecretBox::generate_key_text()).unwrap();
+        let signature = secret_box.sign("export.123");
+        assert_eq!(signature.len(), 64);
+        assert!(secret_box.verify("export.123", &signature));
+        assert!(!secret_box.verify("export.124", &signature));
+        assert!(!secret_box.verify("export.123", &signature[..62]));
+        assert!(!secret_box.verify("export.123", "not hex"));
+        let other = SecretBox::from_key_text(&SecretBox::generate_key_text()).unwrap();
+        assert!(!other.verify("export.123", &signature));
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! generated from the handlers themselves.
 
 mod api_keys;
+mod backups;
 mod clusters;
 mod databases;
+mod exports;
 mod health;
 mod jobs;
 mod me;
@@ -39,6 +41,8 @@ use crate::{idempotency, AppState};
     tags(
         (name = "projects", description = "Logical databases on a cluster"),
         (name = "extensions", description = "A project's PostgreSQL extensions"),
+        (name = "backups", description = "A project's backups: verified archives, on request or daily"),
+        (name = "exports", description = "A project's database as an archive to download"),
         (name = "databases", description = "Instant databases: no key, expire unless claimed"),
         (name = "jobs", description = "The work queued for workers, and its attempts"),
         (name = "api_keys", description = "Keys: organization-wide or narrowed to a project, with scopes"),
@@ -108,6 +112,14 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
             projects::enable_extension
         ))
         .routes(routes!(projects::disable_extension))
+        .routes(routes!(backups::list, backups::create))
+        .routes(routes!(backups::show, backups::delete))
+        .routes(routes!(backups::verify))
+        .routes(routes!(backups::get_schedule, backups::put_schedule))
+        .routes(routes!(exports::list, exports::create))
+        .routes(routes!(exports::show))
+        .routes(routes!(exports::download))
+        .routes(routes!(exports::file))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::show))
         .routes(routes!(jobs::attempts))

@@ -44,6 +44,7 @@ impl TestApp {
             secrets: secrets(),
             settings: ApiSettings::default(),
             instant_limiter: Default::default(),
+            backup_store: None,
         };
         let organization_id = admin::create_organization(&db.pool, "acme").await.unwrap();
         let key = new_key(&db, organization_id).await;

@@ -1,6 +1,8 @@
 //! The subcommands, one module per resource.
 
+mod backups;
 mod clusters;
+mod exports;
 mod extensions;
 mod jobs;
 mod keys;
@@ -22,6 +24,12 @@ pub enum Command {
     /// A project's PostgreSQL extensions.
     #[command(subcommand)]
     Extensions(extensions::ExtensionsCommand),
+    /// A project's backups (verified by a test restore) and its daily schedule.
+    #[command(subcommand)]
+    Backups(backups::BackupsCommand),
+    /// Exports: a project's database as an archive to download.
+    #[command(subcommand)]
+    Exports(exports::ExportsCommand),
     /// Jobs: the work queued for workers, and what each attempt printed.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
@@ -63,6 +71,8 @@ impl Command {
         match self {
             Self::Projects(command) => command.run(ctx).await,
             Self::Extensions(command) => command.run(ctx).await,
+            Self::Backups(command) => command.run(ctx).await,
+            Self::Exports(command) => command.run(ctx).await,
             Self::Jobs(command) => command.run(ctx).await,
             Self::Clusters(command) => command.run(ctx).await,
             Self::Keys(command) => command.run(ctx).await,

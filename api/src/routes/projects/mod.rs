@@ -169,7 +169,11 @@ pub(crate) fn connection_url(
 }
 
 /// The live project `id`, if the caller may see it; 404 otherwise.
-async fn visible_project(state: &AppState, principal: &Principal, id: Uuid) -> ApiResult<Project> {
+pub(crate) async fn visible_project(
+    state: &AppState,
+    principal: &Principal,
+    id: Uuid,
+) -> ApiResult<Project> {
     let mut conn = state.pool.acquire().await?;
     fetch_project(&mut conn, id)
         .await?
@@ -179,7 +183,7 @@ async fn visible_project(state: &AppState, principal: &Principal, id: Uuid) -> A
 
 /// As [`visible_project`], inside the caller's transaction, with the row locked so
 /// concurrent changes to one project take turns.
-async fn lock_visible_project(
+pub(crate) async fn lock_visible_project(
     conn: &mut sqlx::PgConnection,
     principal: &Principal,
     id: Uuid,
