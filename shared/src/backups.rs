@@ -2,13 +2,14 @@
 //! what those jobs' outcomes do to them. All of their SQL lives here, schedules (the
 //! `periodic_jobs` row of a project's default backup) included.
 
-use chrono::{DateTime, Duration, NaiveTime, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::model::{job_type, Backup, BackupKind, BackupState, Job, BACKUP_COLUMNS, JOB_COLUMNS};
+use crate::periodic::{self, NewPeriodicJob, PeriodicJob};
 use crate::queue::{self, NewJob};
 use crate::step;
 use crate::store;
@@ -528,94 +529,58 @@ pub struct Schedule {
     pub retention_days: i32,
 }
 
-/// The `periodic_jobs` name of a project's schedule.
-pub fn schedule_job_name(project_id: Uuid, schedule: &str) -> String {
-    format!("project:{project_id}:backup:{schedule}")
+/// The API's view of a backup schedule's periodic job.
+fn scheduled_backup(row: PeriodicJob) -> Option<ScheduledBackup> {
+    let minute_of_day = row.minute_of_day?;
+    let args = &row.args;
+    Some(ScheduledBackup {
+        project_id: row.project_id?,
+        name: DEFAULT_SCHEDULE.into(),
+        cron_hour: minute_of_day / 60,
+        cron_minute: minute_of_day % 60,
+        is_active: row.is_active,
+        label: args.get("label").and_then(|l| l.as_str()).map(String::from),
+        retention_days: args
+            .get("retention_days")
+            .and_then(serde_json::Value::as_i64)
+            .and_then(|d| i32::try_from(d).ok())
+            .unwrap_or(7),
+        next_run_at: row.next_run_at,
+        last_run_at: row.last_run_at,
+        last_job_id: row.last_job_id,
+    })
 }
 
-/// The first moment strictly after `now` that is `minute_of_day` minutes past a UTC
-/// midnight.
-pub fn next_daily_run(now: DateTime<Utc>, minute_of_day: i32) -> DateTime<Utc> {
-    let minutes = i64::from(minute_of_day.clamp(0, 1439));
-    let midnight = now.date_naive().and_time(NaiveTime::MIN).and_utc();
-    let today = midnight + Duration::minutes(minutes);
-    if today > now {
-        today
-    } else {
-        today + Duration::days(1)
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct ScheduleRow {
-    project_id: Uuid,
-    minute_of_day: i32,
-    is_active: bool,
-    args: serde_json::Value,
-    next_run_at: DateTime<Utc>,
-    last_run_at: Option<DateTime<Utc>>,
-    last_job_id: Option<Uuid>,
-}
-
-impl ScheduleRow {
-    fn into_api(self) -> ScheduledBackup {
-        let args = &self.args;
-        ScheduledBackup {
-            project_id: self.project_id,
-            name: DEFAULT_SCHEDULE.into(),
-            cron_hour: self.minute_of_day / 60,
-            cron_minute: self.minute_of_day % 60,
-            is_active: self.is_active,
-            label: args.get("label").and_then(|l| l.as_str()).map(String::from),
-            retention_days: args
-                .get("retention_days")
-                .and_then(serde_json::Value::as_i64)
-                .and_then(|d| i32::try_from(d).ok())
-                .unwrap_or(7),
-            next_run_at: self.next_run_at,
-            last_run_at: self.last_run_at,
-            last_job_id: self.last_job_id,
-        }
-    }
-}
-
-const SCHEDULE_COLUMNS: &str =
-    "project_id, minute_of_day, is_active, args, next_run_at, last_run_at, last_job_id";
-
-/// Sets (creates or replaces) the default schedule of project `project_id`, keeping
-/// when it last ran.
+/// Sets (creates or replaces) the default schedule of project `project_id`: a periodic
+/// job whose next slot is the first after now.
 pub async fn put_schedule(
     conn: &mut PgConnection,
     project_id: Uuid,
     schedule: &Schedule,
 ) -> sqlx::Result<ScheduledBackup> {
-    let args = json!({
-        "label": schedule.label,
-        "retention_days": schedule.retention_days,
-        "schedule_name": DEFAULT_SCHEDULE,
-    });
-    let next = next_daily_run(Utc::now(), schedule.minute_of_day);
-    let row: ScheduleRow = sqlx::query_as(&format!(
-        "insert into periodic_jobs (name, job_type, organization_id, project_id, cluster_id,
-                                    args, minute_of_day, is_active, next_run_at)
-         select $1, $2, p.organization_id, p.id, p.cluster_id, $4, $5, $6, $7
-         from projects p where p.id = $3
-         on conflict (name) do update set
-             args = excluded.args, minute_of_day = excluded.minute_of_day,
-             is_active = excluded.is_active, next_run_at = excluded.next_run_at,
-             updated_at = now()
-         returning {SCHEDULE_COLUMNS}"
-    ))
-    .bind(schedule_job_name(project_id, DEFAULT_SCHEDULE))
-    .bind(job_type::PROJECT_BACKUP)
-    .bind(project_id)
-    .bind(args)
-    .bind(schedule.minute_of_day)
-    .bind(schedule.is_active)
-    .bind(next)
-    .fetch_one(conn)
-    .await?;
-    Ok(row.into_api())
+    let (organization_id, cluster_id): (Option<Uuid>, Uuid) =
+        sqlx::query_as("select organization_id, cluster_id from projects where id = $1")
+            .bind(project_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let new = NewPeriodicJob {
+        name: periodic::backup_schedule_name(project_id, DEFAULT_SCHEDULE),
+        job_type: job_type::PROJECT_BACKUP.into(),
+        organization_id,
+        project_id: Some(project_id),
+        cluster_id: Some(cluster_id),
+        args: json!({
+            "label": schedule.label,
+            "retention_days": schedule.retention_days,
+            "schedule_name": DEFAULT_SCHEDULE,
+        }),
+        schedule: periodic::Schedule::Daily {
+            minute_of_day: schedule.minute_of_day,
+        },
+        is_active: schedule.is_active,
+    };
+    let row = periodic::upsert(conn, &new).await?;
+    scheduled_backup(row).ok_or(sqlx::Error::RowNotFound)
 }
 
 /// The default schedule of project `project_id`, if it has one.
@@ -623,38 +588,13 @@ pub async fn get_schedule(
     conn: &mut PgConnection,
     project_id: Uuid,
 ) -> sqlx::Result<Option<ScheduledBackup>> {
-    let row: Option<ScheduleRow> = sqlx::query_as(&format!(
-        "select {SCHEDULE_COLUMNS} from periodic_jobs where name = $1"
-    ))
-    .bind(schedule_job_name(project_id, DEFAULT_SCHEDULE))
-    .fetch_optional(conn)
-    .await?;
-    Ok(row.map(ScheduleRow::into_api))
+    let name = periodic::backup_schedule_name(project_id, DEFAULT_SCHEDULE);
+    Ok(periodic::get(conn, &name).await?.and_then(scheduled_backup))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone as _;
-
-    #[test]
-    fn the_next_run_is_strictly_after_now() {
-        let at = |h, m, s| Utc.with_ymd_and_hms(2026, 11, 29, h, m, s).unwrap();
-        assert_eq!(next_daily_run(at(10, 0, 0), 10 * 60 + 30), at(10, 30, 0));
-        assert_eq!(
-            next_daily_run(at(10, 30, 0), 10 * 60 + 30),
-            at(10, 30, 0) + Duration::days(1)
-        );
-        assert_eq!(
-            next_daily_run(at(10, 30, 1), 10 * 60 + 30),
-            at(10, 30, 0) + Duration::days(1)
-        );
-        assert_eq!(
-            next_daily_run(at(23, 59, 59), 0),
-            at(0, 0, 0) + Duration::days(1)
-        );
-        assert_eq!(next_daily_run(at(0, 0, 0), 1439), at(23, 59, 0));
-    }
 
     #[test]
     fn a_result_line_fills_the_columns() {
