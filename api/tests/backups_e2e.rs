@@ -84,6 +84,7 @@ impl Stack {
         let mut env = vec![
             ("CAPY_RETRY_BASE_DELAY_MS", "50".to_string()),
             ("CAPY_POLL_INTERVAL_MS", "100".to_string()),
+            ("CAPY_PERIODIC_INTERVAL_MS", "50".to_string()),
         ];
         env.extend(store.env());
         let processes = ProcessStack::start(&app.db.url, workers, &env)
@@ -622,4 +623,106 @@ async fn bad_restores_and_schedules_are_refused_and_queue_nothing() {
             .await
             .unwrap();
     assert_eq!(schedules, 0);
+}
+
+/// Makes periodic job `name` due now, as if the clock had reached its slot.
+async fn reach_slot(stack: &Stack, name: &str) {
+    sqlx::query("update periodic_jobs set next_run_at = now() where name = $1")
+        .bind(name)
+        .execute(&stack.app.db.pool)
+        .await
+        .unwrap();
+}
+
+async fn scheduled_backups(stack: &Stack, project: &str) -> Vec<Value> {
+    let listed = stack.get(&format!("/v1/projects/{project}/backups")).await;
+    listed["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["schedule_name"] == "default")
+        .cloned()
+        .collect()
+}
+
+/// Waits until the project has `count` scheduled backups, all completed.
+async fn wait_for_scheduled(stack: &Stack, project: &str, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let backups = scheduled_backups(stack, project).await;
+        if backups.len() >= count && backups.iter().all(|b| b["state"] == "completed") {
+            return backups;
+        }
+        assert!(Instant::now() < deadline, "scheduled backups: {backups:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A daily schedule with three workers: each slot the clock reaches makes one backup
+/// (never one per worker); retention then deletes the oldest, from the store too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_once_per_slot_with_three_workers_and_retention_deletes_from_the_store() {
+    let stack = Stack::start(Store::folder(), 3).await;
+    let project = stack.ready_project("scheduled").await;
+    let (status, schedule) = stack
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/projects/{project}/scheduled-backups/default"),
+            Some(json!({ "cron_hour": 3, "cron_minute": 15, "is_active": true, "retention_days": 2 })),
+        )
+        .await;
+    assert_eq!(status, 200, "{schedule}");
+    let name = capy_shared::periodic::backup_schedule_name(project.parse().unwrap(), "default");
+    for slot in 1..=2 {
+        reach_slot(&stack, &name).await;
+        let backups = wait_for_scheduled(&stack, &project, slot).await;
+        // The other workers had a second and more to fire the same slot again.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            scheduled_backups(&stack, &project).await.len(),
+            slot,
+            "{backups:?}"
+        );
+    }
+    let after = stack
+        .get(&format!("/v1/projects/{project}/scheduled-backups/default"))
+        .await;
+    assert!(after["last_job_id"].is_string(), "{after}");
+    let next: chrono::DateTime<chrono::Utc> =
+        after["next_run_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        next > chrono::Utc::now(),
+        "the next slot lies ahead: {after}"
+    );
+
+    // Retention: the older backup's time is up; the sweep deletes it, archive included.
+    let backups = scheduled_backups(&stack, &project).await;
+    let (old, kept) = (
+        text(&backups[1]["id"]).to_string(),
+        text(&backups[0]["id"]).to_string(),
+    );
+    assert!(stack.store.archive(&project, &old).await.is_some());
+    sqlx::query("update backups set expires_at = now() - interval '1 second' where id = $1")
+        .bind(Uuid::parse_str(&old).unwrap())
+        .execute(&stack.app.db.pool)
+        .await
+        .unwrap();
+    reach_slot(&stack, "capy:backup_expire").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let backup = stack.get(&format!("/v1/backups/{old}")).await["backup"].clone();
+        if backup["state"] == "deleted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not deleted: {backup}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        stack.store.archive(&project, &old).await.is_none(),
+        "the archive is gone"
+    );
+    assert!(
+        stack.store.archive(&project, &kept).await.is_some(),
+        "the newer one stays"
+    );
 }
