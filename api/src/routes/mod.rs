@@ -10,6 +10,7 @@ mod me;
 mod metrics;
 mod organizations;
 pub(crate) mod projects;
+mod restores;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,7 @@ use crate::{idempotency, AppState};
         (name = "projects", description = "Logical databases on a cluster"),
         (name = "extensions", description = "A project's PostgreSQL extensions"),
         (name = "databases", description = "Instant databases: no key, expire unless claimed"),
+        (name = "restores", description = "Restores of backups, and the approvals an overwrite needs"),
         (name = "jobs", description = "The work queued for workers, and its attempts"),
         (name = "api_keys", description = "Keys: organization-wide or narrowed to a project, with scopes"),
         (name = "organizations", description = "Tenants (platform admins)"),
@@ -108,6 +110,8 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
             projects::enable_extension
         ))
         .routes(routes!(projects::disable_extension))
+        .routes(routes!(restores::create_approval))
+        .routes(routes!(restores::create_restore))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::show))
         .routes(routes!(jobs::attempts))

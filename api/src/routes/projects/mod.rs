@@ -179,7 +179,7 @@ async fn visible_project(state: &AppState, principal: &Principal, id: Uuid) -> A
 
 /// As [`visible_project`], inside the caller's transaction, with the row locked so
 /// concurrent changes to one project take turns.
-async fn lock_visible_project(
+pub(crate) async fn lock_visible_project(
     conn: &mut sqlx::PgConnection,
     principal: &Principal,
     id: Uuid,
