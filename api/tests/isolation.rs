@@ -121,6 +121,12 @@ fn walk() -> Vec<Case> {
         case("POST", "/v1/projects/{id}/extensions", Write, NotFound, NotFound)
             .body(r#"{"name":"pgcrypto"}"#),
         case("DELETE", "/v1/projects/{id}/extensions/{name}", Write, NotFound, NotFound),
+        // Restores and approvals (an unknown backup: the project is refused first).
+        case("POST", "/v1/projects/{id}/approvals", Write, NotFound, NotFound)
+            .body(r#"{"action":"project.restore_overwrite"}"#),
+        case("POST", "/v1/projects/{id}/restores", Write, NotFound, NotFound).body(
+            r#"{"backup_id":"00000000-0000-7000-8000-000000000000","target_kind":"new_project"}"#,
+        ),
         // Jobs.
         case("GET", "/v1/jobs", Read, List("jobs"), List("jobs")),
         case("GET", "/v1/jobs", Read, EmptyList("jobs"), EmptyList("jobs"))
