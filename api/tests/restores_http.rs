@@ -221,12 +221,11 @@ async fn a_restore_into_a_new_project_queues_create_extensions_and_restore_in_or
         ),
     ];
     assert_eq!(jobs, expected);
-    let latest: Uuid =
-        sqlx::query_scalar("select latest_job_id from projects where id = $1::uuid")
-            .bind(id)
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    let latest: Uuid = sqlx::query_scalar("select latest_job_id from projects where id = $1::uuid")
+        .bind(id)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(latest.to_string(), answer["job"]["id"].as_str().unwrap());
 
     // A name of one's own; taken → 409, nothing queued. Idempotency-Key replays.
@@ -299,9 +298,7 @@ async fn an_overwrite_needs_a_fresh_unused_approval_of_the_project() {
     let backup_id = backup(&app, &project, "completed", "pending").await;
     let others_backup = backup(&app, &other, "completed", "verified").await;
     let jobs = job_count(&app).await;
-    let overwrite = |token: Option<&str>, backup: &str| {
-        json!({"backup_id": backup, "target_kind": "project", "approval_token": token})
-    };
+    let overwrite = |token: Option<&str>, backup: &str| json!({"backup_id": backup, "target_kind": "project", "approval_token": token});
 
     let (status, answer) = restore(&app, &project, overwrite(None, &backup_id)).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
@@ -310,12 +307,8 @@ async fn an_overwrite_needs_a_fresh_unused_approval_of_the_project() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
     // Another project's approval does not do for this one.
     let others_token = approve(&app, &other).await["token"].clone();
-    let (status, answer) = restore(
-        &app,
-        &project,
-        overwrite(others_token.as_str(), &backup_id),
-    )
-    .await;
+    let (status, answer) =
+        restore(&app, &project, overwrite(others_token.as_str(), &backup_id)).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
 
     let approval = approve(&app, &project).await;
@@ -329,7 +322,10 @@ async fn an_overwrite_needs_a_fresh_unused_approval_of_the_project() {
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     let job = answer["job"]["id"].as_str().unwrap().to_string();
     assert_eq!(answer["project"]["id"], project.as_str());
-    assert_eq!(answer["job"]["locked_resource"], format!("project:{project}"));
+    assert_eq!(
+        answer["job"]["locked_resource"],
+        format!("project:{project}")
+    );
     assert_eq!(answer["job"]["args"]["mode"], "project");
     assert_eq!(answer["job"]["args"]["backup_id"], backup_id.as_str());
     let (used, job_id): (bool, Option<Uuid>) =
@@ -348,11 +344,13 @@ async fn an_overwrite_needs_a_fresh_unused_approval_of_the_project() {
     assert_eq!(job_count(&app).await, jobs + 1);
 
     let expired = approve(&app, &project).await;
-    sqlx::query("update approvals set expires_at = now() - interval '1 second' where id = $1::uuid")
-        .bind(expired["id"].as_str().unwrap())
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "update approvals set expires_at = now() - interval '1 second' where id = $1::uuid",
+    )
+    .bind(expired["id"].as_str().unwrap())
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
     let token = expired["token"].as_str().unwrap();
     let (status, answer) = restore(&app, &project, overwrite(Some(token), &backup_id)).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
@@ -397,9 +395,7 @@ async fn backups_that_cannot_be_restored_are_refused_and_nothing_is_queued() {
     for kind in ["new_project", "project"] {
         let token = approve(&app, &project).await["token"].clone();
         let token = (kind == "project").then_some(token);
-        let body = |backup: &str| {
-            json!({"backup_id": backup, "target_kind": kind, "approval_token": token})
-        };
+        let body = |backup: &str| json!({"backup_id": backup, "target_kind": kind, "approval_token": token});
         for (backup, expected, says) in [
             (&foreign, StatusCode::NOT_FOUND, "backup not found"),
             (&unknown, StatusCode::NOT_FOUND, "backup not found"),
@@ -473,7 +469,8 @@ async fn a_restores_outcome_shows_on_its_project() {
     let mut job_ids = Vec::new();
     for _ in 0..2 {
         let token = approve(&app, &project).await["token"].clone();
-        let body = json!({"backup_id": backup_id, "target_kind": "project", "approval_token": token});
+        let body =
+            json!({"backup_id": backup_id, "target_kind": "project", "approval_token": token});
         let (status, answer) = restore(&app, &project, body).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
         job_ids.push(answer["job"]["id"].as_str().unwrap().to_string());
@@ -481,7 +478,10 @@ async fn a_restores_outcome_shows_on_its_project() {
     finish_job(&app, &job_ids[0], "failed").await;
     assert_eq!(
         last_error().await,
-        ("ready".into(), Some("restore failed: pg_restore: boom".into()))
+        (
+            "ready".into(),
+            Some("restore failed: pg_restore: boom".into())
+        )
     );
     finish_job(&app, &job_ids[1], "completed").await;
     assert_eq!(last_error().await, ("ready".into(), None));

@@ -172,7 +172,9 @@ impl RestoreSource {
             return Some(format!(
                 "backup {} failed its verification ({}): it cannot be restored",
                 self.id,
-                self.verification_error.as_deref().unwrap_or("no reason recorded")
+                self.verification_error
+                    .as_deref()
+                    .unwrap_or("no reason recorded")
             ));
         }
         None

@@ -67,7 +67,9 @@ pub async fn create_approval(
     })?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
-    let organization_id = project.organization_id.ok_or(ApiError::NotFound("project"))?;
+    let organization_id = project
+        .organization_id
+        .ok_or(ApiError::NotFound("project"))?;
     if project.environment == "production" {
         return Err(ApiError::Forbidden(PRODUCTION_REFUSED));
     }
@@ -155,7 +157,9 @@ pub async fn create_restore(
     body.check()?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
-    let organization_id = project.organization_id.ok_or(ApiError::NotFound("project"))?;
+    let organization_id = project
+        .organization_id
+        .ok_or(ApiError::NotFound("project"))?;
     let backup = restores::find_backup(&mut tx, organization_id, body.backup_id)
         .await?
         .filter(|b| principal.can_see(Some(b.organization_id), Some(b.project_id)))
@@ -186,7 +190,12 @@ pub async fn create_restore(
         .await?
         .ok_or(ApiError::NotFound("project"))?;
     idempotent
-        .commit(&state, tx, StatusCode::ACCEPTED, JobAndProject { job, project })
+        .commit(
+            &state,
+            tx,
+            StatusCode::ACCEPTED,
+            JobAndProject { job, project },
+        )
         .await
 }
 

@@ -6,6 +6,7 @@ mod jobs;
 mod keys;
 mod orgs;
 mod projects;
+mod restores;
 
 use clap::Subcommand;
 use serde_json::Value;
@@ -22,6 +23,12 @@ pub enum Command {
     /// A project's PostgreSQL extensions.
     #[command(subcommand)]
     Extensions(extensions::ExtensionsCommand),
+    /// Restores of backups: into a new project, or over the project with an approval.
+    #[command(subcommand)]
+    Restores(restores::RestoresCommand),
+    /// Single-use approvals of dangerous actions (overwriting a project with a restore).
+    #[command(subcommand)]
+    Approvals(restores::ApprovalsCommand),
     /// Jobs: the work queued for workers, and what each attempt printed.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
@@ -63,6 +70,8 @@ impl Command {
         match self {
             Self::Projects(command) => command.run(ctx).await,
             Self::Extensions(command) => command.run(ctx).await,
+            Self::Restores(command) => command.run(ctx).await,
+            Self::Approvals(command) => command.run(ctx).await,
             Self::Jobs(command) => command.run(ctx).await,
             Self::Clusters(command) => command.run(ctx).await,
             Self::Keys(command) => command.run(ctx).await,
