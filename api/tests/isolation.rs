@@ -134,6 +134,12 @@ fn walk() -> Vec<Case> {
         case("POST", "/v1/projects/{id}/exports", Write, NotFound, NotFound).body("{}"),
         case("GET", "/v1/exports/{id}", Read, NotFound, NotFound),
         case("GET", "/v1/exports/{id}/download", Credentials, NotFound, NotFound),
+        // Restores and approvals (an unknown backup: the project is refused first).
+        case("POST", "/v1/projects/{id}/approvals", Write, NotFound, NotFound)
+            .body(r#"{"action":"project.restore_overwrite"}"#),
+        case("POST", "/v1/projects/{id}/restores", Write, NotFound, NotFound).body(
+            r#"{"backup_id":"00000000-0000-7000-8000-000000000000","target_kind":"new_project"}"#,
+        ),
         // Jobs.
         case("GET", "/v1/jobs", Read, List("jobs"), List("jobs")),
         case("GET", "/v1/jobs", Read, EmptyList("jobs"), EmptyList("jobs"))

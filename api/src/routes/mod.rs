@@ -12,6 +12,7 @@ mod me;
 mod metrics;
 mod organizations;
 pub(crate) mod projects;
+mod restores;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ use crate::{idempotency, AppState};
         (name = "backups", description = "A project's backups: verified archives, on request or daily"),
         (name = "exports", description = "A project's database as an archive to download"),
         (name = "databases", description = "Instant databases: no key, expire unless claimed"),
+        (name = "restores", description = "Restores of backups, and the approvals an overwrite needs"),
         (name = "jobs", description = "The work queued for workers, and its attempts"),
         (name = "api_keys", description = "Keys: organization-wide or narrowed to a project, with scopes"),
         (name = "organizations", description = "Tenants (platform admins)"),
@@ -120,6 +122,8 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(exports::show))
         .routes(routes!(exports::download))
         .routes(routes!(exports::file))
+        .routes(routes!(restores::create_approval))
+        .routes(routes!(restores::create_restore))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::show))
         .routes(routes!(jobs::attempts))

@@ -8,6 +8,7 @@ mod jobs;
 mod keys;
 mod orgs;
 mod projects;
+mod restores;
 
 use clap::Subcommand;
 use serde_json::Value;
@@ -30,6 +31,12 @@ pub enum Command {
     /// Exports: a project's database as an archive to download.
     #[command(subcommand)]
     Exports(exports::ExportsCommand),
+    /// Restores of backups: into a new project, or over the project with an approval.
+    #[command(subcommand)]
+    Restores(restores::RestoresCommand),
+    /// Single-use approvals of dangerous actions (overwriting a project with a restore).
+    #[command(subcommand)]
+    Approvals(restores::ApprovalsCommand),
     /// Jobs: the work queued for workers, and what each attempt printed.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
@@ -73,6 +80,8 @@ impl Command {
             Self::Extensions(command) => command.run(ctx).await,
             Self::Backups(command) => command.run(ctx).await,
             Self::Exports(command) => command.run(ctx).await,
+            Self::Restores(command) => command.run(ctx).await,
+            Self::Approvals(command) => command.run(ctx).await,
             Self::Jobs(command) => command.run(ctx).await,
             Self::Clusters(command) => command.run(ctx).await,
             Self::Keys(command) => command.run(ctx).await,

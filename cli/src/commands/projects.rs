@@ -304,9 +304,9 @@ impl ProjectsCommand {
     }
 }
 
-/// `{job, project}` from POST /v1/projects: printed at once, or after waiting for the
+/// `{job, project}` from POST /v1/projects (and restores): printed at once, or after waiting for the
 /// job, with the project read again.
-async fn create_answer(ctx: &Ctx, answer: Value, wait: bool) -> anyhow::Result<()> {
+pub(super) async fn create_answer(ctx: &Ctx, answer: Value, wait: bool) -> anyhow::Result<()> {
     if !wait {
         if ctx.json() {
             return output::json(&answer);

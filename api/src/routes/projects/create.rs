@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::crypto;
-use capy_shared::model::job_type;
+use capy_shared::model::{job_type, Job};
 use serde::Deserialize;
 use serde_json::json;
 use utoipa::ToSchema;
@@ -91,50 +91,19 @@ pub async fn create(
     body.validate()?;
 
     let mut tx = state.pool.begin().await?;
-    let placement = place(&mut tx, body.region.as_deref(), body.cluster_id).await?;
-    let id = Uuid::now_v7();
-    // Database and role names come from the id, never from user input.
-    let database_name = format!("capy_{}", id.simple());
-    let password = state.secrets.seal(&crypto::generate_password());
-    let inserted = sqlx::query(
-        "insert into projects (id, organization_id, cluster_id, name, slug, region, environment,
-             state, database_name, role_name, password_encrypted, max_connections,
-             statement_timeout, idle_transaction_timeout, storage_limit_bytes)
-         values ($1, $2, $3, $4, $5, $6, $7, 'provisioning', $8, $8, $9, $10, $11, $12, $13)",
-    )
-    .bind(id)
-    .bind(organization_id)
-    .bind(placement.id)
-    .bind(&body.name)
-    .bind(body.name.to_ascii_lowercase())
-    .bind(&placement.region)
-    .bind(body.environment.as_deref().unwrap_or("development"))
-    .bind(&database_name)
-    .bind(&password)
-    .bind(body.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
-    .bind(
-        body.statement_timeout
-            .as_deref()
-            .unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
-    )
-    .bind(
-        body.idle_transaction_timeout
-            .as_deref()
-            .unwrap_or(DEFAULT_IDLE_TRANSACTION_TIMEOUT),
-    )
-    .bind(body.storage_limit_bytes)
-    .execute(&mut *tx)
-    .await;
-    if let Err(sqlx::Error::Database(db)) = &inserted {
-        if db.constraint() == Some("projects_org_name") {
-            return Err(ApiError::Conflict(format!(
-                "a project named '{}' already exists",
-                body.name
-            )));
-        }
-    }
-    inserted?;
-    let job = queue_project_job(&mut tx, &state, id, job_type::PROJECT_CREATE, json!({})).await?;
+    let spec = ProjectSpec {
+        id: Uuid::now_v7(),
+        name: body.name,
+        region: body.region,
+        cluster_id: body.cluster_id,
+        environment: body.environment,
+        max_connections: body.max_connections,
+        statement_timeout: body.statement_timeout,
+        idle_transaction_timeout: body.idle_transaction_timeout,
+        storage_limit_bytes: body.storage_limit_bytes,
+    };
+    let job = create_project(&mut tx, &state, organization_id, &spec).await?;
+    let id = spec.id;
     let project = fetch_project(&mut tx, id)
         .await?
         .ok_or(ApiError::NotFound("project"))?;
@@ -146,6 +115,74 @@ pub async fn create(
             JobAndProject { job, project },
         )
         .await
+}
+
+/// A project to make, its input checked; what is left out takes the defaults.
+#[derive(Debug, Clone)]
+pub(crate) struct ProjectSpec {
+    pub id: Uuid,
+    pub name: String,
+    pub region: Option<String>,
+    pub cluster_id: Option<Uuid>,
+    pub environment: Option<String>,
+    pub max_connections: Option<i32>,
+    pub statement_timeout: Option<String>,
+    pub idle_transaction_timeout: Option<String>,
+    pub storage_limit_bytes: Option<i64>,
+}
+
+/// Records the project `spec` of the organization, placed on a cluster, and queues its
+/// `project.create` job, in the caller's transaction: how every project is made
+/// (`POST /v1/projects`, a restore into a new project).
+pub(crate) async fn create_project(
+    tx: &mut sqlx::PgConnection,
+    state: &AppState,
+    organization_id: Uuid,
+    spec: &ProjectSpec,
+) -> ApiResult<Job> {
+    let placement = place(tx, spec.region.as_deref(), spec.cluster_id).await?;
+    // Database and role names come from the id, never from user input.
+    let database_name = format!("capy_{}", spec.id.simple());
+    let password = state.secrets.seal(&crypto::generate_password());
+    let inserted = sqlx::query(
+        "insert into projects (id, organization_id, cluster_id, name, slug, region, environment,
+             state, database_name, role_name, password_encrypted, max_connections,
+             statement_timeout, idle_transaction_timeout, storage_limit_bytes)
+         values ($1, $2, $3, $4, $5, $6, $7, 'provisioning', $8, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(spec.id)
+    .bind(organization_id)
+    .bind(placement.id)
+    .bind(&spec.name)
+    .bind(spec.name.to_ascii_lowercase())
+    .bind(&placement.region)
+    .bind(spec.environment.as_deref().unwrap_or("development"))
+    .bind(&database_name)
+    .bind(&password)
+    .bind(spec.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
+    .bind(
+        spec.statement_timeout
+            .as_deref()
+            .unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
+    )
+    .bind(
+        spec.idle_transaction_timeout
+            .as_deref()
+            .unwrap_or(DEFAULT_IDLE_TRANSACTION_TIMEOUT),
+    )
+    .bind(spec.storage_limit_bytes)
+    .execute(&mut *tx)
+    .await;
+    if let Err(sqlx::Error::Database(db)) = &inserted {
+        if db.constraint() == Some("projects_org_name") {
+            return Err(ApiError::Conflict(format!(
+                "a project named '{}' already exists",
+                spec.name
+            )));
+        }
+    }
+    inserted?;
+    queue_project_job(tx, state, spec.id, job_type::PROJECT_CREATE, json!({})).await
 }
 
 /// The cluster asked for, or the one of the region (any region if none) with the most
