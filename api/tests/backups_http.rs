@@ -439,7 +439,7 @@ async fn deleting_twice_queues_one_job_and_verify_queues_its_job() {
         "an unscheduled backup is kept"
     );
     let verify_jobs = format!(
-        "select count(*) from jobs where type = 'project.backup_verify' and locked_resource = 'backup:{id}'"
+        "select count(*) from jobs where type = 'project.backup_verify' and locked_resource = 'project:{project}'"
     );
     assert_eq!(count(&app, &verify_jobs).await, 1);
     // Asking again answers the job in flight.

@@ -191,17 +191,17 @@ async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OwnedBac
     .await
 }
 
-/// The latest job of `job_type` on backup `id` (its `backup:<id>` lock).
+/// The latest job of `job_type` on backup `id` (its `args.backup_id`).
 async fn latest_job(
     conn: &mut PgConnection,
     id: Uuid,
     job_type: &str,
 ) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
-        "select {JOB_COLUMNS} from jobs where locked_resource = $1 and type = $2
+        "select {JOB_COLUMNS} from jobs where args->>'backup_id' = $1 and type = $2
          order by created_at desc, id desc limit 1"
     ))
-    .bind(format!("backup:{id}"))
+    .bind(id.to_string())
     .bind(job_type)
     .fetch_optional(conn)
     .await
@@ -234,6 +234,9 @@ pub async fn request_delete(
     let state = owned.backup.state;
     if state == BackupState::Pending {
         return Ok(Err(Refusal::State(state.as_str())));
+    }
+    if restore_in_flight(conn, id).await? {
+        return Ok(Err(Refusal::State("being restored")));
     }
     // The delete in flight, or the one that deleted it, answers a repeated request.
     let previous = latest_job(conn, id, job_type::BACKUP_DELETE).await?;
@@ -334,7 +337,9 @@ async fn queue_verify(
             organization_id,
             project_id: Some(backup.project_id),
             cluster_id: Some(cluster_id),
-            locked_resource: Some(format!("backup:{}", backup.id)),
+            // With the project's other jobs: a verification logs in as the project's
+            // role, which a rotation or a delete changes, and copies its data once.
+            locked_resource: Some(format!("project:{}", backup.project_id)),
             max_attempts,
             args: json!({ "backup_id": backup.id, "backup_key": backup.backup_key }),
             run_at: None,
@@ -351,6 +356,7 @@ pub async fn expire(conn: &mut PgConnection, limit: i64) -> sqlx::Result<u64> {
         "with due as (
              select id from backups
              where expires_at < now() and state in ('completed', 'failed')
+               and not exists ({RESTORE_OF_BACKUP})
              order by expires_at limit $1
              for update skip locked)
          update backups b set state = 'deleting', updated_at = now()
@@ -366,6 +372,21 @@ pub async fn expire(conn: &mut PgConnection, limit: i64) -> sqlx::Result<u64> {
         queue_delete(conn, owned, EXPIRED_DELETE_ATTEMPTS).await?;
     }
     Ok(due.len() as u64)
+}
+
+/// A restore of backup `backups.id` that is queued or running: while one is, the
+/// backup is neither deleted on request nor expired (its archive is being read).
+const RESTORE_OF_BACKUP: &str = "select 1 from jobs r
+    where r.type = 'project.restore' and r.state in ('pending', 'claimed')
+      and r.args->>'backup_id' = backups.id::text";
+
+async fn restore_in_flight(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar(&format!(
+        "select exists ({RESTORE_OF_BACKUP}) from backups where id = $1"
+    ))
+    .bind(id)
+    .fetch_one(conn)
+    .await
 }
 
 /// Attempts of the `backup.delete` jobs [`expire`] queues.
@@ -478,6 +499,13 @@ impl BackupResult {
 /// backup, not an export) queue its verification.
 async fn backup_completed(conn: &mut PgConnection, job: &Job, id: Uuid) -> sqlx::Result<()> {
     let result = BackupResult::parse(job.last_stdout.as_deref());
+    if result.size_bytes.is_none() || result.sha256.is_none() {
+        // Without its size and checksum nobody can trust the archive: not a backup.
+        let sql = "update backups set state = 'failed', error = $2, updated_at = now()
+                   where id = $1 and state = 'pending'";
+        let error = "the backup step reported no size and checksum (capy-result line)";
+        return execute(conn, sql, id, Some(error.into())).await;
+    }
     let updated: Option<Backup> = sqlx::query_as(&format!(
         "update backups set state = 'completed', size_bytes = $2, sha256 = $3, manifest = $4,
                 completed_at = now(), error = null, updated_at = now(),
@@ -581,6 +609,13 @@ pub async fn put_schedule(
     };
     let row = periodic::upsert(conn, &new).await?;
     scheduled_backup(row).ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Locks the default schedule of project `project_id` (if it has one) until the
+/// transaction ends.
+pub async fn lock_schedule(conn: &mut PgConnection, project_id: Uuid) -> sqlx::Result<()> {
+    let name = periodic::backup_schedule_name(project_id, DEFAULT_SCHEDULE);
+    periodic::lock(conn, &name).await
 }
 
 /// The default schedule of project `project_id`, if it has one.

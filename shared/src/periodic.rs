@@ -125,6 +125,16 @@ pub async fn get(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<Per
     .await
 }
 
+/// Locks periodic job `name` (if it exists) until the transaction ends. Take it before
+/// the rows its job touches (its project), as firing does.
+pub async fn lock(conn: &mut PgConnection, name: &str) -> sqlx::Result<()> {
+    sqlx::query("select 1 from periodic_jobs where name = $1 for update")
+        .bind(name)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Takes up to `limit` due periodic jobs and moves each one's `next_run_at` to its
 /// first slot after now, in the caller's transaction: until it commits, other workers
 /// skip these rows; after, they are no longer due.
@@ -160,7 +170,20 @@ pub async fn fire_due(pool: &PgPool, max_attempts: i32, limit: i64) -> sqlx::Res
     let due = take_due(&mut tx, limit).await?;
     let mut queued = 0;
     for periodic in &due {
-        let job_id = queue_one(&mut tx, periodic, max_attempts).await?;
+        // One row's failure (say, a job its project refuses) loses that slot, not the
+        // batch: each row queues in a savepoint of its own.
+        let mut row = sqlx::Acquire::begin(&mut *tx).await?;
+        let job_id = match queue_one(&mut row, periodic, max_attempts).await {
+            Ok(job_id) => {
+                row.commit().await?;
+                job_id
+            }
+            Err(error) => {
+                row.rollback().await?;
+                tracing::warn!(name = periodic.name, error = %error, "a periodic job's slot queued nothing");
+                None
+            }
+        };
         queued += usize::from(job_id.is_some());
         sqlx::query(
             "update periodic_jobs set last_job_id = coalesce($2, last_job_id) where name = $1",

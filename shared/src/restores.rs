@@ -272,6 +272,14 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
     Ok(())
 }
 
+/// Deletes approvals a day past their expiry: used or not, they authorize nothing more.
+pub async fn purge_approvals(conn: &mut PgConnection) -> sqlx::Result<u64> {
+    let done = sqlx::query("delete from approvals where expires_at < now() - interval '1 day'")
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,6 +125,7 @@ impl Cli {
                 Ok((job_type, Duration::from_secs_f64(seconds)))
             })
             .collect::<anyhow::Result<_>>()?;
+        let step_timeouts = with_archive_timeouts(step_timeouts);
         let lease = Duration::from_secs(self.lease_seconds);
         Ok(WorkerSettings {
             worker_id: self.worker_id.clone().unwrap_or_else(default_worker_id),
@@ -154,6 +155,24 @@ impl Cli {
             periodic_max_attempts: self.job_max_attempts,
         })
     }
+}
+
+/// Steps that copy a whole database (dump, test restore, restore) take as long as the
+/// data does: unless set, they get hours, not the default step's minutes.
+const ARCHIVE_STEP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+fn with_archive_timeouts(mut timeouts: HashMap<String, Duration>) -> HashMap<String, Duration> {
+    use capy_shared::model::job_type;
+    for job_type in [
+        job_type::PROJECT_BACKUP,
+        job_type::PROJECT_BACKUP_VERIFY,
+        job_type::PROJECT_RESTORE,
+    ] {
+        timeouts
+            .entry(job_type.to_string())
+            .or_insert(ARCHIVE_STEP_TIMEOUT);
+    }
+    timeouts
 }
 
 /// Parses `TYPE=VALUE` entries into a map.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use capy_shared::crypto::SecretBox;
 use capy_shared::model::{job_type, Job, RetryClassification};
 use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, RetryPolicy};
-use capy_shared::{backups, effects, instant, periodic, redact, step};
+use capy_shared::{backups, effects, instant, periodic, redact, restores, step};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch, Notify};
@@ -574,13 +574,20 @@ impl Worker {
             schedule: periodic::Schedule::Every { seconds: 60 },
             is_active: true,
         };
-        if let Err(error) = periodic::ensure(&self.pool, &expire).await {
-            tracing::warn!(error = %error, "could not register the backup expiry sweep");
-        }
         let mut interval = tokio::time::interval(self.settings.periodic_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut registered = false;
         loop {
             interval.tick().await;
+            // Registered once the control database answers (it may be down at start).
+            if !registered {
+                match periodic::ensure(&self.pool, &expire).await {
+                    Ok(()) => registered = true,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "could not register the backup expiry sweep yet")
+                    }
+                }
+            }
             match periodic::fire_due(&self.pool, self.settings.periodic_max_attempts, 100).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(count = n, "queued the jobs of periodic slots"),
@@ -595,6 +602,7 @@ impl Worker {
         let result = async {
             let mut tx = self.pool.begin().await?;
             let marked = backups::expire(&mut tx, 1000).await?;
+            restores::purge_approvals(&mut tx).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(marked)
         }

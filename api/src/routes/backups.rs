@@ -332,6 +332,9 @@ pub async fn put_schedule(
     principal.require_scope(SCOPE_WRITE)?;
     let schedule = body.schedule()?;
     let mut tx = state.pool.begin().await?;
+    // The schedule's row before the project's, in the order a firing worker takes
+    // them: the other order can deadlock with it.
+    backups::lock_schedule(&mut tx, id).await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
     if project.state == "deleting" || project.organization_id.is_none() {
         return Err(not_ready(&project));

@@ -166,8 +166,10 @@ pub async fn download(
 }
 
 /// What a download URL's signature covers.
+/// What a download URL's signature covers: its purpose, the export and the expiry, so
+/// it is good for nothing else the secret key signs.
 fn signed_message(id: Uuid, expires: i64) -> String {
-    format!("{id}.{expires}")
+    format!("capy-export-download:v1:{id}:{expires}")
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

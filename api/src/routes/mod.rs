@@ -169,10 +169,17 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .layer(
             TraceLayer::new_for_http()
+                .make_span_with(request_span)
                 .on_response(log_response)
                 .on_failure(log_failure),
         )
         .with_state(state)
+}
+
+/// A request's span: its method and path, never its query (a signed download URL's
+/// signature is in the query).
+fn request_span<B>(request: &axum::http::Request<B>) -> Span {
+    tracing::debug_span!("request", method = %request.method(), path = request.uri().path())
 }
 
 /// How the HTTP trace logs an answer.

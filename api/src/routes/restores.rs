@@ -155,6 +155,7 @@ pub async fn create_restore(
 ) -> ApiResult<(StatusCode, Json<JobAndProject>)> {
     principal.require_scope(SCOPE_WRITE)?;
     body.check()?;
+    state.require_backup_store()?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
     let organization_id = project

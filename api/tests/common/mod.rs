@@ -44,7 +44,8 @@ impl TestApp {
             secrets: secrets(),
             settings: ApiSettings::default(),
             instant_limiter: Default::default(),
-            backup_store: None,
+            // A folder of its own: restores and backups are refused without a store.
+            backup_store: Some(temp_store()),
         };
         let organization_id = admin::create_organization(&db.pool, "acme").await.unwrap();
         let key = new_key(&db, organization_id).await;
@@ -169,4 +170,14 @@ pub async fn new_key(db: &TestDatabase, organization_id: Uuid) -> String {
     .await
     .unwrap()
     .1
+}
+
+/// A backup store in a fresh temporary folder.
+pub fn temp_store() -> capy_shared::store::BackupStore {
+    let folder = std::env::temp_dir().join(format!("capy-store-{}", Uuid::new_v4().simple()));
+    let config = capy_shared::store::StoreConfig {
+        url: Some(format!("file://{}", folder.display())),
+        ..capy_shared::store::StoreConfig::default()
+    };
+    capy_shared::store::BackupStore::open(&config).unwrap()
 }
