@@ -4,6 +4,7 @@
 //! downloads) and the workers (which hand it to the backup steps) read the same
 //! settings. Credentials never appear in logs, answers or step output.
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,9 +63,14 @@ impl std::fmt::Debug for StoreConfig {
 }
 
 impl StoreConfig {
-    /// The credentials in this configuration, for scrubbing output.
+    /// The credentials in this configuration, for scrubbing output (the access key id
+    /// too: S3 error bodies name it).
     pub fn secrets(&self) -> Vec<String> {
-        [&self.s3_secret_access_key, &self.s3_session_token]
+        [
+            &self.s3_access_key_id,
+            &self.s3_secret_access_key,
+            &self.s3_session_token,
+        ]
             .into_iter()
             .flatten()
             .filter(|s| !s.is_empty())
@@ -101,7 +107,12 @@ impl BackupStore {
         match parsed.scheme() {
             "file" => {
                 let folder = parsed.to_file_path().map_err(|()| StoreError::BadUrl)?;
-                std::fs::create_dir_all(&folder).map_err(|e| {
+                // Only the user capy runs as reads the tenants' archives.
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&folder)
+                    .map_err(|e| {
                     StoreError::ObjectStore(object_store::Error::Generic {
                         store: "LocalFileSystem",
                         source: Box::new(e),
