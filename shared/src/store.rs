@@ -71,11 +71,11 @@ impl StoreConfig {
             &self.s3_secret_access_key,
             &self.s3_session_token,
         ]
-            .into_iter()
-            .flatten()
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .collect()
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect()
     }
 }
 
@@ -113,11 +113,11 @@ impl BackupStore {
                     .mode(0o700)
                     .create(&folder)
                     .map_err(|e| {
-                    StoreError::ObjectStore(object_store::Error::Generic {
-                        store: "LocalFileSystem",
-                        source: Box::new(e),
-                    })
-                })?;
+                        StoreError::ObjectStore(object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        })
+                    })?;
                 let store = LocalFileSystem::new_with_prefix(folder)?;
                 Ok(Self {
                     store: Arc::new(store),
@@ -219,7 +219,26 @@ mod tests {
         assert_eq!(store.path("a/b.dump").as_ref(), "some/prefix/a/b.dump");
         assert!(store.signs_urls());
         assert!(!format!("{config:?}").contains("secret"));
-        assert_eq!(config.secrets(), vec!["secret".to_string()]);
+        assert_eq!(
+            config.secrets(),
+            vec!["id".to_string(), "secret".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_folder_store_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let folder = std::env::temp_dir().join(format!("capy-store-{}", Uuid::new_v4()));
+        let config = StoreConfig {
+            url: Some(format!("file://{}/inner", folder.display())),
+            ..StoreConfig::default()
+        };
+        BackupStore::open(&config).unwrap();
+        for dir in [folder.clone(), folder.join("inner")] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+        }
+        std::fs::remove_dir_all(&folder).unwrap();
     }
 
     #[test]
