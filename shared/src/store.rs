@@ -4,6 +4,7 @@
 //! downloads) and the workers (which hand it to the backup steps) read the same
 //! settings. Credentials never appear in logs, answers or step output.
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,14 +63,19 @@ impl std::fmt::Debug for StoreConfig {
 }
 
 impl StoreConfig {
-    /// The credentials in this configuration, for scrubbing output.
+    /// The credentials in this configuration, for scrubbing output (the access key id
+    /// too: S3 error bodies name it).
     pub fn secrets(&self) -> Vec<String> {
-        [&self.s3_secret_access_key, &self.s3_session_token]
-            .into_iter()
-            .flatten()
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .collect()
+        [
+            &self.s3_access_key_id,
+            &self.s3_secret_access_key,
+            &self.s3_session_token,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect()
     }
 }
 
@@ -101,12 +107,17 @@ impl BackupStore {
         match parsed.scheme() {
             "file" => {
                 let folder = parsed.to_file_path().map_err(|()| StoreError::BadUrl)?;
-                std::fs::create_dir_all(&folder).map_err(|e| {
-                    StoreError::ObjectStore(object_store::Error::Generic {
-                        store: "LocalFileSystem",
-                        source: Box::new(e),
-                    })
-                })?;
+                // Only the user capy runs as reads the tenants' archives.
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&folder)
+                    .map_err(|e| {
+                        StoreError::ObjectStore(object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        })
+                    })?;
                 let store = LocalFileSystem::new_with_prefix(folder)?;
                 Ok(Self {
                     store: Arc::new(store),
@@ -208,7 +219,26 @@ mod tests {
         assert_eq!(store.path("a/b.dump").as_ref(), "some/prefix/a/b.dump");
         assert!(store.signs_urls());
         assert!(!format!("{config:?}").contains("secret"));
-        assert_eq!(config.secrets(), vec!["secret".to_string()]);
+        assert_eq!(
+            config.secrets(),
+            vec!["id".to_string(), "secret".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_folder_store_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let folder = std::env::temp_dir().join(format!("capy-store-{}", Uuid::new_v4()));
+        let config = StoreConfig {
+            url: Some(format!("file://{}/inner", folder.display())),
+            ..StoreConfig::default()
+        };
+        BackupStore::open(&config).unwrap();
+        for dir in [folder.clone(), folder.join("inner")] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+        }
+        std::fs::remove_dir_all(&folder).unwrap();
     }
 
     #[test]

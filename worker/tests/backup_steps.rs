@@ -306,7 +306,7 @@ async fn backup_verify_restore_and_delete() {
             json!({"verified": true, "tables": 2, "rows": 107})
         );
     }
-    let scratch = format!("capy_verify_{}", &backup.id.simple().to_string()[..16]);
+    let scratch = format!("capy_verify_{}", backup.id.simple());
     assert!(!database_exists(&scratch).await);
 
     restore_over_the_project(&project, &backup, &store).await;
@@ -441,16 +441,26 @@ async fn a_hostile_archive_gains_nothing() {
     assert_eq!(count(&tenant, "select count(*) from guarded").await, 3);
 }
 
+/// Backup, verification and an overwriting restore touch only the project's own
+/// archives (a restore into a new project may read another's).
 #[tokio::test]
 async fn a_key_of_another_project_is_refused() {
     let store = Store::new();
     let project = Project::new();
     let other = Backup::of(&Project::new());
-    let output = step(job_type::PROJECT_BACKUP, &project, other.args(), &store).await;
-    output.assert_code(EXIT_PERMANENT);
-    assert!(
-        output.last_error().contains("another project"),
-        "{}",
-        output.stderr
-    );
+    let mut restore_args = other.args();
+    restore_args["mode"] = json!("project");
+    for (job_type, args) in [
+        (job_type::PROJECT_BACKUP, other.args()),
+        (job_type::PROJECT_BACKUP_VERIFY, other.args()),
+        (job_type::PROJECT_RESTORE, restore_args),
+    ] {
+        let output = step(job_type, &project, args, &store).await;
+        output.assert_code(EXIT_PERMANENT);
+        assert!(
+            output.last_error().contains("another project"),
+            "{job_type}: {}",
+            output.stderr
+        );
+    }
 }

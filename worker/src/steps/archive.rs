@@ -119,6 +119,11 @@ impl Manifest {
 
 /// Reads the manifest of the archive at `args.key`.
 pub async fn read_manifest(store: &BackupStore, args: &BackupArgs) -> Result<Manifest, StepError> {
+    parse_manifest(&fetch_manifest(store, args).await?)
+}
+
+/// The manifest's bytes, as the store keeps them.
+pub async fn fetch_manifest(store: &BackupStore, args: &BackupArgs) -> Result<Vec<u8>, StepError> {
     let path = store.path(&args.manifest_key());
     let what = "reading the backup's manifest";
     let bytes = store
@@ -129,7 +134,12 @@ pub async fn read_manifest(store: &BackupStore, args: &BackupArgs) -> Result<Man
         .bytes()
         .await
         .map_err(|e| store_error(what, e))?;
-    serde_json::from_slice(&bytes)
+    Ok(bytes.to_vec())
+}
+
+/// A manifest that does not parse is the backup's fault: no retry mends it.
+pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, StepError> {
+    serde_json::from_slice(bytes)
         .map_err(|e| StepError::permanent(format!("the backup's manifest is not valid: {e}")))
 }
 
@@ -213,48 +223,88 @@ pub async fn ensure_extensions(
     Ok(())
 }
 
-/// Restores the archive into `project.database_name` as the project's own login:
-/// never as the admin, so nothing the archive runs (a function in a CHECK or an
-/// index) has more than the tenant's rights. Entries of what the database already
-/// has (extensions, existing schemas such as `public`) and of capy's schema are left
-/// out. `transient` says whether a failed pg_restore is worth a retry.
-pub async fn restore_as_tenant(
-    admin_inside: &tokio_postgres::Client,
+/// An archive pg_restore could read: its table of contents, read from the store.
+pub struct ReadableArchive {
+    tool: std::path::PathBuf,
+    toc: String,
+}
+
+/// Streams the archive's TOC through `pg_restore --list`: an archive that is missing
+/// or that pg_restore cannot read fails here, before anything is changed. `admin` is
+/// any admin session of the cluster (it tells the server's version).
+pub async fn read_toc(
+    admin: &tokio_postgres::Client,
     cluster: &StepCluster,
     project: &StepProject,
     store: &BackupStore,
     args: &BackupArgs,
-    transient: bool,
-) -> Result<(), StepError> {
-    let existing = existing_schemas(admin_inside).await?;
-    let version = pg_tools::server_version_num(admin_inside).await?;
+) -> Result<ReadableArchive, StepError> {
+    let version = pg_tools::server_version_num(admin).await?;
     let tool = pg_tools::locate(Tool::PgRestore, version)?;
     let env = PgEnv::new(cluster, &project.database_name, Login::Project(project))?;
     let mut command = env.command(&tool);
     command.arg("--list");
-    let toc = run_fed(command, store, args, transient).await?;
-    let toc = String::from_utf8_lossy(&toc);
-    let list = ListFile::write(&filter_toc(&toc, &existing))?;
-    let mut command = env.command(&tool);
-    command
-        .args([
-            "--no-owner",
-            "--no-privileges",
-            "--no-publications",
-            "--no-subscriptions",
-            "--single-transaction",
-            "--exit-on-error",
-            "--no-password",
-        ])
-        .arg(format!("--dbname={}", project.database_name))
-        .arg("--use-list")
-        .arg(&list.0);
-    run_fed(command, store, args, transient).await?;
-    println!(
-        "database {}: archive restored as {}",
-        project.database_name, project.role_name
-    );
-    Ok(())
+    let toc = run_fed(command, store, args, false).await?;
+    Ok(ReadableArchive {
+        tool,
+        toc: String::from_utf8_lossy(&toc).into_owned(),
+    })
+}
+
+impl ReadableArchive {
+    /// Restores the archive into `project.database_name` as the project's own login:
+    /// never as the admin, so nothing the archive runs (a function in a CHECK or an
+    /// index) has more than the tenant's rights. Entries of what the database already
+    /// has (extensions, existing schemas such as `public`) and of capy's schema are
+    /// left out. `transient` says whether pg_restore's own failure is worth a retry;
+    /// any other failure (the store, a pipe) is.
+    pub async fn restore_as_tenant(
+        &self,
+        admin_inside: &tokio_postgres::Client,
+        cluster: &StepCluster,
+        project: &StepProject,
+        store: &BackupStore,
+        args: &BackupArgs,
+        transient: bool,
+    ) -> Result<(), StepError> {
+        let existing = existing_schemas(admin_inside).await?;
+        let list = ListFile::write(&filter_toc(&self.toc, &existing))?;
+        let env = PgEnv::new(cluster, &project.database_name, Login::Project(project))?;
+        let mut command = env.command(&self.tool);
+        command
+            .args([
+                "--no-owner",
+                "--no-privileges",
+                "--no-publications",
+                "--no-subscriptions",
+                "--single-transaction",
+                "--exit-on-error",
+                "--no-password",
+            ])
+            .arg(format!("--dbname={}", project.database_name))
+            .arg("--use-list")
+            .arg(&list.0);
+        run_fed(command, store, args, transient).await?;
+        println!(
+            "database {}: archive restored as {}",
+            project.database_name, project.role_name
+        );
+        Ok(())
+    }
+}
+
+/// Lifts, in an admin session in a tenant's database, the timeouts the database's
+/// own settings give it (`ALTER DATABASE … SET`, 60 s by default): a long restore or
+/// count must not be cut short. A lock the tenant holds still cannot stall it
+/// forever: it waits a minute for one, then fails.
+pub async fn lift_tenant_timeouts(client: &tokio_postgres::Client) -> Result<(), StepError> {
+    client
+        .batch_execute(
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             SET lock_timeout = '60s'",
+        )
+        .await
+        .map_err(|e| StepError::from_db("setting the session's timeouts", &e))
 }
 
 /// The schemas the database has before the restore: their entries are left out.
@@ -278,7 +328,11 @@ async fn run_fed(
     command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped());
-    let mut child = pg_tools::spawn(&mut command, Tool::PgRestore)?;
+    // A pg_restore that would not start (no process left, say) may start next time.
+    let mut child = pg_tools::spawn(&mut command, Tool::PgRestore).map_err(|e| StepError {
+        transient: true,
+        ..e
+    })?;
     let (Some(stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(StepError::permanent("pg_restore's pipes are missing"));
     };
@@ -379,12 +433,23 @@ struct ListFile(std::path::PathBuf);
 
 impl ListFile {
     fn write(list: &str) -> Result<Self, StepError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = std::env::temp_dir().join(format!("capy-toc-{}.list", Uuid::new_v4()));
-        std::fs::write(&path, list).map_err(|e| StepError {
+        let failed = |e: std::io::Error| StepError {
             transient: true,
             message: format!("writing pg_restore's list: {e}"),
-        })?;
-        Ok(Self(path))
+        };
+        // Only this user reads it, and a file planted at the name is not followed.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(failed)?;
+        let guard = Self(path);
+        file.write_all(list.as_bytes()).map_err(failed)?;
+        Ok(guard)
     }
 }
 

@@ -54,9 +54,14 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         .await
         .map_err(|e| StepError::from_db("starting the snapshot", &e))?;
     // A lock the tenant holds does not stall the backup forever: it fails, and says so.
-    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
-        .await
-        .map_err(|e| StepError::from_db("setting the lock timeout", &e))?;
+    // The database's own timeouts (the tenant's settings, inherited by this session)
+    // must not end the transaction that keeps pg_dump's snapshot alive.
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{LOCK_WAIT}'; SET LOCAL statement_timeout = 0; \
+         SET LOCAL idle_in_transaction_session_timeout = 0"
+    ))
+    .await
+    .map_err(|e| StepError::from_db("setting the snapshot's timeouts", &e))?;
     let snapshot: String = tx
         .query_one("select pg_export_snapshot()", &[])
         .await

@@ -1,18 +1,21 @@
 //! `project.restore`: replaces the target project's database content with a backup's
-//! (`mode` `project`: the project the backup came from or another one; `new_project`:
-//! a project made for it). The target's logins lose their sessions, everything they
-//! own in the database goes (DROP OWNED), converge puts the grants back, the
-//! manifest's extensions are installed, and pg_restore runs as the target's own login:
-//! what the archive holds ends up owned by the target's role, and nothing in it runs
-//! with more than the tenant's rights. A retry starts over from the empty database.
+//! (`mode` `project`: the project the backup came from; `new_project`: a project
+//! made for it, from any project's backup). The archive's TOC is read and the
+//! manifest's extensions installed first; then the target's logins lose their
+//! sessions, everything they own in the database goes (DROP OWNED), converge puts the
+//! grants back, the extensions are installed again, and pg_restore runs as the
+//! target's own login: what the archive holds ends up owned by the target's role, and
+//! nothing in it runs with more than the tenant's rights. A retry starts over from
+//! the drop.
 
 use capy_shared::ident::{is_valid_identifier, quote_ident};
 use capy_shared::model::job_type;
 use capy_shared::step::{print_result, StepCluster, StepInput, StepProject};
+use capy_shared::store::BackupStore;
 use serde_json::json;
 use tokio_postgres::Client;
 
-use super::archive::{self, open_store, read_manifest, BackupArgs};
+use super::archive::{self, open_store, read_manifest, BackupArgs, Manifest};
 use super::tenant_database::{converge, Provision};
 use super::{
     connect, connect_database, execute, exists, require_cluster, require_project, validate_project,
@@ -54,6 +57,13 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     validate_project(project)?;
     let args = BackupArgs::parse(&input.job.args)?;
     let mode = Mode::parse(&input.job.args)?;
+    // A new project legitimately reads another project's archive; an overwrite only
+    // ever restores the project's own.
+    if mode == Mode::Project && args.source_project != project.id {
+        return Err(StepError::permanent(
+            "backup_key names another project's archive: mode project restores the project's own backups",
+        ));
+    }
     let store = open_store(input)?;
     let manifest = read_manifest(&store, &args).await?;
     let admin = connect(cluster).await?;
@@ -62,13 +72,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         Mode::NewProject => Provision::Create,
     };
     converge(&admin, cluster, project, provision).await?;
-    empty_database(&admin, cluster, project).await?;
-    // DROP OWNED revoked the logins' grants on the database too.
-    converge(&admin, cluster, project, Provision::Update).await?;
-    let mut inside =
-        connect_database(cluster, &project.database_name, "project's database").await?;
-    archive::ensure_extensions(&admin, &mut inside, cluster, project, &manifest.extensions).await?;
-    archive::restore_as_tenant(&inside, cluster, project, &store, &args, true).await?;
+    replace(&admin, cluster, project, &store, &args, &manifest).await?;
     println!(
         "backup {} restored into project {} ({} tables, {} rows in the backup)",
         args.backup_id,
@@ -83,6 +87,35 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         "rows": manifest.total_rows(),
     }));
     Ok(())
+}
+
+/// Empties the project's database and restores the archive into it. Nothing is
+/// dropped before the archive proved readable (its TOC streamed through pg_restore)
+/// and its extensions installable: a missing or unreadable archive fails the job
+/// with the database untouched. A failure after the drop leaves it emptied; the
+/// retry starts over from the drop (the archive stays in the store).
+async fn replace(
+    admin: &Client,
+    cluster: &StepCluster,
+    project: &StepProject,
+    store: &BackupStore,
+    args: &BackupArgs,
+    manifest: &Manifest,
+) -> Result<(), StepError> {
+    let archive = archive::read_toc(admin, cluster, project, store, args).await?;
+    let mut inside =
+        connect_database(cluster, &project.database_name, "project's database").await?;
+    // The database's own timeouts (the tenant's settings) must not cut the drop short.
+    archive::lift_tenant_timeouts(&inside).await?;
+    archive::ensure_extensions(admin, &mut inside, cluster, project, &manifest.extensions).await?;
+    empty_database(admin, &inside, project).await?;
+    // DROP OWNED revoked the logins' grants on the database too, and took the
+    // extensions the tenant owned.
+    converge(admin, cluster, project, Provision::Update).await?;
+    archive::ensure_extensions(admin, &mut inside, cluster, project, &manifest.extensions).await?;
+    archive
+        .restore_as_tenant(&inside, cluster, project, store, args, true)
+        .await
 }
 
 /// The project's logins (current and previous) that exist.
@@ -105,15 +138,14 @@ async fn logins(admin: &Client, project: &StepProject) -> Result<Vec<String>, St
 /// an empty database.
 async fn empty_database(
     admin: &Client,
-    cluster: &StepCluster,
+    inside: &Client,
     project: &StepProject,
 ) -> Result<(), StepError> {
     let logins = logins(admin, project).await?;
     end_sessions(admin, &project.database_name, &logins).await?;
-    let inside = connect_database(cluster, &project.database_name, "project's database").await?;
     let quoted: Vec<String> = logins.iter().map(|l| quote_ident(l)).collect();
     execute(
-        &inside,
+        inside,
         &format!(
             "DROP OWNED BY {} CASCADE; CREATE SCHEMA IF NOT EXISTS public AUTHORIZATION {}",
             quoted.join(", "),
