@@ -448,6 +448,16 @@ async fn deleting_twice_queues_one_job_and_verify_queues_its_job() {
     assert_eq!(verified["job"]["type"], "project.backup_verify");
     assert_eq!(verified["job"]["args"]["backup_id"], id.as_str());
     assert_eq!(count(&app, &verify_jobs).await, 1);
+    // A verification refused because its project went says nothing of the archive.
+    let gone = format!(
+        "{}: this project.backup_verify job does not run",
+        capy_shared::queue::PROJECT_GONE_ERROR
+    );
+    finish(&app, s(&verified["job"]["id"]), "failed", "", Some(&gone)).await;
+    let (_, shown) = app.call("GET", &path, Some(&app.key), None).await;
+    assert_eq!(shown["backup"]["verification_state"], "skipped", "{shown}");
+    let (status, verified) = app.call("POST", &verify, Some(&app.key), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{verified}");
     finish(
         &app,
         s(&verified["job"]["id"]),

@@ -430,8 +430,20 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
                        where id = $1 and verification_state = 'pending'";
             execute(conn, sql, id, None).await
         }
-        (job_type::PROJECT_BACKUP_VERIFY, "failed" | "cancelled") => {
-            let error = job_error(job, "the verification was cancelled");
+        // A verification that never ran (cancelled, or its project deleted first)
+        // says nothing against the archive: it is skipped, and the backup stays
+        // restorable. Only a verification that ran and failed marks it failed.
+        (job_type::PROJECT_BACKUP_VERIFY, "cancelled") => skip_verification(conn, id, job).await,
+        (job_type::PROJECT_BACKUP_VERIFY, "failed")
+            if job
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(queue::PROJECT_GONE_ERROR)) =>
+        {
+            skip_verification(conn, id, job).await
+        }
+        (job_type::PROJECT_BACKUP_VERIFY, "failed") => {
+            let error = job_error(job, "the verification failed");
             let sql = "update backups set verification_state = 'failed',
                               verification_error = $2, updated_at = now()
                        where id = $1 and verification_state = 'pending'";
@@ -444,6 +456,14 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+async fn skip_verification(conn: &mut PgConnection, id: Uuid, job: &Job) -> sqlx::Result<()> {
+    let sql = "update backups set verification_state = 'skipped',
+                      verification_error = $2, updated_at = now()
+               where id = $1 and verification_state = 'pending'";
+    let reason = job_error(job, "the verification was cancelled");
+    execute(conn, sql, id, Some(reason)).await
 }
 
 async fn execute(

@@ -495,6 +495,10 @@ async fn project_is_gone(conn: &mut PgConnection, id: Option<Uuid>) -> sqlx::Res
     Ok(live != Some(true))
 }
 
+/// How the error of a job refused because its project is deleted or being deleted
+/// begins (the worker writes it; outcomes recognise it).
+pub const PROJECT_GONE_ERROR: &str = "the project is deleted or being deleted";
+
 /// The condition (on `projects`) under which a project's jobs other than its delete
 /// may run: it is neither deleted nor being deleted. The API's retry and the worker's
 /// step input both read it.

@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use capy_shared::crypto::SecretBox;
 use capy_shared::model::{job_type, Job};
-use capy_shared::queue::PROJECT_IS_LIVE;
+use capy_shared::queue::{PROJECT_GONE_ERROR, PROJECT_IS_LIVE};
 use capy_shared::step::{StepCluster, StepInput, StepLogin, StepProject};
 use capy_shared::store::StoreConfig;
 use sqlx::PgPool;
@@ -144,11 +144,7 @@ pub struct ProjectGone(pub String);
 
 impl std::fmt::Display for ProjectGone {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the project is deleted or being deleted: this {} job does not run",
-            self.0
-        )
+        write!(f, "{PROJECT_GONE_ERROR}: this {} job does not run", self.0)
     }
 }
 
