@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::pg_tools::{self, Login, PgEnv, Tool};
+use super::pg_tools::{self, Login, PgEnv, PrivateFile, Tool};
 use super::{extensions, StepError};
 
 /// The args of every backup job: `{"backup_id", "backup_key"}`.
@@ -268,7 +268,11 @@ impl ReadableArchive {
         transient: bool,
     ) -> Result<(), StepError> {
         let existing = existing_schemas(admin_inside).await?;
-        let list = ListFile::write(&filter_toc(&self.toc, &existing))?;
+        let list = PrivateFile::write(
+            "toc.list",
+            &filter_toc(&self.toc, &existing),
+            "pg_restore's list",
+        )?;
         let env = PgEnv::new(cluster, &project.database_name, Login::Project(project))?;
         let mut command = env.command(&self.tool);
         command
@@ -425,37 +429,6 @@ fn skipped(line: &str, existing_schemas: &BTreeSet<String>) -> bool {
             existing_schemas.contains(object)
         }
         _ => schema == "capy_pooler",
-    }
-}
-
-/// A TOC list file for `pg_restore --use-list`, removed on drop.
-struct ListFile(std::path::PathBuf);
-
-impl ListFile {
-    fn write(list: &str) -> Result<Self, StepError> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let path = std::env::temp_dir().join(format!("capy-toc-{}.list", Uuid::new_v4()));
-        let failed = |e: std::io::Error| StepError {
-            transient: true,
-            message: format!("writing pg_restore's list: {e}"),
-        };
-        // Only this user reads it, and a file planted at the name is not followed.
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(failed)?;
-        let guard = Self(path);
-        file.write_all(list.as_bytes()).map_err(failed)?;
-        Ok(guard)
-    }
-}
-
-impl Drop for ListFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -103,7 +103,7 @@ pub enum Login<'a> {
 /// A child's libpq environment. Holds the CA file, removed when this is dropped.
 pub struct PgEnv {
     vars: Vec<(&'static str, String)>,
-    _ca: Option<CaFile>,
+    _ca: Option<PrivateFile>,
 }
 
 impl PgEnv {
@@ -135,7 +135,7 @@ impl PgEnv {
             ("PGCONNECT_TIMEOUT", "10".to_string()),
         ];
         let ca = match cluster.ca_pem.as_deref() {
-            Some(pem) => Some(CaFile::write(pem)?),
+            Some(pem) => Some(PrivateFile::write("ca.pem", pem, "the cluster's CA")?),
             None => None,
         };
         match &ca {
@@ -167,15 +167,16 @@ impl PgEnv {
     }
 }
 
-/// The cluster's CA certificate in a file only this user reads, removed on drop.
-struct CaFile(PathBuf);
+/// A file only this user reads, removed on drop: created anew (a file planted at the
+/// name is not followed) with mode 0600. `what` names it in errors.
+pub(super) struct PrivateFile(pub(super) PathBuf);
 
-impl CaFile {
-    fn write(pem: &str) -> Result<Self, StepError> {
-        let path = std::env::temp_dir().join(format!("capy-ca-{}.pem", uuid::Uuid::new_v4()));
+impl PrivateFile {
+    pub(super) fn write(suffix: &str, contents: &str, what: &str) -> Result<Self, StepError> {
+        let path = std::env::temp_dir().join(format!("capy-{}-{suffix}", uuid::Uuid::new_v4()));
         let failed = |e: std::io::Error| StepError {
             transient: true,
-            message: format!("writing the cluster's CA to a temporary file: {e}"),
+            message: format!("writing {what} to a temporary file: {e}"),
         };
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -183,13 +184,13 @@ impl CaFile {
             .mode(0o600)
             .open(&path)
             .map_err(failed)?;
-        let file_guard = Self(path);
-        file.write_all(pem.as_bytes()).map_err(failed)?;
-        Ok(file_guard)
+        let guard = Self(path);
+        file.write_all(contents.as_bytes()).map_err(failed)?;
+        Ok(guard)
     }
 }
 
-impl Drop for CaFile {
+impl Drop for PrivateFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
