@@ -87,7 +87,11 @@ async fn restores_are_asked_into_a_new_project_or_over_the_project_with_an_appro
     .await
     .unwrap();
     // No worker: jobs stay queued; the project is made ready and the backup written by hand.
-    let stack = ProcessStack::start(&db.url, 0, &[]).await.unwrap();
+    // Restores are refused without a backup store: a folder of the test's own.
+    let store =
+        std::env::temp_dir().join(format!("capy-cli-store-{}", uuid::Uuid::new_v4().simple()));
+    let env = [("CAPY_BACKUP_STORE", format!("file://{}", store.display()))];
+    let stack = ProcessStack::start(&db.url, 0, &env).await.unwrap();
     let url = stack.api_url.as_str();
     let created = json(&capy(
         url,
