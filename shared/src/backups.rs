@@ -394,11 +394,7 @@ const EXPIRED_DELETE_ATTEMPTS: i32 = 5;
 
 /// [`crate::model::BACKUP_COLUMNS`], each prefixed with `alias.`.
 fn prefixed_columns(alias: &str) -> String {
-    BACKUP_COLUMNS
-        .split(',')
-        .map(|c| format!("{alias}.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ")
+    crate::model::prefixed_columns(BACKUP_COLUMNS, alias)
 }
 
 /// Applies a backup job's state (`project.backup`, `project.backup_verify`,

@@ -286,6 +286,16 @@ pub struct Backup {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
+/// A comma-separated column list with each column prefixed by `alias.`, for queries
+/// that join or update from another relation.
+pub fn prefixed_columns(columns: &str, alias: &str) -> String {
+    columns
+        .split(',')
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The columns of [`Backup`] (table `backups`).
 pub const BACKUP_COLUMNS: &str = "id, project_id, kind, backup_key, label, database_name, state, \
     size_bytes, sha256, verification_state, verification_error, verified_at, schedule_name, \

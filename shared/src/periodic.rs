@@ -152,11 +152,7 @@ async fn take_due(conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Perio
              last_run_at = now(), updated_at = now()
          from due where p.name = due.name
          returning {}",
-        COLUMNS
-            .split(", ")
-            .map(|c| format!("p.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::model::prefixed_columns(COLUMNS, "p")
     ))
     .bind(limit)
     .fetch_all(conn)
