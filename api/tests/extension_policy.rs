@@ -359,6 +359,7 @@ async fn the_step_refuses_what_the_operator_did_not_allow_and_a_schema_the_tenan
             job_type: "project.extension_enable".into(),
             organization_id: Some(stack.app.organization_id),
             project_id: Some(project_id),
+            preview_database_id: None,
             cluster_id: Some(stack.app.cluster_id),
             locked_resource: Some(format!("project:{project_id}")),
             max_attempts: 3,

@@ -74,6 +74,7 @@ pub async fn queue_backup(
             job_type: job_type::PROJECT_BACKUP.into(),
             organization_id: Some(organization_id),
             project_id: Some(new.project_id),
+            preview_database_id: None,
             cluster_id: Some(project.cluster_id),
             locked_resource: Some(format!("project:{}", new.project_id)),
             max_attempts: new.max_attempts,
@@ -275,6 +276,7 @@ async fn queue_delete(
             job_type: job_type::BACKUP_DELETE.into(),
             organization_id: Some(owned.organization_id),
             project_id: None,
+            preview_database_id: None,
             cluster_id: None,
             locked_resource: Some(format!("backup:{}", backup.id)),
             max_attempts,
@@ -336,6 +338,7 @@ async fn queue_verify(
             job_type: job_type::PROJECT_BACKUP_VERIFY.into(),
             organization_id,
             project_id: Some(backup.project_id),
+            preview_database_id: None,
             cluster_id: Some(cluster_id),
             // With the project's other jobs: a verification logs in as the project's
             // role, which a rotation or a delete changes, and copies its data once.

@@ -18,6 +18,9 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
             return crate::backups::apply(conn, job).await
         }
         job_type::PROJECT_RESTORE => return crate::restores::apply(conn, job).await,
+        job_type::PREVIEW_CREATE | job_type::PREVIEW_RESET | job_type::PREVIEW_DELETE => {
+            return crate::previews::apply(conn, job).await
+        }
         _ => {}
     }
     let Some(project_id) = job.project_id else {
@@ -174,6 +177,7 @@ async fn rotation_completed(
             job_type: job_type::PROJECT_RETIRE_CREDENTIALS.into(),
             organization_id: job.organization_id,
             project_id: Some(project_id),
+            preview_database_id: None,
             cluster_id: job.cluster_id,
             locked_resource: None,
             max_attempts: job.max_attempts,

@@ -152,6 +152,7 @@ async fn queue_job(
             job_type: job_type.into(),
             organization_id: None,
             project_id: Some(id),
+            preview_database_id: None,
             cluster_id: Some(cluster_id),
             locked_resource: Some(format!("project:{id}")),
             max_attempts,

@@ -9,6 +9,7 @@ pub mod ident;
 pub mod instant;
 pub mod model;
 pub mod periodic;
+pub mod previews;
 pub mod queue;
 pub mod redact;
 pub mod restores;

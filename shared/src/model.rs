@@ -86,8 +86,25 @@ pub mod job_type {
     /// Marks backups past retention and expired exports for deletion (inside the
     /// worker, queued by a periodic job).
     pub const BACKUP_EXPIRE: &str = "capy.backup_expire";
+    /// Makes a preview database: its login and database, the parent's extensions, and
+    /// (mode `clone`) the parent's schema and data, or (mode `empty`) its schema.
+    pub const PREVIEW_CREATE: &str = "project.preview_create";
+    /// Makes a preview's database again from its parent, as `PREVIEW_CREATE` does.
+    pub const PREVIEW_RESET: &str = "project.preview_reset";
+    /// Drops a preview's database and logins.
+    pub const PREVIEW_DELETE: &str = "project.preview_delete";
+    /// Marks previews past their TTL for deletion and queues their deletes (inside the
+    /// worker, queued by a periodic job).
+    pub const PREVIEW_EXPIRE: &str = "capy.preview_expire";
     /// Does nothing, inside the worker (no step process): measures the queue itself.
     pub const NOOP: &str = "capy.noop";
+
+    /// Whether a job of `job_type` still runs (and may be retried) once its project is
+    /// being deleted: the project's delete, and the deletes of its previews that the
+    /// project's delete queued first.
+    pub fn runs_for_deleted_project(job_type: &str) -> bool {
+        job_type == PROJECT_DELETE || job_type == PREVIEW_DELETE
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -300,3 +317,98 @@ pub fn prefixed_columns(columns: &str, alias: &str) -> String {
 pub const BACKUP_COLUMNS: &str = "id, project_id, kind, backup_key, label, database_name, state, \
     size_bytes, sha256, verification_state, verification_error, verified_at, schedule_name, \
     retention_days, expires_at, job_id, error, created_at, completed_at";
+
+/// How a preview database is made from its parent.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum PreviewMode {
+    /// The parent's schema and data, as of one snapshot.
+    Clone,
+    /// The parent's schema alone.
+    Empty,
+}
+
+impl PreviewMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Clone => "clone",
+            Self::Empty => "empty",
+        }
+    }
+}
+
+/// Where a preview database is in its life (a project's states).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum PreviewState {
+    /// Its create (or a reset) is queued or running.
+    Provisioning,
+    Ready,
+    /// Its create or reset failed: `last_error` says why; reset or delete it.
+    Error,
+    Deleting,
+    Deleted,
+}
+
+impl PreviewState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Provisioning => "provisioning",
+            Self::Ready => "ready",
+            Self::Error => "error",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    /// Neither deleted nor being deleted.
+    pub fn is_live(self) -> bool {
+        !matches!(self, Self::Deleting | Self::Deleted)
+    }
+}
+
+/// A preview database as the API shows it (CapyDB's fields, and `pooled_host`). Hosts,
+/// ports and SSL mode come from its cluster (the parent's); the password is never part
+/// of it.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct PreviewDatabase {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub name: String,
+    pub mode: PreviewMode,
+    pub state: PreviewState,
+    pub database_name: String,
+    pub role_name: String,
+    pub public_host: String,
+    pub direct_port: i32,
+    pub pooled_host: String,
+    pub pooled_port: i32,
+    pub ssl_mode: String,
+    pub max_connections: i32,
+    pub statement_timeout: String,
+    pub idle_transaction_timeout: String,
+    pub storage_limit_bytes: Option<i64>,
+    /// What it is copied from: `project` (the parent project's database).
+    pub source_kind: String,
+    pub source_database: String,
+    pub last_error: Option<String>,
+    pub latest_job_id: Option<Uuid>,
+    /// When workers delete it.
+    pub ttl_expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Select list and join for [`PreviewDatabase`]: `FROM preview_databases v JOIN clusters c`.
+pub const PREVIEW_SELECT: &str = "select v.id, v.project_id, v.name, v.mode, v.state, \
+    v.database_name, v.role_name, c.public_host, c.direct_port, \
+    coalesce(c.pooled_host, c.public_host) as pooled_host, c.pooled_port, c.ssl_mode, \
+    v.max_connections, v.statement_timeout, v.idle_transaction_timeout, v.storage_limit_bytes, \
+    v.source_kind, v.source_database, v.last_error, v.latest_job_id, v.ttl_expires_at, \
+    v.created_at, v.updated_at from preview_databases v join clusters c on c.id = v.cluster_id";

@@ -225,6 +225,7 @@ async fn queue_one(
             job_type: periodic.job_type.clone(),
             organization_id: periodic.organization_id,
             project_id: periodic.project_id,
+            preview_database_id: None,
             cluster_id: periodic.cluster_id,
             locked_resource: periodic.project_id.map(|id| format!("project:{id}")),
             max_attempts,

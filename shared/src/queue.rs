@@ -26,6 +26,8 @@ pub struct NewJob {
     pub job_type: String,
     pub organization_id: Option<Uuid>,
     pub project_id: Option<Uuid>,
+    /// The preview database the job acts on (its project is the preview's parent).
+    pub preview_database_id: Option<Uuid>,
     pub cluster_id: Option<Uuid>,
     /// Jobs with the same resource run one at a time, in submission order.
     pub locked_resource: Option<String>,
@@ -43,8 +45,8 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
     }
     let sql = format!(
         "insert into jobs (id, type, organization_id, project_id, cluster_id, locked_resource, max_attempts, args,
-                           run_at)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, now()))
+                           run_at, preview_database_id)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, now()), $10)
          returning {JOB_COLUMNS}"
     );
     let inserted: Job = sqlx::query_as(&sql)
@@ -57,6 +59,7 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
         .bind(job.max_attempts)
         .bind(&job.args)
         .bind(job.run_at)
+        .bind(job.preview_database_id)
         .fetch_one(&mut *conn)
         .await?;
     wake_workers(&mut *conn).await?;
@@ -455,7 +458,9 @@ pub async fn retry(
     if job.state != "failed" && job.state != "cancelled" {
         return Ok(Transition::Refused(job));
     }
-    if job.job_type != job_type::PROJECT_DELETE && project_is_gone(conn, job.project_id).await? {
+    if !job_type::runs_for_deleted_project(&job.job_type)
+        && project_is_gone(conn, job.project_id).await?
+    {
         return Ok(Transition::ProjectGone(job));
     }
     if let Some(resource) = &job.locked_resource {

@@ -43,6 +43,10 @@ pub struct StepInput {
     /// verifications, restores, deletions); `None` for the others.
     #[serde(default)]
     pub store: Option<crate::store::StoreConfig>,
+    /// The preview database of a preview's job (`job.preview_database_id`), as a login
+    /// and a database of its own; `project` is then its parent.
+    #[serde(default)]
+    pub preview: Option<StepProject>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -99,6 +103,9 @@ impl StepInput {
         if let Some(project) = &self.project {
             secrets.push(project.password.clone());
             secrets.extend(project.pending_login.as_ref().map(|l| l.password.clone()));
+        }
+        if let Some(preview) = &self.preview {
+            secrets.push(preview.password.clone());
         }
         if let Some(cluster) = &self.cluster {
             secrets.push(cluster.admin_url.clone());

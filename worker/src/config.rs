@@ -98,6 +98,10 @@ pub struct Cli {
     /// Attempts each job a periodic job queues gets.
     #[arg(long, env = "CAPY_JOB_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=100))]
     pub job_max_attempts: i32,
+    /// How often workers look for preview databases past their TTL (each expired
+    /// preview is deleted once, whatever the number of workers).
+    #[arg(long, env = "CAPY_PREVIEW_SWEEP_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub preview_sweep_seconds: u64,
     /// The backup store, handed to the steps that read or write archives.
     #[command(flatten)]
     pub store: capy_shared::store::StoreConfig,
@@ -153,6 +157,7 @@ impl Cli {
             store: self.store.clone(),
             periodic_interval: Duration::from_millis(self.periodic_interval_ms),
             periodic_max_attempts: self.job_max_attempts,
+            preview_sweep_interval: Duration::from_secs(self.preview_sweep_seconds),
         })
     }
 }

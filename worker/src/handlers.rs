@@ -53,7 +53,7 @@ pub async fn load_input(
              from projects where id = $1 and ($2 or {PROJECT_IS_LIVE})"
         ))
         .bind(id)
-        .bind(job.job_type == job_type::PROJECT_DELETE)
+        .bind(job_type::runs_for_deleted_project(&job.job_type))
         .fetch_optional(pool)
         .await
         .context("loading the job's project")?,
@@ -63,6 +63,7 @@ pub async fn load_input(
     if job.project_id.is_some() && project.is_none() {
         return Err(ProjectGone(job.job_type.clone()).into());
     }
+    let preview = load_preview(pool, secrets, job).await?;
     let cluster_id = job.cluster_id.or(project.as_ref().map(|p| p.cluster_id));
     let cluster: Option<ClusterRow> = match cluster_id {
         Some(id) => sqlx::query_as(
@@ -122,7 +123,61 @@ pub async fn load_input(
         project,
         cluster,
         store: needs_store(&job.job_type).then(|| store.clone()),
+        preview,
     })
+}
+
+#[derive(sqlx::FromRow)]
+struct PreviewRow {
+    id: Uuid,
+    database_name: String,
+    role_name: String,
+    password_encrypted: Vec<u8>,
+    max_connections: i32,
+    statement_timeout: String,
+    idle_transaction_timeout: String,
+    storage_limit_bytes: Option<i64>,
+}
+
+/// The preview a preview's job acts on, as a login and a database of its own. Once it
+/// is being deleted, only its delete runs.
+async fn load_preview(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    job: &Job,
+) -> anyhow::Result<Option<StepProject>> {
+    let Some(id) = job.preview_database_id else {
+        return Ok(None);
+    };
+    let row: Option<PreviewRow> = sqlx::query_as(
+        "select id, database_name, role_name, password_encrypted, max_connections,
+                statement_timeout, idle_transaction_timeout, storage_limit_bytes
+         from preview_databases
+         where id = $1 and deleted_at is null and ($2 or state not in ('deleting', 'deleted'))",
+    )
+    .bind(id)
+    .bind(job.job_type == job_type::PREVIEW_DELETE)
+    .fetch_optional(pool)
+    .await
+    .context("loading the job's preview database")?;
+    let Some(row) = row else {
+        return Err(ProjectGone(job.job_type.clone()).into());
+    };
+    Ok(Some(StepProject {
+        id: row.id,
+        password: secrets
+            .open(&row.password_encrypted)
+            .context("opening the preview's password")?,
+        database_name: row.database_name,
+        role_name: row.role_name,
+        max_connections: row.max_connections,
+        statement_timeout: row.statement_timeout,
+        idle_transaction_timeout: row.idle_transaction_timeout,
+        storage_limit_bytes: row.storage_limit_bytes,
+        replication: false,
+        previous_role_name: None,
+        pending_login: None,
+    }))
 }
 
 /// Whether steps of `job_type` read or write the backup store (only they get its

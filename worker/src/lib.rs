@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod process;
 pub mod runner;
 pub mod steps;
+pub mod sweeps;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use capy_shared::crypto::SecretBox;
 use capy_shared::model::{job_type, Job, RetryClassification};
 use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, RetryPolicy};
-use capy_shared::{backups, effects, instant, periodic, redact, restores, step};
+use capy_shared::{effects, instant, periodic, redact, step};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch, Notify};
@@ -21,11 +21,10 @@ use uuid::Uuid;
 use crate::handlers;
 use crate::metrics::WorkerMetrics;
 use crate::process::{self, StepCommand, StepEnd, StepLimits, StopReason};
+use crate::sweeps;
 
 /// Outcomes recorded in one statement, at most.
 const FINISH_BATCH: usize = 2000;
-/// The periodic job that sweeps expired backups and exports.
-pub const BACKUP_EXPIRE_SCHEDULE: &str = "capy:backup_expire";
 /// Jobs claimed in one statement, at most.
 const CLAIM_BATCH: usize = 2000;
 
@@ -58,6 +57,8 @@ pub struct WorkerSettings {
     pub periodic_interval: Duration,
     /// Attempts each job queued by a periodic job gets.
     pub periodic_max_attempts: i32,
+    /// How often expired preview databases are looked for.
+    pub preview_sweep_interval: Duration,
 }
 
 pub struct Worker {
@@ -166,10 +167,8 @@ impl Worker {
                             idle_wait = Duration::ZERO;
                         }
                         for job in jobs {
-                            if job.job_type == job_type::BACKUP_EXPIRE {
-                                attempts.spawn(
-                                    self.clone().sweep_expired_backups(job, finished_tx.clone()),
-                                );
+                            if sweeps::is_sweep(&job.job_type) {
+                                attempts.spawn(self.clone().sweep(job, finished_tx.clone()));
                             } else if job.job_type == job_type::NOOP {
                                 let done = succeeded(&job);
                                 let outcome = Outcome {
@@ -564,16 +563,7 @@ impl Worker {
     /// Queues the due slots of periodic jobs (scheduled backups, capy's own sweeps),
     /// once per slot whatever the number of workers.
     async fn periodic(self: Arc<Self>) {
-        let expire = periodic::NewPeriodicJob {
-            name: BACKUP_EXPIRE_SCHEDULE.into(),
-            job_type: job_type::BACKUP_EXPIRE.into(),
-            organization_id: None,
-            project_id: None,
-            cluster_id: None,
-            args: serde_json::json!({}),
-            schedule: periodic::Schedule::Every { seconds: 60 },
-            is_active: true,
-        };
+        let schedules = sweeps::schedules(self.settings.preview_sweep_interval);
         let mut interval = tokio::time::interval(self.settings.periodic_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut registered = false;
@@ -581,12 +571,7 @@ impl Worker {
             interval.tick().await;
             // Registered once the control database answers (it may be down at start).
             if !registered {
-                match periodic::ensure(&self.pool, &expire).await {
-                    Ok(()) => registered = true,
-                    Err(error) => {
-                        tracing::warn!(error = %error, "could not register the backup expiry sweep yet")
-                    }
-                }
+                registered = self.register_sweeps(&schedules).await;
             }
             match periodic::fire_due(&self.pool, self.settings.periodic_max_attempts, 100).await {
                 Ok(0) => {}
@@ -596,20 +581,28 @@ impl Worker {
         }
     }
 
-    /// `capy.backup_expire`, done by the worker itself in SQL (no step process): marks
-    /// backups past retention and expired exports for deletion, queueing their deletes.
-    async fn sweep_expired_backups(self: Arc<Self>, job: Job, finished: mpsc::Sender<Outcome>) {
-        let result = async {
-            let mut tx = self.pool.begin().await?;
-            let marked = backups::expire(&mut tx, 1000).await?;
-            restores::purge_approvals(&mut tx).await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(marked)
+    /// Registers capy's sweeps; false if the control database did not answer.
+    async fn register_sweeps(&self, schedules: &[periodic::NewPeriodicJob]) -> bool {
+        for schedule in schedules {
+            if let Err(error) = periodic::ensure(&self.pool, schedule).await {
+                tracing::warn!(error = %error, name = %schedule.name, "could not register a sweep yet");
+                return false;
+            }
         }
+        true
+    }
+
+    /// A sweep ([`sweeps`]), done by the worker itself in SQL (no step process).
+    async fn sweep(self: Arc<Self>, job: Job, finished: mpsc::Sender<Outcome>) {
+        let result = sweeps::run(
+            &self.pool,
+            &job.job_type,
+            self.settings.periodic_max_attempts,
+        )
         .await;
         let mut done = succeeded(&job);
         match result {
-            Ok(marked) => done.outcome.stdout = format!("marked {marked} backups for deletion\n"),
+            Ok(stdout) => done.outcome.stdout = stdout,
             Err(error) => {
                 done.outcome = failure(RetryClassification::Transient, error.to_string());
                 done.retry_delay = self.settings.retry.delay_after(job.attempts);

@@ -23,6 +23,7 @@ async fn claimed_job(pool: &PgPool) -> Job {
             job_type: "test.cancel".into(),
             organization_id: None,
             project_id: None,
+            preview_database_id: None,
             cluster_id: None,
             locked_resource: Some(format!("test:{}", Uuid::now_v7())),
             max_attempts: 5,

@@ -15,6 +15,8 @@ use serde_json::Value;
 use tower::ServiceExt as _;
 use uuid::Uuid;
 
+pub mod http;
+
 pub struct TestApp {
     pub db: TestDatabase,
     pub state: AppState,

@@ -230,6 +230,7 @@ pub(crate) async fn queue_project_job(
             job_type: job_type.into(),
             organization_id,
             project_id: Some(project_id),
+            preview_database_id: None,
             cluster_id: Some(cluster_id),
             locked_resource: Some(format!("project:{project_id}")),
             max_attempts: state.settings.job_max_attempts,
