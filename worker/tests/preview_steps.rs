@@ -599,3 +599,46 @@ async fn a_preview_named_like_its_parent_is_refused() {
         output.stderr
     );
 }
+
+/// What the preview's login cannot restore (a CHECK that holds only for the parent's
+/// login) fails the create for good, with pg_restore's words; a retry would fail alike.
+#[tokio::test]
+async fn a_copy_the_preview_login_cannot_restore_fails_for_good() {
+    let parent = Tenant::parent();
+    let preview = Tenant::preview();
+    create_parent(&parent).await;
+    as_tenant(&parent)
+        .await
+        .batch_execute(&format!(
+            "create function mine() returns boolean language sql
+               as $$ select current_user::text = '{}' $$;
+             create table t (v int check (mine()));
+             insert into t select generate_series(1, 100000);",
+            parent.name
+        ))
+        .await
+        .unwrap();
+    let output = Job::preview(job_type::PREVIEW_CREATE, &parent, &preview, "clone")
+        .run()
+        .await;
+    output.assert_code(EXIT_PERMANENT);
+    assert!(
+        output.stderr.contains("violates check constraint"),
+        "{}",
+        output.stderr
+    );
+    assert!(
+        output.last_error().contains("pg_restore failed"),
+        "{}",
+        output.stderr
+    );
+    // Nothing of it was committed: the restore is one transaction.
+    assert_eq!(
+        count(
+            &as_tenant(&preview).await,
+            "select count(*) from pg_tables where tablename = 't'"
+        )
+        .await,
+        0
+    );
+}

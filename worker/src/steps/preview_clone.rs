@@ -27,8 +27,8 @@ use super::extensions::LOCKED_SCHEMA;
 use super::pg_tools::{self, Login, PgEnv, Tool};
 use super::tenant_database::{converge, Provision};
 use super::{
-    connect, connect_as, connect_database, execute, require_cluster, require_preview,
-    require_project, validate_names, validate_project, StepError,
+    connect, connect_as, connect_database, execute, exists, require_cluster, require_preview,
+    require_project, validate_names, validate_project, StepError, DATABASE_EXISTS,
 };
 
 /// How long pg_dump waits for a lock on one of the parent's tables (a migration the
@@ -64,7 +64,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     println!(
         "preview {}: {} of database {} made in {:.2} s ({} tables, {size_bytes} bytes)",
         preview.id,
-        mode_name(mode),
+        mode.as_str(),
         parent.database_name,
         copied.seconds,
         copied.tables
@@ -125,26 +125,21 @@ fn parse_mode(args: &serde_json::Value) -> Result<PreviewMode, StepError> {
         })
 }
 
-fn mode_name(mode: PreviewMode) -> &'static str {
-    match mode {
-        PreviewMode::Clone => "clone",
-        PreviewMode::Empty => "empty copy",
-    }
-}
-
 /// Drops the preview's database, if any: a reset or a retry starts from nothing.
 /// FORCE ends the sessions in it (the preview's own).
 async fn drop_database(admin: &Client, preview: &StepProject) -> Result<(), StepError> {
+    let name = &preview.database_name;
+    if !exists(admin, DATABASE_EXISTS, name).await? {
+        println!("database {name}: none yet");
+        return Ok(());
+    }
     execute(
         admin,
-        &format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&preview.database_name)
-        ),
+        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name)),
         "dropping the preview's database",
     )
     .await?;
-    println!("database {}: dropped if it existed", preview.database_name);
+    println!("database {name}: dropped, to be made anew");
     Ok(())
 }
 
@@ -247,9 +242,9 @@ fn dump_args(snapshot: &str, mode: PreviewMode, source: &Source) -> Vec<String> 
     args
 }
 
-/// Streams pg_dump of the parent (as the admin, in the snapshot) through a pipe into
-/// pg_restore of the preview (as the preview's login), in one transaction: a failed
-/// restore leaves the preview's database as converge made it.
+/// Streams pg_dump of the parent (as the admin, in the snapshot) into pg_restore of
+/// the preview (as the preview's login), in one transaction: a failed restore leaves
+/// the preview's database as converge made it.
 async fn copy(
     cluster: &StepCluster,
     parent: &StepProject,
@@ -259,11 +254,34 @@ async fn copy(
     mode: PreviewMode,
     source: &Source,
 ) -> Result<(), StepError> {
+    // The environments hold the CA file the programs read: they outlive them.
     let dump_env = PgEnv::new(cluster, &parent.database_name, Login::Admin)?;
     let restore_env = PgEnv::new(cluster, &preview.database_name, Login::Project(preview))?;
     let mut dump = dump_env.command(&tools.pg_dump);
-    dump.args(dump_args(snapshot, mode, source))
-        .stdout(std::process::Stdio::piped());
+    dump.args(dump_args(snapshot, mode, source));
+    let mut restore = restore_env.command(&tools.pg_restore);
+    restore
+        .args(archive::TENANT_RESTORE_ARGS)
+        .arg(format!("--dbname={}", preview.database_name));
+    let (dumped, restored) = run_piped(dump, restore).await?;
+    copy_outcome(dumped, restored)?;
+    println!(
+        "database {}: {} of {} restored as {}",
+        preview.database_name,
+        mode.as_str(),
+        parent.database_name,
+        preview.role_name
+    );
+    Ok(())
+}
+
+/// Runs `dump` with its stdout piped straight into `restore`'s stdin (the bytes do not
+/// pass through this process); answers how each ended.
+async fn run_piped(
+    mut dump: tokio::process::Command,
+    mut restore: tokio::process::Command,
+) -> Result<(ExitStatus, ExitStatus), StepError> {
+    dump.stdout(std::process::Stdio::piped());
     let mut dumper = pg_tools::spawn(&mut dump, Tool::PgDump)?;
     let pipe: std::process::Stdio = match dumper.stdout.take().map(TryInto::try_into) {
         Some(Ok(pipe)) => pipe,
@@ -272,20 +290,7 @@ async fn copy(
             return Err(StepError::permanent("pg_dump's stdout is missing"));
         }
     };
-    let mut restore = restore_env.command(&tools.pg_restore);
-    restore
-        .args([
-            "--no-owner",
-            "--no-privileges",
-            "--no-publications",
-            "--no-subscriptions",
-            "--single-transaction",
-            "--exit-on-error",
-            "--no-password",
-        ])
-        .arg(format!("--dbname={}", preview.database_name))
-        .stdin(pipe);
-    let mut restorer = match pg_tools::spawn(&mut restore, Tool::PgRestore) {
+    let mut restorer = match pg_tools::spawn(restore.stdin(pipe), Tool::PgRestore) {
         Ok(child) => child,
         Err(e) => {
             let _ = dumper.kill().await;
@@ -298,24 +303,13 @@ async fn copy(
         let _ = dumper.start_kill();
     }
     let dumped = dumper.wait().await;
-    let (restored, dumped) = match (restored, dumped) {
-        (Ok(restored), Ok(dumped)) => (restored, dumped),
-        (Err(e), _) | (_, Err(e)) => {
-            return Err(StepError {
-                transient: true,
-                message: format!("waiting for pg_dump or pg_restore: {e}"),
-            })
-        }
-    };
-    copy_outcome(dumped, restored)?;
-    println!(
-        "database {}: {} of {} restored as {}",
-        preview.database_name,
-        mode_name(mode),
-        parent.database_name,
-        preview.role_name
-    );
-    Ok(())
+    match (dumped, restored) {
+        (Ok(dumped), Ok(restored)) => Ok((dumped, restored)),
+        (Err(e), _) | (_, Err(e)) => Err(StepError {
+            transient: true,
+            message: format!("waiting for pg_dump or pg_restore: {e}"),
+        }),
+    }
 }
 
 /// Which program's failure counts. pg_dump exiting on its own with an error (a lock
