@@ -62,10 +62,10 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     check_login(cluster, preview).await?;
     let size_bytes = database_size(&admin, preview).await?;
     println!(
-        "preview {}: {} of database {} made in {:.2} s ({} tables, {size_bytes} bytes)",
+        "preview {}: made from database {} ({} mode) in {:.2} s ({} tables, {size_bytes} bytes)",
         preview.id,
-        mode.as_str(),
         parent.database_name,
+        mode.as_str(),
         copied.seconds,
         copied.tables
     );
@@ -266,9 +266,12 @@ async fn copy(
     let (dumped, restored) = run_piped(dump, restore).await?;
     copy_outcome(dumped, restored)?;
     println!(
-        "database {}: {} of {} restored as {}",
+        "database {}: the {} of {} restored as {}",
         preview.database_name,
-        mode.as_str(),
+        match mode {
+            PreviewMode::Clone => "schema and data",
+            PreviewMode::Empty => "schema",
+        },
         parent.database_name,
         preview.role_name
     );
