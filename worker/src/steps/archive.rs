@@ -180,6 +180,16 @@ pub async fn count_rows(client: &impl GenericClient) -> Result<Vec<TableRows>, S
     Ok(counted)
 }
 
+/// How many tables a dump holds the rows of (as [`count_rows`] lists them), without
+/// counting the rows.
+pub async fn count_tables(client: &impl GenericClient) -> Result<usize, StepError> {
+    client
+        .query(TABLES, &[])
+        .await
+        .map(|tables| tables.len())
+        .map_err(|e| StepError::from_db("listing the tables", &e))
+}
+
 /// The installed extensions but plpgsql, in the order they were made (what one
 /// requires comes first).
 pub async fn read_extensions(client: &impl GenericClient) -> Result<Vec<Extension>, StepError> {
@@ -222,6 +232,19 @@ pub async fn ensure_extensions(
     }
     Ok(())
 }
+
+/// pg_restore's arguments for a restore run as the tenant's own login: objects become
+/// the login's, no grants, publications or subscriptions (which need more than the
+/// tenant's rights), all in one transaction that stops at the first error.
+pub const TENANT_RESTORE_ARGS: [&str; 7] = [
+    "--no-owner",
+    "--no-privileges",
+    "--no-publications",
+    "--no-subscriptions",
+    "--single-transaction",
+    "--exit-on-error",
+    "--no-password",
+];
 
 /// An archive pg_restore could read: its table of contents, read from the store.
 pub struct ReadableArchive {
@@ -276,15 +299,7 @@ impl ReadableArchive {
         let env = PgEnv::new(cluster, &project.database_name, Login::Project(project))?;
         let mut command = env.command(&self.tool);
         command
-            .args([
-                "--no-owner",
-                "--no-privileges",
-                "--no-publications",
-                "--no-subscriptions",
-                "--single-transaction",
-                "--exit-on-error",
-                "--no-password",
-            ])
+            .args(TENANT_RESTORE_ARGS)
             .arg(format!("--dbname={}", project.database_name))
             .arg("--use-list")
             .arg(&list.0);
