@@ -754,10 +754,16 @@ async fn a_project_delete_queues_its_previews_deletes_first() {
     let ready = ready_preview(&app, &project, json!({"mode": "clone", "name": "ready"})).await;
     let pending = create(&app, &project, json!({"mode": "empty", "name": "pending"})).await;
     let asked = ready_preview(&app, &project, json!({"mode": "clone", "name": "asked"})).await;
-    // One already being deleted keeps its one delete.
+    // One already being deleted keeps its one delete; one whose delete failed gets
+    // another.
     let (_, asked_delete) = app
         .call("DELETE", &preview_path(&asked, ""), Some(&app.key), None)
         .await;
+    let broken = ready_preview(&app, &project, json!({"mode": "clone", "name": "broken"})).await;
+    let (_, broken_delete) = app
+        .call("DELETE", &preview_path(&broken, ""), Some(&app.key), None)
+        .await;
+    finish(&app, s(&broken_delete["job"]["id"]), "failed").await;
     // Another project's preview is left alone.
     let other = ready_project(&app, "other").await;
     let bystander = ready_preview(&app, &other, json!({"mode": "clone"})).await;
@@ -775,6 +781,7 @@ async fn a_project_delete_queues_its_previews_deletes_first() {
     let rows: Vec<(Uuid, String, Option<Uuid>, i64)> = sqlx::query_as(
         "select id, type, preview_database_id, seq from jobs
          where project_id = $1::uuid and type in ('project.preview_delete', 'project.delete')
+           and state = 'pending'
          order by seq",
     )
     .bind(&project)
@@ -792,12 +799,13 @@ async fn a_project_delete_queues_its_previews_deletes_first() {
             ("project.preview_delete".into(), id(&asked)),
             ("project.preview_delete".into(), id(&ready)),
             ("project.preview_delete".into(), id(&pending["preview"])),
+            ("project.preview_delete".into(), id(&broken)),
             ("project.delete".into(), None),
         ]
     );
     assert_eq!(rows[0].0.to_string(), s(&asked_delete["job"]["id"]));
-    assert_eq!(rows[3].0.to_string(), project_delete);
-    for preview in [&ready, &pending["preview"], &asked] {
+    assert_eq!(rows[4].0.to_string(), project_delete);
+    for preview in [&ready, &pending["preview"], &asked, &broken] {
         let state: String =
             sqlx::query_scalar("select state from preview_databases where id = $1::uuid")
                 .bind(s(&preview["id"]))
