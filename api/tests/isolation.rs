@@ -45,7 +45,7 @@ enum Expect {
 }
 
 /// One call of the walk. In `template`, `{id}` is the object the path names (a
-/// project, job, API key or cluster, by the path's collection) and `{name}` an
+/// project, preview database, job, API key or cluster, by the path's collection) and `{name}` an
 /// extension; in `query` and `body`, `{project}` and `{org}` are the target's, and
 /// `{tag}` tells one walk's new objects from another's.
 struct Case {
@@ -140,6 +140,16 @@ fn walk() -> Vec<Case> {
         case("POST", "/v1/projects/{id}/restores", Write, NotFound, NotFound).body(
             r#"{"backup_id":"00000000-0000-7000-8000-000000000000","target_kind":"new_project"}"#,
         ),
+        // Preview databases.
+        case("GET", "/v1/projects/{id}/preview-databases", Read, NotFound, NotFound),
+        case("POST", "/v1/projects/{id}/preview-databases", Write, NotFound, NotFound)
+            .body(r#"{"mode":"empty","name":"probe-{tag}","ttl_hours":1}"#),
+        case("GET", "/v1/preview-databases/{id}", Read, NotFound, NotFound),
+        case("DELETE", "/v1/preview-databases/{id}", Write, NotFound, NotFound),
+        case("POST", "/v1/preview-databases/{id}/extend", Write, NotFound, NotFound)
+            .body(r#"{"ttl_hours":2}"#),
+        case("POST", "/v1/preview-databases/{id}/reset", Write, NotFound, NotFound),
+        case("GET", "/v1/preview-databases/{id}/connections", Credentials, NotFound, NotFound),
         // Jobs.
         case("GET", "/v1/jobs", Read, List("jobs"), List("jobs")),
         case("GET", "/v1/jobs", Read, EmptyList("jobs"), EmptyList("jobs"))
@@ -204,6 +214,7 @@ struct Target {
     cluster: String,
     backup: String,
     export: String,
+    preview: String,
     tag: String,
 }
 
@@ -223,6 +234,8 @@ impl Target {
             &self.backup
         } else if case.template.starts_with("/v1/exports/") {
             &self.export
+        } else if case.template.starts_with("/v1/preview-databases/") {
+            &self.preview
         } else {
             assert!(
                 !case.template.contains("{id}"),
@@ -265,6 +278,7 @@ impl Hidden {
         self.0.push(text.to_string());
     }
 
+    /// A project's or a preview database's id, name, role and database.
     fn project(&mut self, project: &Value) {
         self.id(s(&project["id"]));
         for field in ["name", "database_name", "role_name"] {
@@ -339,6 +353,9 @@ struct World {
     b_project: String,
     /// A completed backup and export of each of P1 and P2: (project, backup, export).
     archives: Vec<(String, String, String)>,
+    /// A preview database of each of P1 and P2 (its job is in that project's jobs).
+    p1_preview: Value,
+    p2_preview: Value,
 }
 
 async fn post(app: &TestApp, key: &str, path: &str, body: Value) -> Value {
@@ -423,8 +440,12 @@ impl World {
         for project in [&p1, &p2] {
             archives.push(archives_of(&app, s(&project["id"])).await);
         }
+        let p1_preview = preview_of(&app, &p1, &mut p1_jobs).await;
+        let p2_preview = preview_of(&app, &p2, &mut p2_jobs).await;
         Self {
             archives,
+            p1_preview,
+            p2_preview,
             a_org,
             p1,
             p2,
@@ -460,6 +481,8 @@ impl World {
             hidden.id(backup);
             hidden.id(export);
         }
+        hidden.project(&self.p1_preview);
+        hidden.project(&self.p2_preview);
         hidden
     }
 
@@ -477,6 +500,7 @@ impl World {
                 hidden.id(export);
             }
         }
+        hidden.project(&self.p2_preview);
         hidden
     }
 
@@ -486,9 +510,15 @@ impl World {
             .iter()
             .find(|(p, _, _)| p == s(&project["id"]))
             .unwrap();
+        let preview = if project == &self.p1 {
+            &self.p1_preview
+        } else {
+            &self.p2_preview
+        };
         Target {
             backup: backup.clone(),
             export: export.clone(),
+            preview: s(&preview["id"]).to_string(),
             org: self.a_org.clone(),
             project: s(&project["id"]).to_string(),
             job: job.to_string(),
@@ -527,6 +557,10 @@ impl World {
              union all
              select format('schedule %s %s %s', name, minute_of_day, is_active)
              from periodic_jobs where organization_id = $1
+             union all
+             select format('preview %s %s %s %s %s', id, name, state, ttl_expires_at,
+                           latest_job_id)
+             from preview_databases where organization_id = $1
              order by 1",
         )
         .bind(self.app.organization_id)
@@ -534,6 +568,26 @@ impl World {
         .await
         .unwrap()
     }
+}
+
+/// A preview database of `project`, made ready (its project too: no worker runs here);
+/// its job joins `jobs`. Answers the preview.
+async fn preview_of(app: &TestApp, project: &Value, jobs: &mut Vec<String>) -> Value {
+    sqlx::query("update projects set state = 'ready' where id = $1::uuid")
+        .bind(s(&project["id"]))
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let name = format!("{}-preview", s(&project["name"]));
+    let path = format!("/v1/projects/{}/preview-databases", s(&project["id"]));
+    let created = post(app, &app.key, &path, json!({"mode": "clone", "name": name})).await;
+    jobs.push(s(&created["job"]["id"]).to_string());
+    sqlx::query("update preview_databases set state = 'ready' where id = $1::uuid")
+        .bind(s(&created["preview"]["id"]))
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    created["preview"].clone()
 }
 
 /// A completed backup and export of `project` (rows only: no worker runs here), and
@@ -655,9 +709,14 @@ async fn a_key_narrowed_to_one_project_reaches_none_of_its_siblings() {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
-    // The walk created one key, narrowed to P1 (`organization_id` of its own).
+    // Each walk (one per job of P2) created one key, narrowed to P1 (`organization_id`
+    // of its own).
     let after = world.snapshot().await;
-    assert_eq!(after.len(), before.len() + 2, "{after:#?}");
+    assert_eq!(
+        after.len(),
+        before.len() + world.p2_jobs.len(),
+        "{after:#?}"
+    );
 
     let (status, listed) = world
         .app
@@ -723,8 +782,15 @@ async fn a_read_only_key_changes_nothing_and_credentials_need_their_scope() {
         .execute(&world.app.db.pool)
         .await
         .unwrap();
-    for what in ["connections", "credentials"] {
-        let path = format!("/v1/projects/{}/{what}", s(&world.p1["id"]));
+    let paths = [
+        format!("/v1/projects/{}/connections", s(&world.p1["id"])),
+        format!("/v1/projects/{}/credentials", s(&world.p1["id"])),
+        format!(
+            "/v1/preview-databases/{}/connections",
+            s(&world.p1_preview["id"])
+        ),
+    ];
+    for path in paths {
         for key in [&world.read_only, &world.no_credentials] {
             let (status, answer) = world.app.call("GET", &path, Some(key), None).await;
             assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {answer}");

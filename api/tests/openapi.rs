@@ -56,10 +56,21 @@ async fn the_document_is_served_whole_and_consistent() {
         "/v1/api_keys/{id}",
         "/v1/clusters/{id}/check-access",
         "/v1/databases",
+        "/v1/projects/{id}/preview-databases",
+        "/v1/preview-databases/{id}",
+        "/v1/preview-databases/{id}/extend",
+        "/v1/preview-databases/{id}/reset",
+        "/v1/preview-databases/{id}/connections",
         "/metrics",
     ] {
         assert!(paths.contains_key(expected), "{expected} is not documented");
     }
+    let tagged = |path: &str, method: &str| paths[path][method]["tags"][0].clone();
+    assert_eq!(
+        tagged("/v1/projects/{id}/preview-databases", "post"),
+        "previews"
+    );
+    assert_eq!(tagged("/v1/preview-databases/{id}", "delete"), "previews");
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
 
@@ -106,7 +117,7 @@ fn every_post_states_the_idempotency_key_header() {
 #[test]
 fn constraints_the_server_enforces_are_stated() {
     let doc = document();
-    for component in ["CreateProject", "UpdateProject"] {
+    for component in ["CreateProject", "UpdateProject", "CreatePreview"] {
         for field in ["statement_timeout", "idle_transaction_timeout"] {
             assert_eq!(
                 property(&doc, component, field)["pattern"],
@@ -147,6 +158,14 @@ fn constraints_the_server_enforces_are_stated() {
     let create = &doc["components"]["schemas"]["CreateProject"];
     assert_eq!(create["required"], serde_json::json!(["name"]));
     assert_eq!(create["additionalProperties"], false);
+    let preview = &doc["components"]["schemas"]["CreatePreview"];
+    assert_eq!(preview["required"], serde_json::json!(["mode"]));
+    assert_eq!(preview["additionalProperties"], false);
+    let mode = &doc["components"]["schemas"]["PreviewMode"]["enum"];
+    assert_eq!(mode, &serde_json::json!(["clone", "empty"]));
+    let extend = &doc["components"]["schemas"]["ExtendPreview"];
+    assert_eq!(extend["required"], serde_json::json!(["ttl_hours"]));
+    assert_eq!(property(&doc, "ExtendPreview", "ttl_hours")["minimum"], 1);
 
     // `ref` is required and not null; request bodies that must be objects are required.
     let database = &doc["components"]["schemas"]["CreateDatabase"];

@@ -371,9 +371,11 @@ async fn mark_deleting(conn: &mut PgConnection, id: Uuid, max_attempts: i32) -> 
     queue_job(conn, id, job_type::PREVIEW_DELETE, max_attempts).await
 }
 
-/// Queues the deletes of project `project_id`'s live previews, in the transaction that
+/// Queues the deletes of project `project_id`'s previews, in the transaction that
 /// deletes the project and before its `project.delete` (the same resource runs them
-/// first). Answers how many.
+/// first). A preview whose delete is queued or running keeps that one; one whose delete
+/// failed gets another (else its database would outlive its project). Answers how many
+/// it queued.
 pub async fn delete_all_of_project(
     conn: &mut PgConnection,
     project_id: Uuid,
@@ -381,16 +383,20 @@ pub async fn delete_all_of_project(
 ) -> sqlx::Result<usize> {
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "select id from preview_databases
-         where project_id = $1 and deleted_at is null and state not in ('deleting', 'deleted')
+         where project_id = $1 and deleted_at is null
          order by created_at for update",
     )
     .bind(project_id)
     .fetch_all(&mut *conn)
     .await?;
+    let mut queued = 0;
     for id in &ids {
-        mark_deleting(conn, *id, max_attempts).await?;
+        if delete_in_flight(conn, *id).await?.is_none() {
+            mark_deleting(conn, *id, max_attempts).await?;
+            queued += 1;
+        }
     }
-    Ok(ids.len())
+    Ok(queued)
 }
 
 /// Marks up to `limit` previews past their TTL `deleting` and queues their deletes.
