@@ -332,7 +332,8 @@ pub async fn request_delete(
     let Some(owned) = lock(conn, id).await? else {
         return Ok(None);
     };
-    if let Some(job) = delete_in_flight(conn, &owned.preview).await? {
+    let project_id = owned.preview.project_id;
+    if let Some(job) = delete_in_flight(conn, id, project_id).await? {
         return Ok(Some((owned.preview, job)));
     }
     let job = mark_deleting(conn, id, max_attempts).await?;
@@ -343,7 +344,8 @@ pub async fn request_delete(
 /// partial index of live jobs by resource finds them, however long the history).
 async fn delete_in_flight(
     conn: &mut PgConnection,
-    preview: &PreviewDatabase,
+    id: Uuid,
+    project_id: Uuid,
 ) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
         "select {JOB_COLUMNS} from jobs
@@ -351,9 +353,9 @@ async fn delete_in_flight(
            and preview_database_id = $1 and type = $2
          order by seq desc limit 1"
     ))
-    .bind(preview.id)
+    .bind(id)
     .bind(job_type::PREVIEW_DELETE)
-    .bind(format!("project:{}", preview.project_id))
+    .bind(format!("project:{project_id}"))
     .fetch_optional(conn)
     .await
 }
@@ -391,7 +393,7 @@ pub async fn delete_all_of_project(
     .await?;
     let mut queued = 0;
     for id in &ids {
-        if delete_in_flight(conn, *id).await?.is_none() {
+        if delete_in_flight(conn, *id, project_id).await?.is_none() {
             mark_deleting(conn, *id, max_attempts).await?;
             queued += 1;
         }
