@@ -184,7 +184,7 @@ async fn a_preview_is_queued_as_a_job_of_its_parent() {
     assert_eq!(job["project_id"], project.as_str());
     assert_eq!(job["cluster_id"], app.cluster_id.to_string());
     assert_eq!(job["locked_resource"], format!("project:{project}"));
-    assert_eq!(job["args"], json!({}));
+    assert_eq!(job["args"], json!({ "mode": "clone" }));
 
     // The password is sealed in the row, and in no answer.
     let sealed: Vec<u8> =
