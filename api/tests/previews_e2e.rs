@@ -291,6 +291,17 @@ async fn an_expired_preview_is_deleted_once() {
     assert_eq!(status, 200, "{extended}");
 
     let short_id = text(&short["id"]);
+    // The parent's queue is held (a job of its resource stays claimed) from before the
+    // preview expires until a few sweeps have seen it expired: they must queue its
+    // delete once, not once per sweep.
+    let blocker = hold_the_parents_queue(&stack, &parent).await;
+    wait_for_state(&stack, short_id, "deleting").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sqlx::query("update jobs set state = 'completed', completed_at = now() where id = $1")
+        .bind(blocker)
+        .execute(&stack.app.db.pool)
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let (status, body) = stack
@@ -322,13 +333,14 @@ async fn an_expired_preview_is_deleted_once() {
     .unwrap();
     assert_eq!(deletes.len(), 1, "{deletes:?}");
     assert_eq!(deletes[0].0, "completed");
-    let sweepers: i64 = sqlx::query_scalar(
-        "select count(distinct claimed_by) from jobs where type = 'capy.preview_expire'",
+    let (sweeps, sweepers): (i64, i64) = sqlx::query_as(
+        "select count(*), count(distinct claimed_by) from jobs where type = 'capy.preview_expire'",
     )
     .fetch_one(&stack.app.db.pool)
     .await
     .unwrap();
-    println!("preview sweeps ran on {sweepers} workers");
+    println!("{sweeps} preview sweeps ran on {sweepers} workers");
+    assert!(sweeps > 5, "the sweep runs every second: {sweeps} sweeps");
     let kept_now = stack
         .api
         .get(&format!("/v1/preview-databases/{kept_id}"))
@@ -339,4 +351,36 @@ async fn an_expired_preview_is_deleted_once() {
         stack.on_cluster(text(&kept["database_name"])).await,
         (true, true)
     );
+}
+
+/// Inserts a claimed job of `parent`'s resource with a long lease: the parent's later
+/// jobs (its previews' deletes) wait until the test finishes it. Answers its id.
+async fn hold_the_parents_queue(stack: &Stack, parent: &str) -> uuid::Uuid {
+    let parent: uuid::Uuid = parent.parse().unwrap();
+    sqlx::query_scalar(
+        "insert into jobs (id, type, state, organization_id, project_id, cluster_id,
+                           locked_resource, max_attempts, attempts, claimed_at, claimed_by,
+                           lease_expires_at)
+         select gen_random_uuid(), 'capy.noop', 'claimed', organization_id, id, cluster_id,
+                'project:' || id, 1, 1, now(), 'test-blocker', now() + interval '1 hour'
+         from projects where id = $1
+         returning id",
+    )
+    .bind(parent)
+    .fetch_one(&stack.app.db.pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until preview `id` is in `state`.
+async fn wait_for_state(stack: &Stack, id: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let preview = stack.api.get(&format!("/v1/preview-databases/{id}")).await["preview"].clone();
+        if preview["state"] == state {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {state}: {preview}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
