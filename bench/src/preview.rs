@@ -26,8 +26,11 @@ pub struct PreviewArgs {
     runs: usize,
 }
 
-/// Rows inserted per statement while filling a parent (about 90 MiB with the index).
+/// Rows inserted per statement while filling a parent, at most (about 80 MiB).
 const FILL_BATCH_ROWS: i64 = 250_000;
+/// What one row takes on disk with its index entry, roughly: sizes each batch so the
+/// parent ends close to its size.
+const ROW_BYTES: i64 = 340;
 /// The row the parent's open transaction inserts: a clone must not have it.
 const UNCOMMITTED_ID: i64 = -1;
 
@@ -206,7 +209,7 @@ async fn make_parent(api: &Api, size_mib: u64) -> anyhow::Result<Parent> {
     })
 }
 
-/// Inserts batches of ~350-byte rows until the database holds `size_mib`; answers its
+/// Inserts batches of wide rows until the database holds `size_mib`; answers its
 /// size and the last id. The connection is closed on return (TEMPLATE needs none).
 async fn fill(url: &str, size_mib: u64) -> anyhow::Result<(i64, i64)> {
     let client = connect(url).await?;
@@ -227,15 +230,16 @@ async fn fill(url: &str, size_mib: u64) -> anyhow::Result<(i64, i64)> {
             client.batch_execute("vacuum analyze big").await?;
             return Ok((size, next - 1));
         }
+        let rows = ((target - size) / ROW_BYTES).clamp(1_000, FILL_BATCH_ROWS);
         client
             .execute(
                 "insert into big
                  select g, md5(g::text) || repeat(to_hex(g * 2654435761), 16) || md5((g * 7)::text)
                  from generate_series($1::bigint, $1::bigint + $2::bigint - 1) g",
-                &[&next, &FILL_BATCH_ROWS],
+                &[&next, &rows],
             )
             .await?;
-        next += FILL_BATCH_ROWS;
+        next += rows;
     }
 }
 
