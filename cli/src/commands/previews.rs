@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::jobs::print_job_summary;
 use super::projects::Settings;
-use super::{more_hint, set, Ctx, WaitFlag};
+use super::{set, Ctx, WaitFlag};
 use crate::client::segment;
 use crate::output::{self, field, Table};
 use crate::wait;
@@ -181,8 +181,9 @@ impl PreviewsCommand {
                 preview_answer(ctx, answer, wait.wait).await
             }
             Self::Delete { id, wait } => {
+                // Once deleted it cannot be read again: the job is the answer.
                 let answer = ctx.client.delete(&preview_path(&id)?).await?;
-                preview_answer(ctx, answer, wait.wait).await
+                super::job_answer(ctx, answer, wait.wait).await
             }
             Self::Connections { id } => {
                 let path = format!("{}/connections", preview_path(&id)?);
@@ -223,12 +224,10 @@ fn print_list(ctx: &Ctx, list: &Value) -> anyhow::Result<()> {
     for preview in list["preview_databases"].as_array().into_iter().flatten() {
         table.row(columns.map(|k| field(preview, k)).to_vec());
     }
-    table.print()?;
-    more_hint(list, "capy previews list");
-    Ok(())
+    table.print()
 }
 
-/// `{preview, job}` answers (create, reset, delete): printed at once, or after waiting
+/// `{preview, job}` answers (create, reset): printed at once, or after waiting
 /// for the job with the preview read again.
 async fn preview_answer(ctx: &Ctx, answer: Value, wait: bool) -> anyhow::Result<()> {
     if !wait {
