@@ -323,21 +323,28 @@ pub async fn request_delete(
     let Some(owned) = lock(conn, id).await? else {
         return Ok(None);
     };
-    if let Some(job) = delete_in_flight(conn, id).await? {
+    if let Some(job) = delete_in_flight(conn, &owned.preview).await? {
         return Ok(Some((owned.preview, job)));
     }
     let job = mark_deleting(conn, id, max_attempts).await?;
     Ok(Some((fetch(conn, id).await?, job)))
 }
 
-async fn delete_in_flight(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Job>> {
+/// The preview's delete job in flight, if any: among its parent's live jobs (the
+/// partial index of live jobs by resource finds them, however long the history).
+async fn delete_in_flight(
+    conn: &mut PgConnection,
+    preview: &PreviewDatabase,
+) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
         "select {JOB_COLUMNS} from jobs
-         where preview_database_id = $1 and type = $2 and state in ('pending', 'claimed')
+         where locked_resource = $3 and state in ('pending', 'claimed')
+           and preview_database_id = $1 and type = $2
          order by seq desc limit 1"
     ))
-    .bind(id)
+    .bind(preview.id)
     .bind(job_type::PREVIEW_DELETE)
+    .bind(format!("project:{}", preview.project_id))
     .fetch_optional(conn)
     .await
 }
