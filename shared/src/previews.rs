@@ -115,7 +115,7 @@ async fn insert(
     organization_id: Uuid,
 ) -> sqlx::Result<()> {
     // Database and role names come from the id, never from user input.
-    let database_name = format!("capy_pv_{}", new.id.simple());
+    let database_name = database_name(new.id);
     sqlx::query(
         "insert into preview_databases (id, organization_id, project_id, cluster_id, name, mode,
              database_name, role_name, password_encrypted, max_connections, statement_timeout,
@@ -150,20 +150,29 @@ async fn insert(
     Ok(())
 }
 
+/// The database (and login) name of preview `id`: made from the id, never from user
+/// input. The worker's steps drop nothing a preview's job names but this.
+pub fn database_name(id: Uuid) -> String {
+    format!("capy_pv_{}", id.simple())
+}
+
 /// Queues a job of preview `id` behind its parent's other jobs and records it as the
-/// preview's latest.
+/// preview's latest. Its args hold the preview's mode (`{"mode": "clone"|"empty"}`),
+/// which its create and reset copy by.
 async fn queue_job(
     conn: &mut PgConnection,
     id: Uuid,
     job_type: &str,
     max_attempts: i32,
 ) -> sqlx::Result<Job> {
-    let (organization_id, project_id, cluster_id): (Uuid, Uuid, Uuid) = sqlx::query_as(
-        "select organization_id, project_id, cluster_id from preview_databases where id = $1",
-    )
-    .bind(id)
-    .fetch_one(&mut *conn)
-    .await?;
+    let (organization_id, project_id, cluster_id, mode): (Uuid, Uuid, Uuid, PreviewMode) =
+        sqlx::query_as(
+            "select organization_id, project_id, cluster_id, mode
+             from preview_databases where id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
     let job = queue::enqueue(
         &mut *conn,
         &NewJob {
@@ -174,7 +183,7 @@ async fn queue_job(
             cluster_id: Some(cluster_id),
             locked_resource: Some(format!("project:{project_id}")),
             max_attempts,
-            args: json!({}),
+            args: json!({"mode": mode}),
             run_at: None,
         },
     )

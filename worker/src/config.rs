@@ -162,8 +162,9 @@ impl Cli {
     }
 }
 
-/// Steps that copy a whole database (dump, test restore, restore) take as long as the
-/// data does: unless set, they get hours, not the default step's minutes.
+/// Steps that copy a whole database (dump, test restore, restore, a preview's clone
+/// or reset) take as long as the data does: unless set, they get hours, not the
+/// default step's minutes.
 const ARCHIVE_STEP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 fn with_archive_timeouts(mut timeouts: HashMap<String, Duration>) -> HashMap<String, Duration> {
@@ -172,6 +173,8 @@ fn with_archive_timeouts(mut timeouts: HashMap<String, Duration>) -> HashMap<Str
         job_type::PROJECT_BACKUP,
         job_type::PROJECT_BACKUP_VERIFY,
         job_type::PROJECT_RESTORE,
+        job_type::PREVIEW_CREATE,
+        job_type::PREVIEW_RESET,
     ] {
         timeouts
             .entry(job_type.to_string())
@@ -203,4 +206,24 @@ fn default_worker_id() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "worker".into());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copying_steps_get_hours_unless_set() {
+        use capy_shared::model::job_type;
+        let set = HashMap::from([(job_type::PREVIEW_RESET.to_string(), Duration::from_secs(90))]);
+        let timeouts = with_archive_timeouts(set);
+        for job_type in [job_type::PROJECT_RESTORE, job_type::PREVIEW_CREATE] {
+            assert_eq!(timeouts.get(job_type), Some(&ARCHIVE_STEP_TIMEOUT));
+        }
+        assert_eq!(
+            timeouts.get(job_type::PREVIEW_RESET),
+            Some(&Duration::from_secs(90))
+        );
+        assert_eq!(timeouts.get(job_type::PREVIEW_DELETE), None);
+    }
 }

@@ -180,6 +180,16 @@ pub async fn count_rows(client: &impl GenericClient) -> Result<Vec<TableRows>, S
     Ok(counted)
 }
 
+/// How many tables a dump holds the rows of (as [`count_rows`] lists them), without
+/// counting the rows.
+pub async fn count_tables(client: &impl GenericClient) -> Result<usize, StepError> {
+    client
+        .query(TABLES, &[])
+        .await
+        .map(|tables| tables.len())
+        .map_err(|e| StepError::from_db("listing the tables", &e))
+}
+
 /// The installed extensions but plpgsql, in the order they were made (what one
 /// requires comes first).
 pub async fn read_extensions(client: &impl GenericClient) -> Result<Vec<Extension>, StepError> {

@@ -11,6 +11,8 @@ mod credentials_rotate;
 mod extensions;
 mod pg_tools;
 mod pooler_lookup;
+mod preview_clone;
+mod preview_delete;
 mod project_create;
 mod project_delete;
 mod project_update;
@@ -87,6 +89,8 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         job_type::PROJECT_BACKUP_VERIFY => backup_verify::run(input).await,
         job_type::BACKUP_DELETE => backup_delete::run(input).await,
         job_type::PROJECT_RESTORE => restore::run(input).await,
+        job_type::PREVIEW_CREATE | job_type::PREVIEW_RESET => preview_clone::run(input).await,
+        job_type::PREVIEW_DELETE => preview_delete::run(input).await,
         other => Err(StepError::permanent(format!(
             "capy-step has no built-in step for job type '{other}'"
         ))),
@@ -99,6 +103,24 @@ pub fn require_project<'a>(input: &'a StepInput, what: &str) -> Result<&'a StepP
         .project
         .as_ref()
         .ok_or_else(|| StepError::permanent(format!("{what} needs a project")))
+}
+
+/// The input's preview database (a login and a database of its own), which job type
+/// `what` cannot do without. Its names must be the ones capy makes from its id: a
+/// preview's step drops what they name, so they never name anything else (its
+/// parent's database above all).
+pub fn require_preview<'a>(input: &'a StepInput, what: &str) -> Result<&'a StepProject, StepError> {
+    let preview = input
+        .preview
+        .as_ref()
+        .ok_or_else(|| StepError::permanent(format!("{what} needs a preview database")))?;
+    let expected = capy_shared::previews::database_name(preview.id);
+    if preview.database_name != expected || preview.role_name != expected {
+        return Err(StepError::permanent(format!(
+            "the preview's database and login must be named {expected}"
+        )));
+    }
+    Ok(preview)
 }
 
 /// The input's cluster, which job type `what` cannot do without.

@@ -22,24 +22,30 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     // Only the names: a project whose settings are off can still be deleted.
     validate_names(project)?;
     let client = connect(cluster).await?;
-    let logins = existing_logins(&client, project).await?;
+    remove(&client, project).await?;
+    println!("project {} is deleted", project.id);
+    Ok(())
+}
+
+/// Removes `project`'s database and roles, as described above; `client` is the
+/// cluster admin's session. A preview's delete removes a preview's with it.
+pub async fn remove(client: &Client, project: &StepProject) -> Result<(), StepError> {
+    let logins = existing_logins(client, project).await?;
     for login in &logins {
         // No new session as the login, in any database.
         execute(
-            &client,
+            client,
             &format!("ALTER ROLE {} NOLOGIN", quote_ident(login)),
             "disabling the role's logins",
         )
         .await?;
         println!("role {login}: logins disabled");
     }
-    drop_database(&client, project, &logins).await?;
+    drop_database(client, project, &logins).await?;
     for login in project_logins(project)? {
-        drop_login(&client, &login, logins.contains(&login)).await?;
+        drop_login(client, &login, logins.contains(&login)).await?;
     }
-    drop_owner_role(&client, &project.database_name).await?;
-    println!("project {} is deleted", project.id);
-    Ok(())
+    drop_owner_role(client, &project.database_name).await
 }
 
 /// The project's logins: its own, the previous one and the pending one, validated.
