@@ -97,6 +97,16 @@ pub struct ServeArgs {
     /// Where backups and exports are kept (downloads are signed from it).
     #[command(flatten)]
     pub store: capy_shared::store::StoreConfig,
+    /// The TTL (hours) of a preview database whose request gives none.
+    #[arg(long, env = "CAPY_PREVIEW_DEFAULT_TTL_HOURS", default_value_t = 24, value_parser = clap::value_parser!(i64).range(1..=87_600))]
+    pub preview_default_ttl_hours: i64,
+    /// The longest TTL (hours) a preview database may be given, made or extended.
+    #[arg(long, env = "CAPY_PREVIEW_MAX_TTL_HOURS", default_value_t = 168, value_parser = clap::value_parser!(i64).range(1..=87_600))]
+    pub preview_max_ttl_hours: i64,
+    /// How long one TTL hour of a preview database lasts, in seconds (3600; tests
+    /// shorten it).
+    #[arg(long, env = "CAPY_PREVIEW_TTL_HOUR_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub preview_ttl_hour_seconds: u64,
 }
 
 #[derive(Debug, clap::Args)]

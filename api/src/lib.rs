@@ -48,6 +48,61 @@ pub struct ApiSettings {
     /// `capy_jobs_finished_recent` counts finished jobs (completed, failed, cancelled) of this last
     /// period: a range of the `jobs_finished` index, never the whole history.
     pub metrics_finished_window: std::time::Duration,
+    /// How long preview databases live.
+    pub preview_ttl: PreviewTtl,
+}
+
+/// How long preview databases live: `ttl_hours` as asked (or the default), within
+/// 1..=`max_hours`, each hour lasting `hour`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviewTtl {
+    /// Given to a preview whose request says nothing (`CAPY_PREVIEW_DEFAULT_TTL_HOURS`).
+    pub default_hours: i64,
+    /// The most a create or an extend may ask for (`CAPY_PREVIEW_MAX_TTL_HOURS`).
+    pub max_hours: i64,
+    /// How long one of those hours lasts (`CAPY_PREVIEW_TTL_HOUR_SECONDS`): an hour,
+    /// shorter in tests.
+    pub hour: std::time::Duration,
+}
+
+impl Default for PreviewTtl {
+    fn default() -> Self {
+        Self {
+            default_hours: 24,
+            max_hours: 168,
+            hour: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
+impl PreviewTtl {
+    /// The settings, unless the default is past the maximum.
+    pub fn new(default_hours: i64, max_hours: i64, hour_seconds: u64) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            (1..=max_hours).contains(&default_hours),
+            "CAPY_PREVIEW_DEFAULT_TTL_HOURS ({default_hours}) must be from 1 to \
+             CAPY_PREVIEW_MAX_TTL_HOURS ({max_hours})"
+        );
+        Ok(Self {
+            default_hours,
+            max_hours,
+            hour: std::time::Duration::from_secs(hour_seconds),
+        })
+    }
+
+    /// The seconds a preview lives for `hours` asked (the default when none), or the
+    /// 422 naming the bounds.
+    pub fn seconds(&self, hours: Option<i64>) -> error::ApiResult<i64> {
+        let hours = hours.unwrap_or(self.default_hours);
+        if !(1..=self.max_hours).contains(&hours) {
+            return Err(error::ApiError::Unprocessable(format!(
+                "ttl_hours must be a whole number of hours from 1 to {}, not {hours}",
+                self.max_hours
+            )));
+        }
+        let hour = i64::try_from(self.hour.as_secs()).unwrap_or(3600);
+        Ok(hours.saturating_mul(hour))
+    }
 }
 
 impl Default for ApiSettings {
@@ -66,6 +121,7 @@ impl Default for ApiSettings {
             },
             trusted_proxies: Vec::new(),
             metrics_finished_window: std::time::Duration::from_secs(300),
+            preview_ttl: PreviewTtl::default(),
         }
     }
 }

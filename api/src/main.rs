@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use capy_api::config::{Cli, Command, ServeArgs};
-use capy_api::{metrics_router, public_router, ApiSettings, AppState};
+use capy_api::{metrics_router, public_router, ApiSettings, AppState, PreviewTtl};
 use capy_shared::crypto::SecretBox;
 use capy_shared::instant::ClientCaps;
 use capy_shared::store::BackupStore;
@@ -50,6 +50,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             trusted_proxies: args.trusted_proxies.clone(),
             metrics_finished_window: Duration::from_secs(args.metrics_finished_window_seconds),
+            preview_ttl: PreviewTtl::new(
+                args.preview_default_ttl_hours,
+                args.preview_max_ttl_hours,
+                args.preview_ttl_hour_seconds,
+            )?,
             ..ApiSettings::default()
         },
         instant_limiter: Default::default(),

@@ -594,13 +594,7 @@ pub async fn claim(
         ));
     }
     // No body, or `null`, is an empty claim.
-    let request: ClaimDatabase = if body.iter().all(u8::is_ascii_whitespace) {
-        ClaimDatabase::default()
-    } else {
-        serde_json::from_slice::<Option<ClaimDatabase>>(&body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?
-            .unwrap_or_default()
-    };
+    let request: ClaimDatabase = crate::extract::optional_json(&body)?;
     if let Some(name) = &request.name {
         super::projects::validate_name(name)?;
     }

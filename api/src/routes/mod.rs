@@ -11,6 +11,7 @@ mod jobs;
 mod me;
 mod metrics;
 mod organizations;
+mod previews;
 pub(crate) mod projects;
 mod restores;
 
@@ -46,6 +47,7 @@ use crate::{idempotency, AppState};
         (name = "exports", description = "A project's database as an archive to download"),
         (name = "databases", description = "Instant databases: no key, expire unless claimed"),
         (name = "restores", description = "Restores of backups, and the approvals an overwrite needs"),
+        (name = "previews", description = "Preview databases: a project's data copied into a database of its own, deleted when its TTL passes"),
         (name = "jobs", description = "The work queued for workers, and its attempts"),
         (name = "api_keys", description = "Keys: organization-wide or narrowed to a project, with scopes"),
         (name = "organizations", description = "Tenants (platform admins)"),
@@ -124,6 +126,11 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(exports::file))
         .routes(routes!(restores::create_approval))
         .routes(routes!(restores::create_restore))
+        .routes(routes!(previews::list, previews::create))
+        .routes(routes!(previews::show, previews::delete))
+        .routes(routes!(previews::extend))
+        .routes(routes!(previews::reset))
+        .routes(routes!(previews::connections))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::show))
         .routes(routes!(jobs::attempts))

@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::model::{job_type, Job, Project, JOB_COLUMNS};
+use capy_shared::previews;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -127,8 +128,10 @@ pub async fn update(
 }
 
 /// Deletes the project: a `project.delete` job ends its connections and drops its
-/// database and role; the project then leaves the list. Keys narrowed to the project
-/// are revoked at once. Deleting a project already being deleted answers with that job.
+/// database and role; the project then leaves the list. Its preview databases are
+/// deleted first (their `project.preview_delete` jobs run before it). Keys narrowed to
+/// the project are revoked at once. Deleting a project already being deleted answers
+/// with that job.
 #[utoipa::path(delete, path = "/v1/projects/{id}", tag = "projects",
     params(("id" = Uuid, Path, description = "Project id")),
     responses((status = 202, body = JobBody), ErrorResponses))]
@@ -161,6 +164,9 @@ pub async fn delete(
     .bind(job_type::PROJECT_RETIRE_CREDENTIALS)
     .execute(&mut *tx)
     .await?;
+    // Its previews' deletes are queued first: same resource, so they run before it
+    // (their databases were cloned from it and live on its cluster).
+    previews::delete_all_of_project(&mut tx, id, state.settings.job_max_attempts).await?;
     let job = queue_project_job(&mut tx, &state, id, job_type::PROJECT_DELETE, json!({})).await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(JobBody { job })))

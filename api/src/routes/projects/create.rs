@@ -238,7 +238,7 @@ pub(crate) struct ClusterRoom {
     id: Uuid,
     region: String,
     max_projects: Option<i32>,
-    /// The organizations' projects it holds.
+    /// The organizations' projects and the preview databases it holds.
     held: i64,
 }
 
@@ -250,8 +250,9 @@ impl ClusterRoom {
 }
 
 /// The clusters of `region` (any if none), or cluster `cluster_id` alone, locked (so
-/// two callers cannot both take a cluster's last place) with the projects each holds
-/// against `max_projects`: the one count placement and claiming share.
+/// two callers cannot both take a cluster's last place) with the projects and preview
+/// databases each holds against `max_projects`: the one count placement, claiming and
+/// previews share.
 pub(crate) async fn lock_clusters(
     tx: &mut sqlx::PgConnection,
     region: Option<&str>,
@@ -270,11 +271,14 @@ pub(crate) async fn lock_clusters(
     // Counted by a statement of its own, after the lock: a statement that waited for
     // the lock still sees the projects as they were when it began (READ COMMITTED).
     // `max_projects` is the organizations' room: instant databases nobody has claimed
-    // (organization_id null) have a bound of their own and take none of it.
+    // (organization_id null) have a bound of their own and take none of it. A preview
+    // database is a database of its own on the cluster: it takes a place until deleted.
     sqlx::query_as(
         "select c.id, c.region, c.max_projects,
                 (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null
-                   and p.organization_id is not null) as held
+                   and p.organization_id is not null)
+                + (select count(*) from preview_databases v
+                   where v.cluster_id = c.id and v.deleted_at is null) as held
          from clusters c where c.id = any($1)
          order by c.created_at",
     )

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::change::job_in_flight;
 use super::{
     connection_url, lock_visible_project, open_password, queue_project_job, require_ready,
-    validate, visible_project, Endpoint,
+    validate, visible_project, Endpoint, Login,
 };
 use crate::auth::{Principal, SCOPE_CREDENTIALS, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
@@ -70,17 +70,30 @@ pub async fn credentials(
         .fetch_one(&state.pool)
         .await?;
     Ok(Json(Credentials {
-        connection_string: connection_url(&project, Endpoint::Direct, &password)?,
-        pooled_connection_string: connection_url(&project, Endpoint::Pooled, &password)?,
-        host: project.public_host,
-        port: project.direct_port,
-        username: project.role_name,
-        password,
-        database: project.database_name,
-        ssl_mode: project.ssl_mode,
         previous_username,
         previous_expires_at,
+        ..Credentials::of(&project, password)?
     }))
+}
+
+impl Credentials {
+    /// Login `login`'s credentials with its `password` (opened), no login in grace: the
+    /// one place the fields are filled, for projects and preview databases alike.
+    pub(crate) fn of<'a>(login: impl Into<Login<'a>>, password: String) -> ApiResult<Self> {
+        let login = login.into();
+        Ok(Self {
+            connection_string: connection_url(login, Endpoint::Direct, &password)?,
+            pooled_connection_string: connection_url(login, Endpoint::Pooled, &password)?,
+            host: login.public_host.to_string(),
+            port: login.direct_port,
+            username: login.role_name.to_string(),
+            password,
+            database: login.database_name.to_string(),
+            ssl_mode: login.ssl_mode.to_string(),
+            previous_username: None,
+            previous_expires_at: None,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]

@@ -5,7 +5,7 @@ mod change;
 mod create;
 mod credentials;
 mod extensions;
-mod validate;
+pub(crate) mod validate;
 
 pub use change::*;
 pub use create::*;
@@ -16,7 +16,7 @@ pub(crate) use validate::{LABEL_PATTERN, NAME_PATTERN};
 
 use axum::extract::State;
 use axum::Json;
-use capy_shared::model::{Job, Project, PROJECT_SELECT};
+use capy_shared::model::{Job, PreviewDatabase, Project, PROJECT_SELECT};
 use capy_shared::queue::{self, NewJob};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -129,10 +129,55 @@ async fn open_password(state: &AppState, id: Uuid) -> ApiResult<String> {
             .bind(id)
             .fetch_one(&state.pool)
             .await?;
+    open_sealed(state, &sealed)
+}
+
+/// A password as stored (`SecretBox::seal`), opened.
+pub(crate) fn open_sealed(state: &AppState, sealed: &[u8]) -> ApiResult<String> {
     state
         .secrets
-        .open(&sealed)
+        .open(sealed)
         .map_err(|e| ApiError::Internal(e.into()))
+}
+
+/// Where and as whom a login connects: a project's, or a preview database's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Login<'a> {
+    pub role_name: &'a str,
+    pub database_name: &'a str,
+    pub public_host: &'a str,
+    pub direct_port: i32,
+    pub pooled_host: &'a str,
+    pub pooled_port: i32,
+    pub ssl_mode: &'a str,
+}
+
+impl<'a> From<&'a Project> for Login<'a> {
+    fn from(project: &'a Project) -> Self {
+        Self {
+            role_name: &project.role_name,
+            database_name: &project.database_name,
+            public_host: &project.public_host,
+            direct_port: project.direct_port,
+            pooled_host: &project.pooled_host,
+            pooled_port: project.pooled_port,
+            ssl_mode: &project.ssl_mode,
+        }
+    }
+}
+
+impl<'a> From<&'a PreviewDatabase> for Login<'a> {
+    fn from(preview: &'a PreviewDatabase) -> Self {
+        Self {
+            role_name: &preview.role_name,
+            database_name: &preview.database_name,
+            public_host: &preview.public_host,
+            direct_port: preview.direct_port,
+            pooled_host: &preview.pooled_host,
+            pooled_port: preview.pooled_port,
+            ssl_mode: &preview.ssl_mode,
+        }
+    }
 }
 
 /// Which of the project's addresses a connection string points at.
@@ -144,27 +189,27 @@ pub(crate) enum Endpoint {
     Pooled,
 }
 
-/// The one place connection strings are built: the project's role and password, its
+/// The one place connection strings are built: the login's role and password, its
 /// database, the endpoint's host and port, and the cluster's `sslmode`.
-pub(crate) fn connection_url(
-    project: &Project,
+pub(crate) fn connection_url<'a>(
+    login: impl Into<Login<'a>>,
     endpoint: Endpoint,
     password: &str,
 ) -> ApiResult<String> {
+    let login = login.into();
     let (host, port) = match endpoint {
-        Endpoint::Direct => (&project.public_host, project.direct_port),
-        Endpoint::Pooled => (&project.pooled_host, project.pooled_port),
+        Endpoint::Direct => (login.public_host, login.direct_port),
+        Endpoint::Pooled => (login.pooled_host, login.pooled_port),
     };
     let mut url = url::Url::parse(&format!(
         "postgresql://{host}:{port}/{}",
-        project.database_name
+        login.database_name
     ))
     .map_err(|e| ApiError::Internal(e.into()))?;
-    url.set_username(&project.role_name)
+    url.set_username(login.role_name)
         .and_then(|()| url.set_password(Some(password)))
         .map_err(|()| ApiError::Internal(anyhow::anyhow!("cannot set URL credentials")))?;
-    url.query_pairs_mut()
-        .append_pair("sslmode", &project.ssl_mode);
+    url.query_pairs_mut().append_pair("sslmode", login.ssl_mode);
     Ok(url.to_string())
 }
 
