@@ -31,14 +31,14 @@ pub struct BackupArgs {
 /// The processes whose memory is sampled.
 const WATCHED: [&str; 4] = ["capy-worker", "capy-step", "pg_dump", "pg_restore"];
 
-struct Api {
-    http: reqwest::Client,
-    url: String,
-    key: String,
+pub struct Api {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub key: String,
 }
 
 impl Api {
-    async fn call(
+    pub async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -85,7 +85,7 @@ impl Api {
         }
     }
 
-    async fn job_done(&self, answer: &Value) -> anyhow::Result<Value> {
+    pub async fn job_done(&self, answer: &Value) -> anyhow::Result<Value> {
         let id = answer["job"]["id"].as_str().context("no job id")?;
         self.wait(&format!("/v1/jobs/{id}"), "job", "state", &["completed"])
             .await
@@ -299,7 +299,7 @@ async fn by_hand(database: &str, figures: &mut Figures) -> anyhow::Result<()> {
 }
 
 /// Runs `script` with bash; URLs (with passwords) go through the environment, not argv.
-async fn shell(script: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
+pub async fn shell(script: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
     let status = tokio::process::Command::new("bash")
         .args(["-c", script])
         .envs(env.iter().map(|(k, v)| (*k, v)))

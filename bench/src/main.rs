@@ -6,6 +6,7 @@ mod backup;
 mod instant;
 mod metrics;
 mod pooler;
+mod preview;
 mod provision;
 mod queue;
 mod stats;
@@ -66,6 +67,11 @@ enum Bench {
     /// `pg_dump -Fc > file` on the same cluster; peak RSS of the workers, steps and
     /// pg_dump/pg_restore while capy runs.
     Backup(backup::BackupArgs),
+    /// A parent project of each of --sizes MiB: time to a usable preview database
+    /// (clone, and empty) through capy while the parent has a transaction open, beside
+    /// `pg_dump | pg_restore` by the shell and `CREATE DATABASE … TEMPLATE` (with no
+    /// session on the parent) on the same cluster.
+    Preview(preview::PreviewArgs),
 }
 
 #[tokio::main]
@@ -85,5 +91,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Metrics(args) => metrics::metrics(&args).await,
         Bench::Pooler(args) => pooler::pooler(&args).await,
         Bench::Backup(args) => backup::backup(&args).await,
+        Bench::Preview(args) => preview::preview(&args).await,
     }
 }

@@ -7,6 +7,7 @@ mod extensions;
 mod jobs;
 mod keys;
 mod orgs;
+mod previews;
 mod projects;
 mod restores;
 
@@ -22,6 +23,10 @@ pub enum Command {
     /// Projects: databases on a cluster.
     #[command(subcommand)]
     Projects(projects::ProjectsCommand),
+    /// Preview databases: short-lived copies of a project's database (clone or empty)
+    /// with a login of their own, deleted when their TTL passes.
+    #[command(subcommand)]
+    Previews(previews::PreviewsCommand),
     /// A project's PostgreSQL extensions.
     #[command(subcommand)]
     Extensions(extensions::ExtensionsCommand),
@@ -77,6 +82,7 @@ impl Command {
     pub async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         match self {
             Self::Projects(command) => command.run(ctx).await,
+            Self::Previews(command) => command.run(ctx).await,
             Self::Extensions(command) => command.run(ctx).await,
             Self::Backups(command) => command.run(ctx).await,
             Self::Exports(command) => command.run(ctx).await,

@@ -139,7 +139,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    fn apply(self, body: &mut Value) {
+    pub(super) fn apply(self, body: &mut Value) {
         set(
             body,
             "max_connections",
