@@ -376,7 +376,8 @@ async fn hold_the_parents_queue(stack: &Stack, parent: &str) -> uuid::Uuid {
 async fn wait_for_state(stack: &Stack, id: &str, state: &str) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let preview = stack.api.get(&format!("/v1/preview-databases/{id}")).await["preview"].clone();
+        let preview =
+            stack.api.get(&format!("/v1/preview-databases/{id}")).await["preview"].clone();
         if preview["state"] == state {
             return;
         }

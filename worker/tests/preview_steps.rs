@@ -483,6 +483,41 @@ async fn delete_removes_the_preview_and_nothing_else() {
         .assert_code(0);
 }
 
+/// Another tenant grants the preview's roles privileges on its own objects (any login
+/// may: the names are in pg_roles), which would keep DROP ROLE from succeeding: the
+/// delete revokes them where they are and drops the roles all the same.
+#[tokio::test]
+async fn grants_from_another_tenant_do_not_pin_the_previews_roles() {
+    let parent = Tenant::parent();
+    let preview = Tenant::preview();
+    create_parent(&parent).await;
+    fill(&parent).await;
+    clone(&parent, &preview, "clone").await;
+    let owner = format!("{}_owner", preview.name);
+    as_tenant(&parent)
+        .await
+        .batch_execute(&format!(
+            "grant select on orders to \"{login}\";
+             grant select on orders to \"{owner}\";
+             alter default privileges grant select on tables to \"{login}\";",
+            login = preview.name
+        ))
+        .await
+        .unwrap();
+    Job::preview(job_type::PREVIEW_DELETE, &parent, &preview, "clone")
+        .run()
+        .await
+        .assert_code(0);
+    assert!(!database_exists(&preview.name).await);
+    assert!(!role_exists(&preview.name).await);
+    assert!(!role_exists(&owner).await);
+    // The other tenant keeps its table.
+    assert_eq!(
+        count(&as_tenant(&parent).await, "select count(*) from orders").await,
+        100
+    );
+}
+
 /// The parent's tenant owns functions that a CHECK constraint and an index call while
 /// rows are restored: they run with the preview login's rights alone, so they gain
 /// nothing (as the admin they would create a superuser).

@@ -91,7 +91,7 @@ pub async fn retire_login(
             project.role_name
         );
     }
-    drop_owned_elsewhere(client, cluster, project, role).await?;
+    drop_owned_elsewhere(client, cluster, role, &project.database_name).await?;
     revoke_foreign_members(client, project).await?;
     execute(
         client,
@@ -103,13 +103,14 @@ pub async fn retire_login(
     Ok(())
 }
 
-/// Privileges other tenants granted the old login on their objects (any role may, the
-/// names are in pg_roles) would keep DROP ROLE from succeeding: they go too.
-async fn drop_owned_elsewhere(
+/// Privileges other tenants granted `role` on their objects (any login may: the names
+/// are in pg_roles) would keep DROP ROLE from succeeding: they are revoked in each
+/// database that holds one, but `own_database` (which the caller deals with).
+pub async fn drop_owned_elsewhere(
     client: &Client,
     cluster: &StepCluster,
-    project: &StepProject,
     role: &str,
+    own_database: &str,
 ) -> Result<(), StepError> {
     let rows = client
         .query(
@@ -117,20 +118,20 @@ async fn drop_owned_elsewhere(
              join pg_database d on d.oid = s.dbid
              join pg_roles r on r.oid = s.refobjid and s.refclassid = 'pg_authid'::regclass
              where r.rolname = $1 and d.datname <> $2 and d.datallowconn",
-            &[&role, &project.database_name],
+            &[&role, &own_database],
         )
         .await
-        .map_err(|e| StepError::from_db("reading where the old login holds privileges", &e))?;
+        .map_err(|e| StepError::from_db("reading where the role holds privileges", &e))?;
     for row in rows {
         let database: String = row.get(0);
         let inside = connect_database(cluster, &database, "database holding grants").await?;
         execute(
             &inside,
             &format!("DROP OWNED BY {}", quote_ident(role)),
-            "revoking what other databases granted the old login",
+            "revoking what other databases granted the role",
         )
         .await?;
-        println!("login {role}: privileges in database {database} revoked");
+        println!("role {role}: privileges in database {database} revoked");
     }
     Ok(())
 }

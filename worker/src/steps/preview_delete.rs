@@ -14,7 +14,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     // Only the names: a preview whose settings are off can still be deleted.
     validate_names(preview)?;
     let client = connect(cluster).await?;
-    project_delete::remove(&client, preview).await?;
+    project_delete::remove(&client, cluster, preview).await?;
     println!("preview {} is deleted", preview.id);
     Ok(())
 }

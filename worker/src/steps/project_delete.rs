@@ -6,10 +6,10 @@
 
 use capy_shared::ident::{is_valid_identifier, quote_ident};
 use capy_shared::model::job_type;
-use capy_shared::step::{StepInput, StepProject};
+use capy_shared::step::{StepCluster, StepInput, StepProject};
 use tokio_postgres::Client;
 
-use super::credentials_retire::end_sessions;
+use super::credentials_retire::{drop_owned_elsewhere, end_sessions};
 use super::tenant_database::owner_role_name;
 use super::{
     connect, execute, exists, require_cluster, require_project, validate_names, StepError,
@@ -22,14 +22,19 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     // Only the names: a project whose settings are off can still be deleted.
     validate_names(project)?;
     let client = connect(cluster).await?;
-    remove(&client, project).await?;
+    remove(&client, cluster, project).await?;
     println!("project {} is deleted", project.id);
     Ok(())
 }
 
 /// Removes `project`'s database and roles, as described above; `client` is the
-/// cluster admin's session. A preview's delete removes a preview's with it.
-pub async fn remove(client: &Client, project: &StepProject) -> Result<(), StepError> {
+/// cluster admin's session. A preview's delete removes a preview's with it. Privileges
+/// other tenants granted the roles (to pin them) are revoked first.
+pub async fn remove(
+    client: &Client,
+    cluster: &StepCluster,
+    project: &StepProject,
+) -> Result<(), StepError> {
     let logins = existing_logins(client, project).await?;
     for login in &logins {
         // No new session as the login, in any database.
@@ -43,9 +48,12 @@ pub async fn remove(client: &Client, project: &StepProject) -> Result<(), StepEr
     }
     drop_database(client, project, &logins).await?;
     for login in project_logins(project)? {
+        drop_owned_elsewhere(client, cluster, &login, &project.database_name).await?;
         drop_login(client, &login, logins.contains(&login)).await?;
     }
-    drop_owner_role(client, &project.database_name).await
+    let owner = owner_role_name(&project.database_name)?;
+    drop_owned_elsewhere(client, cluster, &owner, &project.database_name).await?;
+    drop_owner_role(client, &owner).await
 }
 
 /// The project's logins: its own, the previous one and the pending one, validated.
@@ -126,12 +134,11 @@ async fn drop_login(client: &Client, login: &str, existed: bool) -> Result<(), S
 }
 
 /// The database's owner role owns nothing once the database is gone.
-async fn drop_owner_role(client: &Client, database_name: &str) -> Result<(), StepError> {
-    let owner = owner_role_name(database_name)?;
-    if exists(client, ROLE_EXISTS, &owner).await? {
+async fn drop_owner_role(client: &Client, owner: &str) -> Result<(), StepError> {
+    if exists(client, ROLE_EXISTS, owner).await? {
         execute(
             client,
-            &format!("DROP ROLE IF EXISTS {}", quote_ident(&owner)),
+            &format!("DROP ROLE IF EXISTS {}", quote_ident(owner)),
             "dropping the owner role",
         )
         .await?;
