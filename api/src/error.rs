@@ -24,6 +24,10 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("the control database is unavailable; try again shortly")]
     Unavailable,
+    /// A concurrent change to the same records won (a deadlock or serialization
+    /// failure the database resolved by ending this transaction): nothing was done.
+    #[error("a concurrent change to the same records won; nothing was done, try again")]
+    Contended,
     /// A target cluster this call needs did not answer.
     #[error("{0}")]
     ClusterUnavailable(String),
@@ -41,7 +45,9 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable | Self::ClusterUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::ClusterUnavailable(_) | Self::Contended => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -53,6 +59,7 @@ impl ApiError {
                 tracing::error!(error = format!("{source:#}"), "internal error")
             }
             Self::Unavailable => tracing::warn!("control database unavailable"),
+            Self::Contended => tracing::warn!("a request lost a deadlock or serialization race"),
             _ => {}
         }
     }
@@ -63,7 +70,10 @@ impl IntoResponse for ApiError {
         self.log();
         let body = Json(serde_json::json!({ "error": self.to_string() }));
         let mut response = (self.status(), body).into_response();
-        if matches!(self, Self::Unavailable | Self::ClusterUnavailable(_)) {
+        if matches!(
+            self,
+            Self::Unavailable | Self::ClusterUnavailable(_) | Self::Contended
+        ) {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("2"));
@@ -95,6 +105,12 @@ impl From<sqlx::Error> for ApiError {
                     .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
             {
                 Self::Unavailable
+            }
+            // deadlock_detected, serialization_failure: retryable, the request changed nothing.
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| c == "40P01" || c == "40001") =>
+            {
+                Self::Contended
             }
             _ => Self::Internal(error.into()),
         }

@@ -903,3 +903,38 @@ async fn previews_take_the_clusters_room() {
     set_max_projects(&app, 3).await;
     create(&app, &project, json!({"mode": "empty"})).await;
 }
+
+/// A failed create of a preview that is then deleted is not retried (409): only the
+/// preview's delete may run again once it is going.
+#[tokio::test]
+async fn a_gone_previews_create_is_not_retried() {
+    let app = TestApp::new().await;
+    let project = ready_project(&app, "shop").await;
+    let created = create(&app, &project, json!({"mode": "clone", "name": "broken"})).await;
+    let create_job = s(&created["job"]["id"]).to_string();
+    finish(&app, &create_job, "failed").await;
+    let retry = format!("/v1/jobs/{create_job}/retry");
+    let (status, deleted) = app
+        .call(
+            "DELETE",
+            &preview_path(&created["preview"], ""),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{deleted}");
+    let (status, answer) = app.call("POST", &retry, Some(&app.key), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    // Its delete, failed, may be retried.
+    let delete_job = s(&deleted["job"]["id"]).to_string();
+    finish(&app, &delete_job, "failed").await;
+    let (status, answer) = app
+        .call(
+            "POST",
+            &format!("/v1/jobs/{delete_job}/retry"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert!(status.is_success(), "{status}: {answer}");
+}

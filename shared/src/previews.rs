@@ -294,6 +294,15 @@ pub async fn queue_reset(
     id: Uuid,
     max_attempts: i32,
 ) -> sqlx::Result<Result<(PreviewDatabase, Job), Refusal>> {
+    // The parent's row first, then the preview's: the order a project's delete takes
+    // them in, so the two never deadlock.
+    let parent_state: Option<String> = sqlx::query_scalar(
+        "select p.state from projects p join preview_databases v on v.project_id = p.id
+         where v.id = $1 and p.deleted_at is null for share of p",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some(owned) = lock(conn, id).await? else {
         return Ok(Err(Refusal::Preview(PreviewState::Deleted)));
     };
@@ -301,12 +310,6 @@ pub async fn queue_reset(
     if !matches!(state, PreviewState::Ready | PreviewState::Error) {
         return Ok(Err(Refusal::Preview(state)));
     }
-    let parent_state: Option<String> = sqlx::query_scalar(
-        "select state from projects where id = $1 and deleted_at is null for share",
-    )
-    .bind(owned.preview.project_id)
-    .fetch_optional(&mut *conn)
-    .await?;
     if parent_state.as_deref() != Some("ready") {
         let state = parent_state.unwrap_or_else(|| "deleted".into());
         return Ok(Err(Refusal::ParentNotReady(state)));

@@ -459,7 +459,8 @@ pub async fn retry(
         return Ok(Transition::Refused(job));
     }
     if !job_type::runs_for_deleted_project(&job.job_type)
-        && project_is_gone(conn, job.project_id).await?
+        && (project_is_gone(conn, job.project_id).await?
+            || preview_is_gone(conn, job.preview_database_id).await?)
     {
         return Ok(Transition::ProjectGone(job));
     }
@@ -494,6 +495,22 @@ async fn project_is_gone(conn: &mut PgConnection, id: Option<Uuid>) -> sqlx::Res
     let live: Option<bool> = sqlx::query_scalar(&format!(
         "select {PROJECT_IS_LIVE} from projects where id = $1 for share"
     ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(live != Some(true))
+}
+
+/// Whether preview `id` is deleted or being deleted (its row share-locked, as
+/// [`project_is_gone`] does): only its delete may run again.
+async fn preview_is_gone(conn: &mut PgConnection, id: Option<Uuid>) -> sqlx::Result<bool> {
+    let Some(id) = id else {
+        return Ok(false);
+    };
+    let live: Option<bool> = sqlx::query_scalar(
+        "select state not in ('deleting', 'deleted') and deleted_at is null
+         from preview_databases where id = $1 for share",
+    )
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;

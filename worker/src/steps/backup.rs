@@ -45,7 +45,7 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
     let mut client =
         connect_database(cluster, &project.database_name, "project's database").await?;
     let server_version_num = pg_tools::server_version_num(&client).await?;
-    let pg_dump = pg_tools::locate(Tool::PgDump, server_version_num)?;
+    let pg_dump = pg_tools::locate_pg_dump(&client, server_version_num).await?;
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)

@@ -69,6 +69,58 @@ pub fn locate(tool: Tool, server_version_num: i32) -> Result<PathBuf, StepError>
     }
 }
 
+/// pg_dump for a server of `server_version_num`, refused unless both are patched
+/// against CVE-2024-7348: pg_dump runs as the admin in a tenant's database, where the
+/// tenant could swap a sequence for a view of its own function between pg_dump's
+/// snapshot and its read of the sequence. Patched pg_dump sets
+/// `restrict_nonsystem_relation_kind`, which only patched servers have (an older
+/// pg_dump, or an older server, silently goes without).
+pub async fn locate_pg_dump(
+    client: &tokio_postgres::Client,
+    server_version_num: i32,
+) -> Result<PathBuf, StepError> {
+    let guarded: bool = client
+        .query_one(
+            "select exists (select 1 from pg_settings where name = 'restrict_nonsystem_relation_kind')",
+            &[],
+        )
+        .await
+        .map_err(|e| StepError::from_db("reading the server's settings", &e))?
+        .get(0);
+    if !guarded {
+        return Err(StepError::permanent(format!(
+            "the cluster's PostgreSQL (server_version_num {server_version_num}) lacks the fix \
+             for CVE-2024-7348 (restrict_nonsystem_relation_kind): pg_dump would run a \
+             tenant's code as the admin; update it to 13.16, 14.13, 15.8, 16.4 or later"
+        )));
+    }
+    let path = locate(Tool::PgDump, server_version_num)?;
+    match tool_version(&path) {
+        Some((major, minor)) if dump_is_patched(major, minor) => Ok(path),
+        found => Err(StepError::permanent(format!(
+            "{} ({}) lacks the fix for CVE-2024-7348: install a current \
+             postgresql-client-{} on the worker",
+            path.display(),
+            found.map_or("version unknown".into(), |(major, minor)| format!(
+                "{major}.{minor}"
+            )),
+            server_version_num / 10_000
+        ))),
+    }
+}
+
+/// Whether pg_dump `major.minor` sets `restrict_nonsystem_relation_kind`.
+pub fn dump_is_patched(major: i32, minor: i32) -> bool {
+    match major {
+        ..=12 => false,
+        13 => minor >= 16,
+        14 => minor >= 13,
+        15 => minor >= 8,
+        16 => minor >= 4,
+        _ => true,
+    }
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -78,6 +130,12 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 
 /// The major version `<tool> --version` prints (`pg_dump (PostgreSQL) 15.4 (Debian …)`).
 fn tool_major(path: &Path) -> Option<i32> {
+    tool_version(path).map(|(major, _)| major)
+}
+
+/// The major and minor version `<tool> --version` prints (a development version such
+/// as `17devel` has minor 0).
+fn tool_version(path: &Path) -> Option<(i32, i32)> {
     let output = std::process::Command::new(path)
         .arg("--version")
         .env_clear()
@@ -85,11 +143,15 @@ fn tool_major(path: &Path) -> Option<i32> {
         .ok()?;
     let text = String::from_utf8_lossy(&output.stdout);
     let version = text.split(") ").nth(1)?.split_whitespace().next()?;
-    version
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    parse_version(version)
+}
+
+/// `15.4` → (15, 4); `17devel` or `17beta1` → (17, 0).
+fn parse_version(version: &str) -> Option<(i32, i32)> {
+    let mut numbers = version.split(|c: char| !c.is_ascii_digit());
+    let major = numbers.next()?.parse().ok()?;
+    let minor = numbers.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    Some((major, minor))
 }
 
 /// Who the child logs in as.
@@ -227,4 +289,18 @@ fn check_status(status: ExitStatus, tool: Tool, transient: bool) -> Result<(), S
         transient,
         message: format!("{} failed ({status}); its messages are above", tool.name()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_the_cve_2024_7348_fix() {
+        assert_eq!(parse_version("15.20"), Some((15, 20)));
+        assert_eq!(parse_version("17devel"), Some((17, 0)));
+        assert_eq!(parse_version("x"), None);
+        assert!(dump_is_patched(15, 8) && dump_is_patched(16, 4) && dump_is_patched(17, 0));
+        assert!(!dump_is_patched(15, 7) && !dump_is_patched(14, 12) && !dump_is_patched(12, 22));
+    }
 }

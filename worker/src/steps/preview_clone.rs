@@ -208,7 +208,7 @@ impl Tools {
             )));
         }
         Ok(Self {
-            pg_dump: pg_tools::locate(Tool::PgDump, version)?,
+            pg_dump: pg_tools::locate_pg_dump(admin, version).await?,
             pg_restore: pg_tools::locate(Tool::PgRestore, version)?,
         })
     }
