@@ -221,7 +221,10 @@ async fn sigterm_lets_running_steps_finish_then_hands_back_the_rest() {
     common::wait_for_state(&db.pool, slow, "claimed", Duration::from_secs(10)).await;
 
     kill(worker_pid(&stack, 0), Signal::SIGTERM).unwrap();
-    // No new claims after SIGTERM.
+    // No new claims once the worker has heard SIGTERM. The signal arrives on its own
+    // time: a job queued in the same instant may be claimed before it is heard (a
+    // loaded machine showed it), so the late job comes a moment after.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let late = common::queue_jobs(&db.pool, "test.quick", 1, 3, |_| None).await[0];
     let status = tokio::task::spawn_blocking(move || {
         let status = stack.workers[0].0.wait().unwrap();
