@@ -5,6 +5,7 @@ pub mod backups;
 pub mod crypto;
 pub mod db;
 pub mod effects;
+pub mod engines;
 pub mod ident;
 pub mod instant;
 pub mod model;

@@ -28,6 +28,78 @@ impl JobState {
     }
 }
 
+/// The database engine a cluster runs, and so the engine of the projects placed on it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    sqlx::Type,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum Engine {
+    #[default]
+    Postgresql,
+    /// MySQL or MariaDB.
+    Mysql,
+    Redis,
+}
+
+impl Engine {
+    pub const ALL: [Engine; 3] = [Engine::Postgresql, Engine::Mysql, Engine::Redis];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgresql => "postgresql",
+            Self::Mysql => "mysql",
+            Self::Redis => "redis",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == value)
+    }
+
+    /// The URL schemes an admin URL of this engine may have.
+    pub fn url_schemes(self) -> &'static [&'static str] {
+        match self {
+            Self::Postgresql => &["postgres", "postgresql"],
+            Self::Mysql => &["mysql", "mariadb"],
+            Self::Redis => &["redis", "rediss"],
+        }
+    }
+
+    /// The login (role, user) name of project `id`, made from the id alone. MySQL
+    /// allows user names of at most 32 characters: `capy_` and the id's last 27 hex
+    /// digits (its random part and the end of its timestamp).
+    pub fn login_name(self, id: Uuid) -> String {
+        let hex = id.simple().to_string();
+        match self {
+            Self::Mysql => format!("capy_{}", &hex[5..]),
+            Self::Postgresql | Self::Redis => format!("capy_{hex}"),
+        }
+    }
+
+    /// Whether projects of this engine have PostgreSQL extensions, previews, backups,
+    /// restores and a pooler.
+    pub fn is_postgresql(self) -> bool {
+        self == Self::Postgresql
+    }
+}
+
+/// The key and channel prefix of Redis project `id`: its ACL user reaches only keys
+/// and channels that start with it.
+pub fn redis_prefix(id: Uuid) -> String {
+    format!("p:{id}:")
+}
+
 /// Why an attempt failed, which decides whether the job is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,6 +168,10 @@ pub mod job_type {
     /// Marks previews past their TTL for deletion and queues their deletes (inside the
     /// worker, queued by a periodic job).
     pub const PREVIEW_EXPIRE: &str = "capy.preview_expire";
+    /// Refuses the project's logins and ends its sessions; its data stays.
+    pub const PROJECT_STOP: &str = "project.stop";
+    /// Lets a stopped project's logins in again.
+    pub const PROJECT_START: &str = "project.start";
     /// Does nothing, inside the worker (no step process): measures the queue itself.
     pub const NOOP: &str = "capy.noop";
 

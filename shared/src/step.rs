@@ -68,6 +68,10 @@ pub struct StepProject {
     /// The login a rotation is making (`project.rotate_credentials`), with its password.
     #[serde(default)]
     pub pending_login: Option<StepLogin>,
+    /// The project is stopped: its logins stay refused (a step that converges them
+    /// must not let them in again).
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// A login role and its password.
@@ -94,6 +98,8 @@ pub struct StepCluster {
     /// `capy_pooler.lookup` for it in the project's database. `None`: no pooler.
     #[serde(default)]
     pub pooler_auth_user: Option<String>,
+    #[serde(default)]
+    pub engine: crate::model::Engine,
 }
 
 impl StepInput {

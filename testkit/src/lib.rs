@@ -4,8 +4,10 @@
 //! fresh database on it with [`fresh_database`].
 
 mod cluster;
+mod mariadb;
 mod pooler;
 mod processes;
+mod redis;
 mod s3;
 mod tls;
 

@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use capy_shared::crypto::SecretBox;
-use capy_shared::model::{job_type, Job};
+use capy_shared::model::{job_type, Engine, Job};
 use capy_shared::queue::{PROJECT_GONE_ERROR, PROJECT_IS_LIVE};
 use capy_shared::step::{StepCluster, StepInput, StepLogin, StepProject};
 use capy_shared::store::StoreConfig;
@@ -25,6 +25,7 @@ struct ProjectRow {
     previous_role_name: Option<String>,
     pending_role_name: Option<String>,
     pending_password_encrypted: Option<Vec<u8>>,
+    state: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -35,6 +36,7 @@ struct ClusterRow {
     allowed_extensions: Vec<String>,
     ca_pem: Option<String>,
     pooler_auth_user: Option<String>,
+    engine: Engine,
 }
 
 /// Builds the JSON a step reads on stdin.
@@ -49,7 +51,7 @@ pub async fn load_input(
             "select id, cluster_id, database_name, role_name, password_encrypted, max_connections,
                     statement_timeout, idle_transaction_timeout, storage_limit_bytes,
                     logical_replication, previous_role_name, pending_role_name,
-                    pending_password_encrypted
+                    pending_password_encrypted, state
              from projects where id = $1 and ($2 or {PROJECT_IS_LIVE})"
         ))
         .bind(id)
@@ -67,7 +69,7 @@ pub async fn load_input(
     let cluster_id = job.cluster_id.or(project.as_ref().map(|p| p.cluster_id));
     let cluster: Option<ClusterRow> = match cluster_id {
         Some(id) => sqlx::query_as(
-            "select id, name, admin_url_encrypted, allowed_extensions, pooler_auth_user, ca_pem
+            "select id, name, admin_url_encrypted, allowed_extensions, pooler_auth_user, ca_pem, engine
              from clusters where id = $1",
         )
         .bind(id)
@@ -89,6 +91,7 @@ pub async fn load_input(
             };
             Ok(StepProject {
                 id: p.id,
+                stopped: p.state == "stopped",
                 password: secrets
                     .open(&p.password_encrypted)
                     .context("opening the project's password")?,
@@ -115,6 +118,7 @@ pub async fn load_input(
                 allowed_extensions: c.allowed_extensions,
                 ca_pem: c.ca_pem,
                 pooler_auth_user: c.pooler_auth_user,
+                engine: c.engine,
             })
         })
         .transpose()?;
@@ -177,6 +181,7 @@ async fn load_preview(
         replication: false,
         previous_role_name: None,
         pending_login: None,
+        stopped: false,
     }))
 }
 

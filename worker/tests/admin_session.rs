@@ -17,6 +17,7 @@ fn cluster_of(url: impl Into<String>) -> StepCluster {
         allowed_extensions: Vec::new(),
         ca_pem: None,
         pooler_auth_user: None,
+        engine: Default::default(),
     }
 }
 

@@ -620,6 +620,7 @@ mod tests {
             ca_pem: None,
             allowed_extensions: Vec::new(),
             pooler_auth_user: None,
+            engine: Default::default(),
         };
         let choose = |offer: &Offer, cluster: &StepCluster| {
             choose_installer(offer, cluster, "file_fdw").map_err(|e| (e.transient, e.message))

@@ -9,6 +9,7 @@ mod backup_verify;
 mod credentials_retire;
 mod credentials_rotate;
 mod extensions;
+mod mysql;
 mod pg_tools;
 mod pooler_lookup;
 mod preview_clone;
@@ -16,6 +17,7 @@ mod preview_delete;
 mod project_create;
 mod project_delete;
 mod project_update;
+mod redis;
 mod restore;
 mod storage_check;
 mod tenant_database;
@@ -23,7 +25,7 @@ mod tenant_database;
 use std::time::Duration;
 
 use capy_shared::ident::{is_valid_duration, is_valid_identifier};
-use capy_shared::model::job_type;
+use capy_shared::model::{job_type, Engine};
 use capy_shared::step::{StepCluster, StepInput, StepProject};
 use capy_shared::tls::{ClusterTarget, ConnectFailure};
 use tokio_postgres::error::SqlState;
@@ -76,6 +78,11 @@ impl StepError {
 
 /// Runs the built-in step for the input's job type.
 pub async fn run(input: &StepInput) -> Result<(), StepError> {
+    match input.cluster.as_ref().map(|c| c.engine) {
+        Some(Engine::Mysql) => return mysql::run(input).await,
+        Some(Engine::Redis) => return redis::run(input).await,
+        Some(Engine::Postgresql) | None => {}
+    }
     match input.job.job_type.as_str() {
         job_type::PROJECT_CREATE => project_create::run(input).await,
         job_type::PROJECT_UPDATE => project_update::run(input).await,

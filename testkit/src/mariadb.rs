@@ -1,0 +1,1 @@
+//! The private MariaDB server of a test process (to be written).

@@ -1,0 +1,1 @@
+//! The private Redis server of a test process (to be written).
