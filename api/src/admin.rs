@@ -78,6 +78,7 @@ pub async fn api_key_is_live(pool: &PgPool, plaintext: &str) -> anyhow::Result<b
 /// A target cluster to register.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
+    pub engine: capy_shared::model::Engine,
     pub name: String,
     pub region: String,
     /// Superuser URL; stored sealed.
@@ -141,8 +142,8 @@ async fn insert_cluster(
 ) -> anyhow::Result<Option<Uuid>> {
     sqlx::query_scalar(&format!(
         "insert into clusters (id, name, region, admin_url_encrypted, public_host, direct_port,
-             pooled_port, ssl_mode, max_projects, pooled_host, pooler_auth_user, ca_pem)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             pooled_port, ssl_mode, max_projects, pooled_host, pooler_auth_user, ca_pem, engine)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          on conflict (name) {on_conflict}
          returning id"
     ))
@@ -158,6 +159,7 @@ async fn insert_cluster(
     .bind(&spec.pooled_host)
     .bind(&spec.pooler_auth_user)
     .bind(&spec.ca_pem)
+    .bind(spec.engine)
     .fetch_optional(pool)
     .await
     .context("registering a cluster")

@@ -69,6 +69,7 @@ pub async fn run(pool: &PgPool, args: &BootstrapArgs) -> anyhow::Result<()> {
         pool,
         &secrets,
         &ClusterSpec {
+            engine: capy_shared::model::Engine::Postgresql,
             name: args.cluster_name.clone(),
             region: args.cluster_region.clone(),
             admin_url: args.cluster_url.clone(),

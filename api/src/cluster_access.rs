@@ -14,7 +14,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use capy_shared::crypto::SecretBox;
+use capy_shared::engines::{self, EngineAccess};
 use capy_shared::ident::quote_ident;
+use capy_shared::model::Engine;
 use capy_shared::tls::{ClusterTarget, ConnectFailure, Verification};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -22,6 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a check found. `error_kind` tells a wrong password from a wrong host or port.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AccessReport {
+    pub engine: Engine,
     pub reachable: bool,
     pub server_version: Option<String>,
     /// `logical` is needed for instant databases with logical replication.
@@ -152,13 +155,60 @@ pub async fn check_cluster(
     secrets: &SecretBox,
     cluster_id: Uuid,
 ) -> anyhow::Result<AccessReport> {
-    let (sealed, ca_pem): (Vec<u8>, Option<String>) =
-        sqlx::query_as("select admin_url_encrypted, ca_pem from clusters where id = $1")
-            .bind(cluster_id)
-            .fetch_one(pool)
-            .await?;
+    let (sealed, ca_pem, engine): (Vec<u8>, Option<String>, Engine) = sqlx::query_as(
+        "select admin_url_encrypted, ca_pem, engine from clusters where id = $1",
+    )
+    .bind(cluster_id)
+    .fetch_one(pool)
+    .await?;
     let admin_url = secrets.open(&sealed)?;
-    check_and_record(pool, cluster_id, &admin_url, ca_pem.as_deref()).await
+    check_engine_and_record(pool, cluster_id, engine, &admin_url, ca_pem.as_deref()).await
+}
+
+/// Checks a cluster of any engine and records when. Only PostgreSQL clusters have an
+/// extension catalog and databases to close.
+pub async fn check_engine_and_record(
+    pool: &PgPool,
+    cluster_id: Uuid,
+    engine: Engine,
+    admin_url: &str,
+    ca_pem: Option<&str>,
+) -> anyhow::Result<AccessReport> {
+    let access = match engine {
+        Engine::Postgresql => return check_and_record(pool, cluster_id, admin_url, ca_pem).await,
+        Engine::Mysql => engines::mysql::check_access(admin_url).await,
+        Engine::Redis => engines::redis::check_access(admin_url).await,
+    };
+    let report = engine_report(engine, access);
+    sqlx::query("update clusters set last_checked_at = $2 where id = $1")
+        .bind(cluster_id)
+        .bind(report.checked_at)
+        .execute(pool)
+        .await?;
+    Ok(report)
+}
+
+/// A MySQL or Redis check in the report's shape (PostgreSQL's own fields left empty).
+fn engine_report(engine: Engine, access: EngineAccess) -> AccessReport {
+    AccessReport {
+        engine,
+        reachable: access.reachable,
+        server_version: access.server_version,
+        wal_level: None,
+        is_superuser: false,
+        can_create_roles: access.can_create_roles,
+        can_create_databases: access.can_create_databases,
+        latency_ms: access.latency_ms,
+        error_kind: access.error_kind,
+        error: access.error,
+        checked_at: Utc::now(),
+        public_connect_closed: Vec::new(),
+        public_connect_open: Vec::new(),
+        physical_replication_open: None,
+        ssl_mode: None,
+        tls: access.tls,
+        tls_verified: None,
+    }
 }
 
 async fn check(
@@ -168,6 +218,7 @@ async fn check(
 ) -> (AccessReport, Option<Vec<Extension>>) {
     let started = Instant::now();
     let mut report = AccessReport {
+        engine: Engine::Postgresql,
         reachable: false,
         server_version: None,
         wal_level: None,

@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// shorten it).
     #[arg(long, env = "CAPY_PREVIEW_TTL_HOUR_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub preview_ttl_hour_seconds: u64,
+    /// A JSON list of plans (`id`, `engine`, `description`, `max_connections`,
+    /// `storage_limit_bytes`, `statement_timeout`, `idle_transaction_timeout`) that
+    /// replaces capy's own catalogue; each engine's first plan is its default.
+    #[arg(long, env = "CAPY_PLANS_FILE")]
+    pub plans_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

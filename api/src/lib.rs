@@ -13,6 +13,7 @@ pub mod extract;
 mod idempotency;
 pub mod job_metrics;
 mod pagination;
+pub mod plans;
 pub mod rate_limit;
 mod routes;
 
@@ -50,6 +51,8 @@ pub struct ApiSettings {
     pub metrics_finished_window: std::time::Duration,
     /// How long preview databases live.
     pub preview_ttl: PreviewTtl,
+    /// The plans projects may name.
+    pub plans: plans::Plans,
 }
 
 /// How long preview databases live: `ttl_hours` as asked (or the default), within
@@ -122,6 +125,7 @@ impl Default for ApiSettings {
             trusted_proxies: Vec::new(),
             metrics_finished_window: std::time::Duration::from_secs(300),
             preview_ttl: PreviewTtl::default(),
+            plans: plans::Plans::default(),
         }
     }
 }

@@ -55,6 +55,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 args.preview_max_ttl_hours,
                 args.preview_ttl_hour_seconds,
             )?,
+            plans: match &args.plans_file {
+                Some(path) => capy_api::plans::Plans::from_file(path)?,
+                None => capy_api::plans::Plans::default(),
+            },
             ..ApiSettings::default()
         },
         instant_limiter: Default::default(),

@@ -30,6 +30,7 @@ pub async fn control_plane(
         &db.pool,
         &secrets,
         &ClusterSpec {
+            engine: capy_shared::model::Engine::Postgresql,
             name: "local".into(),
             region: "local".into(),
             admin_url: cluster.admin_url_for("postgres"),
@@ -208,6 +209,7 @@ fn bench_cluster(name: &str, admin_url: String, ca_pem: Option<String>) -> Clust
     let cluster = cluster().ok();
     let port = cluster.map_or(5432, |c| i32::from(c.port));
     ClusterSpec {
+        engine: capy_shared::model::Engine::Postgresql,
         name: name.into(),
         region: "local".into(),
         admin_url,

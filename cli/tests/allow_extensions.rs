@@ -79,6 +79,7 @@ async fn the_admin_sets_and_clears_a_clusters_allowed_extensions() {
         &db.pool,
         &secrets,
         &ClusterSpec {
+            engine: capy_shared::model::Engine::Postgresql,
             name: "local".into(),
             region: "local".into(),
             admin_url: test_cluster.admin_url_for("postgres"),

@@ -89,6 +89,7 @@ impl Stack {
             .unwrap();
         let test_cluster = cluster().unwrap();
         let spec = |name: &str, region: &str, admin_url: String| ClusterSpec {
+            engine: capy_shared::model::Engine::Postgresql,
             name: name.into(),
             region: region.into(),
             admin_url,

@@ -105,6 +105,7 @@ async fn start_stack() -> (capy_testkit::TestDatabase, ProcessStack, String) {
         &db.pool,
         &secrets,
         &ClusterSpec {
+            engine: capy_shared::model::Engine::Postgresql,
             name: "local".into(),
             region: "local".into(),
             admin_url: test_cluster.admin_url_for("postgres"),

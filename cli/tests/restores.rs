@@ -71,6 +71,7 @@ async fn restores_are_asked_into_a_new_project_or_over_the_project_with_an_appro
         &db.pool,
         &secrets,
         &ClusterSpec {
+            engine: capy_shared::model::Engine::Postgresql,
             name: "local".into(),
             region: "local".into(),
             admin_url: test_cluster.admin_url_for("postgres"),

@@ -251,6 +251,7 @@ pub struct Project {
     pub region: String,
     pub environment: String,
     pub plan: String,
+    pub engine: Engine,
     pub state: String,
     pub database_name: String,
     pub role_name: String,
@@ -272,7 +273,7 @@ pub struct Project {
 
 /// Select list and join for [`Project`]: `FROM projects p JOIN clusters c`.
 pub const PROJECT_SELECT: &str = "select p.id, p.organization_id, p.cluster_id, p.name, p.slug, \
-    p.region, p.environment, p.plan, p.state, p.database_name, p.role_name, c.public_host, \
+    p.region, p.environment, p.plan, p.engine, p.state, p.database_name, p.role_name, c.public_host, \
     c.direct_port, coalesce(c.pooled_host, c.public_host) as pooled_host, c.pooled_port, c.ssl_mode, p.max_connections, p.statement_timeout, \
     p.idle_transaction_timeout, p.storage_limit_bytes, p.last_error, p.latest_job_id, \
     p.created_at, p.updated_at from projects p join clusters c on c.id = p.cluster_id";

@@ -610,6 +610,7 @@ async fn old_style_project(db: &TestDatabase) -> Tenant {
         &db.pool,
         &secrets,
         &ClusterSpec {
+            engine: capy_shared::model::Engine::Postgresql,
             name: "local".into(),
             region: "local".into(),
             admin_url: test_cluster.admin_url_for("postgres"),

@@ -19,6 +19,7 @@ use crate::extract::{self, Path};
 use crate::pagination::{self, Listing, NoFilter, PageParams};
 use crate::routes::projects::{check_extension_name, extension_names_schema};
 use crate::AppState;
+use capy_shared::model::Engine;
 use capy_shared::tls::{self, TlsConfigError};
 
 const SSL_MODES: [&str; 6] = [
@@ -37,6 +38,7 @@ const MAX_CA_PEM_BYTES: usize = 65_536;
 pub struct Cluster {
     pub id: Uuid,
     pub name: String,
+    pub engine: Engine,
     pub region: String,
     /// The admin URL without its password.
     pub admin_url: String,
@@ -70,6 +72,7 @@ pub struct Cluster {
 struct ClusterRow {
     id: Uuid,
     name: String,
+    engine: Engine,
     region: String,
     admin_url_encrypted: Vec<u8>,
     public_host: String,
@@ -87,7 +90,7 @@ struct ClusterRow {
     updated_at: DateTime<Utc>,
 }
 
-const CLUSTER_SELECT: &str = "select c.id, c.name, c.region, c.admin_url_encrypted, c.public_host,
+const CLUSTER_SELECT: &str = "select c.id, c.name, c.engine, c.region, c.admin_url_encrypted, c.public_host,
     c.direct_port, c.pooled_port, c.pooled_host, c.pooler_auth_user, c.ssl_mode, c.ca_pem,
     c.max_projects,
     (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null) as project_count,
@@ -130,12 +133,16 @@ pub struct RegisterCluster {
     /// Unique: 1–63 lowercase letters, digits, '-' and '_'.
     #[schema(pattern = "^[a-z0-9_-]{1,63}$")]
     name: String,
+    /// What the cluster runs (default `postgresql`); projects take their cluster's.
+    engine: Option<Engine>,
     /// `postgresql://user:password@host:port/database`, a role that may create roles
     /// and databases. Its `sslmode` (libpq's: `disable`, `allow`, `prefer`, `require`,
     /// `verify-ca`, `verify-full`) governs capy's own connections; without one, capy
     /// uses `verify-full` when `ca_pem` is given, else `prefer`. `sslrootcert` is not
-    /// taken: give the CA as `ca_pem`.
-    #[schema(pattern = "^postgres(ql)?://.")]
+    /// taken: give the CA as `ca_pem`. A MySQL cluster: `mysql://user:password@host:port/`
+    /// (a user that may create users and databases and grant on them); a Redis one:
+    /// `redis://user:password@host:port` (a user that may run `ACL SETUSER`).
+    #[schema(pattern = "^(postgres(ql)?|mysql|mariadb|rediss?)://.")]
     url: String,
     /// The CA certificate(s), PEM, that the server's certificate chains to. Workers
     /// verify against it; tenants can download it.
@@ -197,10 +204,15 @@ pub async fn register(
                 spec.name
             ))
         })?;
-    let access =
-        cluster_access::check_and_record(&state.pool, id, &spec.admin_url, spec.ca_pem.as_deref())
-            .await
-            .map_err(ApiError::from_anyhow)?;
+    let access = cluster_access::check_engine_and_record(
+        &state.pool,
+        id,
+        spec.engine,
+        &spec.admin_url,
+        spec.ca_pem.as_deref(),
+    )
+    .await
+    .map_err(ApiError::from_anyhow)?;
     let cluster = fetch(&state, id).await?;
     Ok((
         StatusCode::CREATED,
@@ -231,31 +243,12 @@ impl RegisterCluster {
         {
             return bad("ca_pem must be at most 65536 bytes");
         }
-        // What workers will connect with: the URL's TLS settings and the CA, each
-        // parsed once.
-        let connectable = match tls::ClusterTarget::new(&self.url, self.ca_pem.as_deref()) {
-            Ok(_) => true,
-            Err(TlsConfigError::InvalidUrl) => false,
-            Err(
-                e @ (TlsConfigError::UnknownSslMode
-                | TlsConfigError::RootCertFile
-                | TlsConfigError::ClientCertificate(_)
-                | TlsConfigError::VerifyCaWithoutCa),
-            ) => return Err(ApiError::BadRequest(format!("url: {e}"))),
-            // The CA's own errors name ca_pem.
-            Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+        let engine = self.engine.unwrap_or_default();
+        let parsed = match engine {
+            Engine::Postgresql => self.postgresql_url()?,
+            Engine::Mysql | Engine::Redis => self.engine_url(engine)?,
         };
-        let parsed = url::Url::parse(&self.url)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "postgres" | "postgresql"))
-            .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
-            .filter(|_| connectable);
-        let Some(parsed) = parsed else {
-            return bad(
-                "url must be a PostgreSQL URL: postgresql://user:password@host:port/database",
-            );
-        };
-        let url_port = i32::from(parsed.port().unwrap_or(5432));
+        let url_port = i32::from(parsed.port().unwrap_or(default_port(engine)));
         let direct_port = self.direct_port.unwrap_or(url_port);
         let pooled_port = self.pooled_port.unwrap_or(direct_port);
         if ![direct_port, pooled_port]
@@ -274,7 +267,10 @@ impl RegisterCluster {
         if let Some(role) = &self.pooler_auth_user {
             check_pooler_auth_user(role)?;
         }
-        let ssl_mode = self.ssl_mode.unwrap_or_else(|| "prefer".into());
+        let ssl_mode = self.ssl_mode.unwrap_or_else(|| match engine {
+            Engine::Postgresql => "prefer".into(),
+            Engine::Mysql | Engine::Redis => "disable".into(),
+        });
         if !SSL_MODES.contains(&ssl_mode.as_str()) {
             return bad(
                 "ssl_mode must be one of disable, allow, prefer, require, verify-ca, verify-full",
@@ -284,6 +280,7 @@ impl RegisterCluster {
             return bad("max_projects must not be negative");
         }
         Ok(ClusterSpec {
+            engine,
             name: self.name,
             region: self.region,
             admin_url: self.url,
@@ -296,6 +293,79 @@ impl RegisterCluster {
             ca_pem: self.ca_pem,
             max_projects: self.max_projects,
         })
+    }
+}
+
+impl RegisterCluster {
+    /// The PostgreSQL admin URL, whose TLS settings and CA workers will connect with
+    /// (each parsed once).
+    fn postgresql_url(&self) -> ApiResult<url::Url> {
+        let connectable = match tls::ClusterTarget::new(&self.url, self.ca_pem.as_deref()) {
+            Ok(_) => true,
+            Err(TlsConfigError::InvalidUrl) => false,
+            Err(
+                e @ (TlsConfigError::UnknownSslMode
+                | TlsConfigError::RootCertFile
+                | TlsConfigError::ClientCertificate(_)
+                | TlsConfigError::VerifyCaWithoutCa),
+            ) => return Err(ApiError::BadRequest(format!("url: {e}"))),
+            // The CA's own errors name ca_pem.
+            Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+        };
+        url::Url::parse(&self.url)
+            .ok()
+            .filter(|u| Engine::Postgresql.url_schemes().contains(&u.scheme()))
+            .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
+            .filter(|_| connectable)
+            .ok_or_else(|| {
+                ApiError::BadRequest(
+                    "url must be a PostgreSQL URL: postgresql://user:password@host:port/database"
+                        .into(),
+                )
+            })
+    }
+
+    /// A MySQL or Redis admin URL. What only PostgreSQL clusters have (a CA, a pooler,
+    /// TLS for tenants) is refused rather than ignored.
+    fn engine_url(&self, engine: Engine) -> ApiResult<url::Url> {
+        let only_postgresql = [
+            ("ca_pem", self.ca_pem.is_some()),
+            ("pooler_auth_user", self.pooler_auth_user.is_some()),
+            ("pooled_host", self.pooled_host.is_some()),
+            ("pooled_port", self.pooled_port.is_some()),
+        ];
+        if let Some((field, _)) = only_postgresql.iter().find(|(_, given)| *given) {
+            return Err(ApiError::BadRequest(format!(
+                "{field} is for PostgreSQL clusters, not {} ones",
+                engine.as_str()
+            )));
+        }
+        if self.ssl_mode.as_deref().is_some_and(|m| m != "disable") {
+            return Err(ApiError::BadRequest(format!(
+                "ssl_mode of a {} cluster must be disable (capy does not yet speak TLS to it)",
+                engine.as_str()
+            )));
+        }
+        url::Url::parse(&self.url)
+            .ok()
+            .filter(|u| engine.url_schemes().contains(&u.scheme()))
+            .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
+            .ok_or_else(|| {
+                ApiError::BadRequest(match engine {
+                    Engine::Redis => "url must be a Redis URL: redis://user:password@host:port",
+                    _ => "url must be a MySQL URL: mysql://user:password@host:port/",
+                }
+                .into())
+            })
+    }
+}
+
+/// The port an admin URL without one means.
+fn default_port(engine: Engine) -> u16 {
+    match engine {
+        Engine::Postgresql => 5432,
+        Engine::Mysql => 3306,
+        Engine::Redis => 6379,
     }
 }
 
@@ -481,6 +551,7 @@ fn present(state: &AppState, row: ClusterRow) -> ApiResult<Cluster> {
     Ok(Cluster {
         id: row.id,
         name: row.name,
+        engine: row.engine,
         region: row.region,
         admin_url,
         public_host: row.public_host,

@@ -11,6 +11,7 @@ mod jobs;
 mod me;
 mod metrics;
 mod organizations;
+mod plans;
 mod previews;
 pub(crate) mod projects;
 mod restores;
@@ -131,6 +132,7 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(previews::extend))
         .routes(routes!(previews::reset))
         .routes(routes!(previews::connections))
+        .routes(routes!(plans::list))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::show))
         .routes(routes!(jobs::attempts))

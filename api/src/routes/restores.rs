@@ -5,7 +5,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use capy_shared::model::{job_type, Job, Project};
+use capy_shared::model::{job_type, Engine, Job, Project};
 use capy_shared::restores::{self, ApprovalAction, Consumed, RestoreSource};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -272,6 +272,8 @@ async fn into_new_project(
     let id = Uuid::now_v7();
     let spec = ProjectSpec {
         id,
+        engine: Engine::Postgresql,
+        plan: None,
         name: new.name.unwrap_or_else(|| default_name(&source.name, id)),
         region: None,
         cluster_id: Some(source.cluster_id),

@@ -65,6 +65,7 @@ impl TestApp {
             &db.pool,
             &state.secrets,
             &ClusterSpec {
+                engine: capy_shared::model::Engine::Postgresql,
                 name: "local".into(),
                 region: "local".into(),
                 admin_url: cluster_url.unwrap_or_else(|| test_cluster.admin_url_for("postgres")),

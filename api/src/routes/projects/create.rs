@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::crypto;
-use capy_shared::model::{job_type, Job};
+use capy_shared::model::{job_type, Engine, Job};
 use serde::Deserialize;
 use serde_json::json;
 use utoipa::ToSchema;
@@ -17,11 +17,12 @@ use crate::bodies::{ErrorResponses, JobAndProject};
 use crate::error::{ApiError, ApiResult};
 use crate::extract;
 use crate::idempotency::Idempotent;
+use crate::plans::Plan;
 use crate::AppState;
 
+/// Instant databases' connection limit.
 pub(crate) const DEFAULT_MAX_CONNECTIONS: i32 = 20;
-const DEFAULT_STATEMENT_TIMEOUT: &str = "60s";
-const DEFAULT_IDLE_TRANSACTION_TIMEOUT: &str = "60s";
+const GIB: i64 = 1 << 30;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +30,13 @@ pub struct CreateProject {
     /// 1–63 letters, digits, '-' and '_'; unique among the organization's projects.
     #[schema(schema_with = crate::bodies::project_name)]
     name: String,
+    /// `postgresql` (default), `mysql` or `redis`: the project is placed on a cluster
+    /// of this engine. Left out with a `plan`, the plan's engine.
+    engine: Option<Engine>,
+    /// A plan of `GET /v1/plans` (of the project's engine), whose settings are the
+    /// defaults of those left out here; without one, the engine's first plan.
+    #[schema(pattern = "^[a-z0-9_-]{1,63}$")]
+    plan: Option<String>,
     /// Place the project on a cluster of this region.
     #[schema(schema_with = crate::bodies::label_or_null)]
     region: Option<String>,
@@ -47,6 +55,10 @@ pub struct CreateProject {
     #[serde(default, deserialize_with = "crate::bodies::whole")]
     #[schema(minimum = 0)]
     storage_limit_bytes: Option<i64>,
+    /// The storage limit in GiB (CapyDB's `storage_gb`); not with `storage_limit_bytes`.
+    #[serde(default, deserialize_with = "crate::bodies::whole")]
+    #[schema(minimum = 1, maximum = 65536)]
+    storage_gb: Option<i64>,
 }
 
 impl CreateProject {
@@ -60,7 +72,23 @@ impl CreateProject {
             "idle_transaction_timeout",
             self.idle_transaction_timeout.as_deref(),
         )?;
-        validate::storage_limit(self.storage_limit_bytes)
+        validate::storage_limit(self.storage_limit_bytes)?;
+        match (self.storage_gb, self.storage_limit_bytes) {
+            (Some(_), Some(_)) => Err(ApiError::BadRequest(
+                "give storage_gb or storage_limit_bytes, not both".into(),
+            )),
+            (Some(gb), None) if !(1..=65536).contains(&gb) => Err(ApiError::BadRequest(
+                "storage_gb must be between 1 and 65536".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The storage limit asked for, in bytes.
+    fn storage_limit(&self) -> Option<i64> {
+        self.storage_gb
+            .map(|gb| gb * GIB)
+            .or(self.storage_limit_bytes)
     }
 }
 
@@ -93,6 +121,12 @@ pub async fn create(
     let mut tx = state.pool.begin().await?;
     let spec = ProjectSpec {
         id: Uuid::now_v7(),
+        engine: body.engine.unwrap_or_else(|| {
+            let plan = body.plan.as_deref().and_then(|id| state.settings.plans.find(id));
+            plan.map_or(Engine::Postgresql, |p| p.engine)
+        }),
+        plan: body.plan.clone(),
+        storage_limit_bytes: body.storage_limit(),
         name: body.name,
         region: body.region,
         cluster_id: body.cluster_id,
@@ -100,7 +134,6 @@ pub async fn create(
         max_connections: body.max_connections,
         statement_timeout: body.statement_timeout,
         idle_transaction_timeout: body.idle_transaction_timeout,
-        storage_limit_bytes: body.storage_limit_bytes,
     };
     let job = create_project(&mut tx, &state, organization_id, &spec).await?;
     let id = spec.id;
@@ -121,6 +154,9 @@ pub async fn create(
 #[derive(Debug, Clone)]
 pub(crate) struct ProjectSpec {
     pub id: Uuid,
+    pub engine: Engine,
+    /// A plan id of the catalogue; `None`: the engine's default plan.
+    pub plan: Option<String>,
     pub name: String,
     pub region: Option<String>,
     pub cluster_id: Option<Uuid>,
@@ -140,15 +176,17 @@ pub(crate) async fn create_project(
     organization_id: Uuid,
     spec: &ProjectSpec,
 ) -> ApiResult<Job> {
-    let placement = place(tx, spec.region.as_deref(), spec.cluster_id).await?;
+    let plan = plan_of(state, spec)?;
+    let placement = place(tx, spec.engine, spec.region.as_deref(), spec.cluster_id).await?;
     // Database and role names come from the id, never from user input.
     let database_name = format!("capy_{}", spec.id.simple());
     let password = state.secrets.seal(&crypto::generate_password());
     let inserted = sqlx::query(
         "insert into projects (id, organization_id, cluster_id, name, slug, region, environment,
              state, database_name, role_name, password_encrypted, max_connections,
-             statement_timeout, idle_transaction_timeout, storage_limit_bytes)
-         values ($1, $2, $3, $4, $5, $6, $7, 'provisioning', $8, $8, $9, $10, $11, $12, $13)",
+             statement_timeout, idle_transaction_timeout, storage_limit_bytes, engine, plan)
+         values ($1, $2, $3, $4, $5, $6, $7, 'provisioning', $8, $14, $9, $10, $11, $12, $13,
+                 $15, $16)",
     )
     .bind(spec.id)
     .bind(organization_id)
@@ -159,18 +197,21 @@ pub(crate) async fn create_project(
     .bind(spec.environment.as_deref().unwrap_or("development"))
     .bind(&database_name)
     .bind(&password)
-    .bind(spec.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
+    .bind(spec.max_connections.unwrap_or(plan.max_connections))
     .bind(
         spec.statement_timeout
             .as_deref()
-            .unwrap_or(DEFAULT_STATEMENT_TIMEOUT),
+            .unwrap_or(&plan.statement_timeout),
     )
     .bind(
         spec.idle_transaction_timeout
             .as_deref()
-            .unwrap_or(DEFAULT_IDLE_TRANSACTION_TIMEOUT),
+            .unwrap_or(&plan.idle_transaction_timeout),
     )
-    .bind(spec.storage_limit_bytes)
+    .bind(spec.storage_limit_bytes.or(plan.storage_limit_bytes))
+    .bind(spec.engine.login_name(spec.id))
+    .bind(spec.engine)
+    .bind(&plan.id)
     .execute(&mut *tx)
     .await;
     if let Err(sqlx::Error::Database(db)) = &inserted {
@@ -185,14 +226,53 @@ pub(crate) async fn create_project(
     queue_project_job(tx, state, spec.id, job_type::PROJECT_CREATE, json!({})).await
 }
 
-/// The cluster asked for, or the one of the region (any region if none) with the most
-/// room. Clusters are locked, so two creations cannot both take a cluster's last place.
+/// The plan `spec` names (which must be of its engine), else its engine's default.
+fn plan_of<'a>(state: &'a AppState, spec: &ProjectSpec) -> ApiResult<&'a Plan> {
+    let plans = &state.settings.plans;
+    let plan = match spec.plan.as_deref() {
+        None => plans.default_for(spec.engine),
+        Some(id) => Some(plans.find(id).ok_or_else(|| {
+            ApiError::Unprocessable(format!("no plan is named '{id}' (GET /v1/plans lists them)"))
+        })?),
+    };
+    let plan = plan.ok_or_else(|| {
+        ApiError::Unprocessable(format!("no plan is offered for {}", spec.engine.as_str()))
+    })?;
+    if plan.engine != spec.engine {
+        return Err(ApiError::Unprocessable(format!(
+            "plan '{}' is a {} plan, not a {} one",
+            plan.id,
+            plan.engine.as_str(),
+            spec.engine.as_str()
+        )));
+    }
+    if spec.engine == Engine::Redis && spec.storage_limit_bytes.is_some() {
+        return Err(ApiError::Unprocessable(
+            "a Redis project has no storage limit (Redis cannot bound one user's keys)".into(),
+        ));
+    }
+    Ok(plan)
+}
+
+/// The cluster asked for, or the one of the engine and region (any region if none) with
+/// the most room. Clusters are locked, so two creations cannot both take a cluster's
+/// last place.
 async fn place(
     tx: &mut sqlx::PgConnection,
+    engine: Engine,
     region: Option<&str>,
     cluster_id: Option<Uuid>,
 ) -> ApiResult<Placement> {
-    let candidates = lock_clusters(tx, region, cluster_id).await?;
+    let mut candidates = lock_clusters(tx, region, cluster_id).await?;
+    if let Some(other) = candidates.iter().find(|c| c.engine != engine && cluster_id.is_some()) {
+        return Err(ApiError::Unprocessable(format!(
+            "cluster {} runs {}, not {}",
+            other.id,
+            other.engine.as_str(),
+            engine.as_str()
+        )));
+    }
+    candidates.retain(|c| c.engine == engine);
     if let Some(cluster_id) = cluster_id {
         if candidates.is_empty() {
             let exists: Option<String> =
@@ -219,8 +299,11 @@ async fn place(
             region: c.region.clone(),
         }),
         (None, true) => Err(ApiError::Unprocessable(match region {
-            Some(region) => format!("no cluster is registered in region '{region}'"),
-            None => "no cluster is registered".into(),
+            Some(region) => format!(
+                "no {} cluster is registered in region '{region}'",
+                engine.as_str()
+            ),
+            None => format!("no {} cluster is registered", engine.as_str()),
         })),
         (None, false) => Err(ApiError::Unprocessable(match (cluster_id, region) {
             (Some(id), _) => format!("cluster {id} is full (its project limit is reached)"),
@@ -237,6 +320,7 @@ async fn place(
 pub(crate) struct ClusterRoom {
     id: Uuid,
     region: String,
+    engine: Engine,
     max_projects: Option<i32>,
     /// The organizations' projects and the preview databases it holds.
     held: i64,
@@ -274,7 +358,7 @@ pub(crate) async fn lock_clusters(
     // (organization_id null) have a bound of their own and take none of it. A preview
     // database is a database of its own on the cluster: it takes a place until deleted.
     sqlx::query_as(
-        "select c.id, c.region, c.max_projects,
+        "select c.id, c.region, c.engine, c.max_projects,
                 (select count(*) from projects p where p.cluster_id = c.id and p.deleted_at is null
                    and p.organization_id is not null)
                 + (select count(*) from preview_databases v

@@ -12,7 +12,7 @@ pub use create::*;
 pub use credentials::*;
 pub use extensions::*;
 pub(crate) use validate::name as validate_name;
-pub(crate) use validate::{LABEL_PATTERN, NAME_PATTERN};
+pub(crate) use validate::{LABEL_PATTERN, MAX_CONNECTIONS_RANGE, NAME_PATTERN};
 
 use axum::extract::State;
 use axum::Json;
