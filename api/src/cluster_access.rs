@@ -155,12 +155,11 @@ pub async fn check_cluster(
     secrets: &SecretBox,
     cluster_id: Uuid,
 ) -> anyhow::Result<AccessReport> {
-    let (sealed, ca_pem, engine): (Vec<u8>, Option<String>, Engine) = sqlx::query_as(
-        "select admin_url_encrypted, ca_pem, engine from clusters where id = $1",
-    )
-    .bind(cluster_id)
-    .fetch_one(pool)
-    .await?;
+    let (sealed, ca_pem, engine): (Vec<u8>, Option<String>, Engine) =
+        sqlx::query_as("select admin_url_encrypted, ca_pem, engine from clusters where id = $1")
+            .bind(cluster_id)
+            .fetch_one(pool)
+            .await?;
     let admin_url = secrets.open(&sealed)?;
     check_engine_and_record(pool, cluster_id, engine, &admin_url, ca_pem.as_deref()).await
 }

@@ -36,22 +36,65 @@ pub struct Plans(Arc<[Plan]>);
 
 impl Default for Plans {
     fn default() -> Self {
-        let plan = |id: &str, engine, description: &str, conns, gib: Option<i64>, timeout: &str| Plan {
-            id: id.into(),
-            engine,
-            description: description.into(),
-            max_connections: conns,
-            storage_limit_bytes: gib.map(|g| g * GIB),
-            statement_timeout: timeout.into(),
-            idle_transaction_timeout: timeout.into(),
-        };
+        let plan =
+            |id: &str, engine, description: &str, conns, gib: Option<i64>, timeout: &str| Plan {
+                id: id.into(),
+                engine,
+                description: description.into(),
+                max_connections: conns,
+                storage_limit_bytes: gib.map(|g| g * GIB),
+                statement_timeout: timeout.into(),
+                idle_transaction_timeout: timeout.into(),
+            };
         Self(Arc::from(vec![
-            plan("free", Engine::Postgresql, "PostgreSQL: 20 connections, no storage limit", 20, None, "60s"),
-            plan("pg-small", Engine::Postgresql, "PostgreSQL: 50 connections, 10 GiB", 50, Some(10), "60s"),
-            plan("pg-large", Engine::Postgresql, "PostgreSQL: 200 connections, 100 GiB", 200, Some(100), "300s"),
-            plan("mysql-small", Engine::Mysql, "MySQL: 20 connections, 10 GiB", 20, Some(10), "60s"),
-            plan("mysql-large", Engine::Mysql, "MySQL: 200 connections, 100 GiB", 200, Some(100), "300s"),
-            plan("redis-small", Engine::Redis, "Redis: an ACL user and a key prefix", 20, None, "0"),
+            plan(
+                "free",
+                Engine::Postgresql,
+                "PostgreSQL: 20 connections, no storage limit",
+                20,
+                None,
+                "60s",
+            ),
+            plan(
+                "pg-small",
+                Engine::Postgresql,
+                "PostgreSQL: 50 connections, 10 GiB",
+                50,
+                Some(10),
+                "60s",
+            ),
+            plan(
+                "pg-large",
+                Engine::Postgresql,
+                "PostgreSQL: 200 connections, 100 GiB",
+                200,
+                Some(100),
+                "300s",
+            ),
+            plan(
+                "mysql-small",
+                Engine::Mysql,
+                "MySQL: 20 connections, 10 GiB",
+                20,
+                Some(10),
+                "60s",
+            ),
+            plan(
+                "mysql-large",
+                Engine::Mysql,
+                "MySQL: 200 connections, 100 GiB",
+                200,
+                Some(100),
+                "300s",
+            ),
+            plan(
+                "redis-small",
+                Engine::Redis,
+                "Redis: an ACL user and a key prefix",
+                20,
+                None,
+                "0",
+            ),
         ]))
     }
 }
@@ -61,8 +104,12 @@ impl Plans {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the plans file {}", path.display()))?;
-        let plans: Vec<Plan> = serde_json::from_str(&text)
-            .with_context(|| format!("the plans file {} is not a JSON list of plans", path.display()))?;
+        let plans: Vec<Plan> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "the plans file {} is not a JSON list of plans",
+                path.display()
+            )
+        })?;
         Self::checked(plans)
     }
 
@@ -106,7 +153,11 @@ impl Plan {
                 .id
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b));
-        anyhow::ensure!(label, "plan id {:?}: 1 to 63 lowercase letters, digits, '-' and '_'", self.id);
+        anyhow::ensure!(
+            label,
+            "plan id {:?}: 1 to 63 lowercase letters, digits, '-' and '_'",
+            self.id
+        );
         anyhow::ensure!(
             crate::routes::projects::MAX_CONNECTIONS_RANGE.contains(&self.max_connections),
             "plan {:?}: max_connections out of range",
@@ -118,7 +169,11 @@ impl Plan {
             self.id
         );
         for value in [&self.statement_timeout, &self.idle_transaction_timeout] {
-            anyhow::ensure!(is_valid_duration(value), "plan {:?}: invalid duration {value:?}", self.id);
+            anyhow::ensure!(
+                is_valid_duration(value),
+                "plan {:?}: invalid duration {value:?}",
+                self.id
+            );
         }
         Ok(())
     }
@@ -132,7 +187,10 @@ mod tests {
     fn the_built_in_catalogue_passes_its_own_checks() {
         let plans = Plans::default();
         Plans::checked(plans.all().to_vec()).expect("valid");
-        assert_eq!(plans.default_for(Engine::Postgresql).map(|p| p.id.as_str()), Some("free"));
+        assert_eq!(
+            plans.default_for(Engine::Postgresql).map(|p| p.id.as_str()),
+            Some("free")
+        );
     }
 
     #[test]

@@ -72,6 +72,23 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
                  updated_at = now()
              where id = $1 and state = 'deleting'"
         }
+        // A completed stop leaves the project stopped, a completed start ready again (a
+        // project being deleted is left alone); a failure is shown, and the state stays
+        // as it was: the logins are as the last completed job left them, or on their
+        // way there (a retry converges).
+        job_type::PROJECT_STOP | job_type::PROJECT_START => {
+            "update projects set
+                 state = case when $2 <> 'completed' then state
+                              when $4->>'to' = 'stopped' then 'stopped' else 'ready' end,
+                 last_error = case $2 when 'completed' then null
+                                      when 'failed' then
+                                          case $4->>'to' when 'stopped' then 'stopping'
+                                                         else 'starting' end
+                                          || ' failed: ' || $3
+                                      else last_error end,
+                 updated_at = now()
+             where id = $1 and state in ('ready', 'stopped') and $2 in ('completed', 'failed')"
+        }
         // The version is the one asked for, else the cluster's default.
         job_type::PROJECT_EXTENSION_ENABLE => {
             "insert into project_extensions (project_id, name, version)

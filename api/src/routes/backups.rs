@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::projects::{lock_visible_project, visible_project};
+use super::projects::{lock_visible_project, require_postgresql, visible_project};
 use crate::auth::{Principal, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::ErrorResponses;
 use crate::error::{ApiError, ApiResult};
@@ -83,6 +83,7 @@ pub(crate) async fn create_kind(
     let label = self::label(label)?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, principal, id).await?;
+    require_postgresql(&project, "backups and exports")?;
     state.require_backup_store()?;
     let new = NewBackup {
         project_id: id,
@@ -336,6 +337,7 @@ pub async fn put_schedule(
     // them: the other order can deadlock with it.
     backups::lock_schedule(&mut tx, id).await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
+    require_postgresql(&project, "scheduled backups")?;
     if project.state == "deleting" || project.organization_id.is_none() {
         return Err(not_ready(&project));
     }

@@ -351,11 +351,13 @@ impl RegisterCluster {
             .filter(|u| engine.url_schemes().contains(&u.scheme()))
             .filter(|u| u.host_str().is_some_and(|h| !h.is_empty()))
             .ok_or_else(|| {
-                ApiError::BadRequest(match engine {
-                    Engine::Redis => "url must be a Redis URL: redis://user:password@host:port",
-                    _ => "url must be a MySQL URL: mysql://user:password@host:port/",
-                }
-                .into())
+                ApiError::BadRequest(
+                    match engine {
+                        Engine::Redis => "url must be a Redis URL: redis://user:password@host:port",
+                        _ => "url must be a MySQL URL: mysql://user:password@host:port/",
+                    }
+                    .into(),
+                )
             })
     }
 }

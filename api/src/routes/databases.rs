@@ -560,7 +560,9 @@ async fn answer(state: &AppState, id: Uuid) -> Result<InstantDatabase, Refusal> 
             "{}/claim/{id}",
             state.settings.public_url.trim_end_matches('/')
         ),
-        connection_string: connection_url(project, Endpoint::Pooled, &password)?,
+        // Instant databases are PostgreSQL: there is always a pooled endpoint.
+        connection_string: connection_url(project, Endpoint::Pooled, &password)?
+            .unwrap_or_default(),
     })
 }
 

@@ -112,6 +112,8 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(projects::credentials))
         .routes(routes!(projects::rotate_credentials))
         .routes(routes!(projects::retry_provisioning))
+        .routes(routes!(projects::stop))
+        .routes(routes!(projects::start))
         .routes(routes!(
             projects::list_extensions,
             projects::enable_extension

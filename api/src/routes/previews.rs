@@ -15,7 +15,8 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::projects::{
-    lock_clusters, lock_visible_project, open_sealed, validate, visible_project, Credentials,
+    lock_clusters, lock_visible_project, open_sealed, require_postgresql, validate,
+    visible_project, Credentials,
 };
 use crate::auth::{Principal, SCOPE_CREDENTIALS, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::ErrorResponses;
@@ -204,6 +205,7 @@ pub async fn create(
     let new = body.into_new(&state, id)?;
     let mut tx = state.pool.begin().await?;
     let parent = lock_visible_project(&mut tx, &principal, id).await?;
+    require_postgresql(&parent, "preview databases")?;
     lock_room(&mut tx, &parent).await?;
     let (preview, job) = refused(previews::queue_create(&mut tx, &new).await?, |s| {
         format!("the preview database is {}", s.as_str())

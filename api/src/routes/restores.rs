@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::projects::{
     check_extension_name, create_project, fetch_project, lock_visible_project, queue_project_job,
-    validate_name, ProjectSpec,
+    require_postgresql, validate_name, ProjectSpec,
 };
 use crate::auth::{Principal, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobAndProject};
@@ -67,6 +67,7 @@ pub async fn create_approval(
     })?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
+    require_postgresql(&project, "restores")?;
     let organization_id = project
         .organization_id
         .ok_or(ApiError::NotFound("project"))?;
@@ -158,6 +159,7 @@ pub async fn create_restore(
     state.require_backup_store()?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
+    require_postgresql(&project, "restores")?;
     let organization_id = project
         .organization_id
         .ok_or(ApiError::NotFound("project"))?;

@@ -16,6 +16,8 @@ mod preview_clone;
 mod preview_delete;
 mod project_create;
 mod project_delete;
+mod project_start;
+mod project_stop;
 mod project_update;
 mod redis;
 mod restore;
@@ -87,6 +89,8 @@ pub async fn run(input: &StepInput) -> Result<(), StepError> {
         job_type::PROJECT_CREATE => project_create::run(input).await,
         job_type::PROJECT_UPDATE => project_update::run(input).await,
         job_type::PROJECT_DELETE => project_delete::run(input).await,
+        job_type::PROJECT_STOP => project_stop::run(input).await,
+        job_type::PROJECT_START => project_start::run(input).await,
         job_type::PROJECT_EXTENSION_ENABLE => extensions::enable(input).await,
         job_type::PROJECT_EXTENSION_DISABLE => extensions::disable(input).await,
         job_type::PROJECT_STORAGE_CHECK => storage_check::run(input).await,

@@ -57,7 +57,7 @@ pub async fn remove(
 }
 
 /// The project's logins: its own, the previous one and the pending one, validated.
-fn project_logins(project: &StepProject) -> Result<Vec<String>, StepError> {
+pub(super) fn project_logins(project: &StepProject) -> Result<Vec<String>, StepError> {
     let mut logins = vec![project.role_name.clone()];
     logins.extend(project.previous_role_name.clone());
     logins.extend(project.pending_login.as_ref().map(|l| l.role_name.clone()));
@@ -67,7 +67,10 @@ fn project_logins(project: &StepProject) -> Result<Vec<String>, StepError> {
     Ok(logins)
 }
 
-async fn existing_logins(client: &Client, project: &StepProject) -> Result<Vec<String>, StepError> {
+pub(super) async fn existing_logins(
+    client: &Client,
+    project: &StepProject,
+) -> Result<Vec<String>, StepError> {
     let mut existing = Vec::new();
     for login in project_logins(project)? {
         if exists(client, ROLE_EXISTS, &login).await? {

@@ -180,8 +180,10 @@ pub async fn converge_login(
     } else {
         "NOREPLICATION"
     };
+    // A stopped project's logins stay refused whatever converges them.
+    let login = if project.stopped { "NOLOGIN" } else { "LOGIN" };
     let mut attributes = format!(
-        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT {replication} NOBYPASSRLS \
+        "{login} NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT {replication} NOBYPASSRLS \
          CONNECTION LIMIT {}",
         project.max_connections
     );
@@ -202,13 +204,14 @@ pub async fn converge_login(
     )
     .await?;
     println!(
-        "role {role_name}: {}, connection limit {}",
+        "role {role_name}: {}, connection limit {}{}",
         if verb == "CREATE" {
             "created"
         } else {
             "exists"
         },
-        project.max_connections
+        project.max_connections,
+        if project.stopped { ", stopped" } else { "" }
     );
     let owner_name = owner_role_name(&project.database_name)?;
     revoke_owner_membership(client, role_name, &owner_name).await

@@ -122,7 +122,10 @@ pub async fn create(
     let spec = ProjectSpec {
         id: Uuid::now_v7(),
         engine: body.engine.unwrap_or_else(|| {
-            let plan = body.plan.as_deref().and_then(|id| state.settings.plans.find(id));
+            let plan = body
+                .plan
+                .as_deref()
+                .and_then(|id| state.settings.plans.find(id));
             plan.map_or(Engine::Postgresql, |p| p.engine)
         }),
         plan: body.plan.clone(),
@@ -232,7 +235,9 @@ fn plan_of<'a>(state: &'a AppState, spec: &ProjectSpec) -> ApiResult<&'a Plan> {
     let plan = match spec.plan.as_deref() {
         None => plans.default_for(spec.engine),
         Some(id) => Some(plans.find(id).ok_or_else(|| {
-            ApiError::Unprocessable(format!("no plan is named '{id}' (GET /v1/plans lists them)"))
+            ApiError::Unprocessable(format!(
+                "no plan is named '{id}' (GET /v1/plans lists them)"
+            ))
         })?),
     };
     let plan = plan.ok_or_else(|| {
@@ -264,7 +269,10 @@ async fn place(
     cluster_id: Option<Uuid>,
 ) -> ApiResult<Placement> {
     let mut candidates = lock_clusters(tx, region, cluster_id).await?;
-    if let Some(other) = candidates.iter().find(|c| c.engine != engine && cluster_id.is_some()) {
+    if let Some(other) = candidates
+        .iter()
+        .find(|c| c.engine != engine && cluster_id.is_some())
+    {
         return Err(ApiError::Unprocessable(format!(
             "cluster {} runs {}, not {}",
             other.id,

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::crypto;
 use capy_shared::ident::is_valid_identifier;
-use capy_shared::model::job_type;
+use capy_shared::model::{job_type, redis_prefix, Engine};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::change::job_in_flight;
 use super::{
-    connection_url, lock_visible_project, open_password, queue_project_job, require_ready,
-    validate, visible_project, Endpoint, Login,
+    connection_url, lock_visible_project, open_password, queue_project_job, require_postgresql,
+    require_provisioned, require_ready, validate, visible_project, Endpoint, Login,
 };
 use crate::auth::{Principal, SCOPE_CREDENTIALS, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
@@ -30,16 +30,25 @@ const DEFAULT_GRACE_HOURS: i32 = 24;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Credentials {
+    pub engine: Engine,
     pub host: String,
     pub port: i32,
     pub username: String,
     pub password: String,
-    pub database: String,
-    pub ssl_mode: String,
+    /// PostgreSQL and MySQL: the project's database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// PostgreSQL: the sslmode of the connection strings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssl_mode: Option<String>,
+    /// Redis: the prefix of every key and channel the user may touch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
     /// A URL with all of the above.
     pub connection_string: String,
-    /// The same, through the cluster's pooled endpoint.
-    pub pooled_connection_string: String,
+    /// The same, through the cluster's pooled endpoint (PostgreSQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pooled_connection_string: Option<String>,
     /// While a rotation's grace runs: the login it replaced (it works until
     /// `previous_expires_at`; its password is not shown).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,7 +69,7 @@ pub async fn credentials(
 ) -> ApiResult<Json<Credentials>> {
     principal.require_scope(SCOPE_CREDENTIALS)?;
     let project = visible_project(&state, &principal, id).await?;
-    require_ready(&project)?;
+    require_provisioned(&project)?;
     let password = open_password(&state, id).await?;
     let (previous_username, previous_expires_at): (Option<String>, Option<DateTime<Utc>>) =
         sqlx::query_as(
@@ -72,6 +81,7 @@ pub async fn credentials(
     Ok(Json(Credentials {
         previous_username,
         previous_expires_at,
+        key_prefix: (project.engine == Engine::Redis).then(|| redis_prefix(project.id)),
         ..Credentials::of(&project, password)?
     }))
 }
@@ -82,14 +92,20 @@ impl Credentials {
     pub(crate) fn of<'a>(login: impl Into<Login<'a>>, password: String) -> ApiResult<Self> {
         let login = login.into();
         Ok(Self {
-            connection_string: connection_url(login, Endpoint::Direct, &password)?,
+            engine: login.engine,
+            connection_string: connection_url(login, Endpoint::Direct, &password)?
+                .unwrap_or_default(),
             pooled_connection_string: connection_url(login, Endpoint::Pooled, &password)?,
             host: login.public_host.to_string(),
             port: login.direct_port,
             username: login.role_name.to_string(),
             password,
-            database: login.database_name.to_string(),
-            ssl_mode: login.ssl_mode.to_string(),
+            database: (login.engine != Engine::Redis).then(|| login.database_name.to_string()),
+            ssl_mode: login
+                .engine
+                .is_postgresql()
+                .then(|| login.ssl_mode.to_string()),
+            key_prefix: None,
             previous_username: None,
             previous_expires_at: None,
         })
@@ -126,6 +142,7 @@ pub async fn rotate_credentials(
     let grace_hours = validate::grace_hours(body.grace_hours.as_ref(), DEFAULT_GRACE_HOURS)?;
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
+    require_postgresql(&project, "credential rotation")?;
     require_ready(&project)?;
     if let Some(job) = job_in_flight(&mut tx, id, job_type::PROJECT_ROTATE_CREDENTIALS).await? {
         return Err(ApiError::Conflict(format!(

@@ -16,7 +16,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{lock_visible_project, queue_project_job, visible_project};
+use super::{lock_visible_project, queue_project_job, require_postgresql, visible_project};
 use crate::auth::{Principal, SCOPE_READ, SCOPE_WRITE};
 use crate::bodies::{ErrorResponses, JobBody};
 use crate::cluster_access;
@@ -256,6 +256,7 @@ async fn queue_extension_job(
     }
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
+    require_postgresql(&project, "extensions")?;
     if project.state == "deleting" {
         return Err(ApiError::Conflict("the project is being deleted".into()));
     }

@@ -5,18 +5,20 @@ mod change;
 mod create;
 mod credentials;
 mod extensions;
+mod stop_start;
 pub(crate) mod validate;
 
 pub use change::*;
 pub use create::*;
 pub use credentials::*;
 pub use extensions::*;
+pub use stop_start::*;
 pub(crate) use validate::name as validate_name;
 pub(crate) use validate::{LABEL_PATTERN, MAX_CONNECTIONS_RANGE, NAME_PATTERN};
 
 use axum::extract::State;
 use axum::Json;
-use capy_shared::model::{Job, PreviewDatabase, Project, PROJECT_SELECT};
+use capy_shared::model::{Engine, Job, PreviewDatabase, Project, PROJECT_SELECT};
 use capy_shared::queue::{self, NewJob};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -86,7 +88,9 @@ pub async fn show(
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Connections {
     pub direct_url: String,
-    pub pooled_url: String,
+    /// Through the cluster's pooler; PostgreSQL projects only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pooled_url: Option<String>,
     pub username: String,
 }
 
@@ -101,17 +105,26 @@ pub async fn connections(
 ) -> ApiResult<Json<Connections>> {
     principal.require_scope(SCOPE_CREDENTIALS)?;
     let project = visible_project(&state, &principal, id).await?;
-    require_ready(&project)?;
+    require_provisioned(&project)?;
     let password = open_password(&state, id).await?;
     let url = |endpoint| connection_url(&project, endpoint, &password);
     Ok(Json(Connections {
-        direct_url: url(Endpoint::Direct)?,
+        direct_url: url(Endpoint::Direct)?.unwrap_or_default(),
         pooled_url: url(Endpoint::Pooled)?,
         username: project.role_name.clone(),
     }))
 }
 
-/// Credentials are answered (and rotated) only for a ready project: 409 otherwise.
+/// Credentials are answered for a ready or stopped project (a stopped one's work again
+/// once it is started): 409 otherwise.
+fn require_provisioned(project: &Project) -> ApiResult<()> {
+    if project.state == "stopped" {
+        return Ok(());
+    }
+    require_ready(project)
+}
+
+/// Credentials are rotated only for a ready project: 409 otherwise.
 fn require_ready(project: &Project) -> ApiResult<()> {
     if project.state == "ready" {
         return Ok(());
@@ -143,6 +156,7 @@ pub(crate) fn open_sealed(state: &AppState, sealed: &[u8]) -> ApiResult<String> 
 /// Where and as whom a login connects: a project's, or a preview database's.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Login<'a> {
+    pub engine: Engine,
     pub role_name: &'a str,
     pub database_name: &'a str,
     pub public_host: &'a str,
@@ -155,6 +169,7 @@ pub(crate) struct Login<'a> {
 impl<'a> From<&'a Project> for Login<'a> {
     fn from(project: &'a Project) -> Self {
         Self {
+            engine: project.engine,
             role_name: &project.role_name,
             database_name: &project.database_name,
             public_host: &project.public_host,
@@ -169,6 +184,7 @@ impl<'a> From<&'a Project> for Login<'a> {
 impl<'a> From<&'a PreviewDatabase> for Login<'a> {
     fn from(preview: &'a PreviewDatabase) -> Self {
         Self {
+            engine: Engine::Postgresql,
             role_name: &preview.role_name,
             database_name: &preview.database_name,
             public_host: &preview.public_host,
@@ -190,27 +206,45 @@ pub(crate) enum Endpoint {
 }
 
 /// The one place connection strings are built: the login's role and password, its
-/// database, the endpoint's host and port, and the cluster's `sslmode`.
+/// database, the endpoint's host and port, and the cluster's `sslmode`, in the URL
+/// form of the login's engine (a Redis URL has no database; MySQL's and Redis's have
+/// no pooled endpoint, so `None`).
 pub(crate) fn connection_url<'a>(
     login: impl Into<Login<'a>>,
     endpoint: Endpoint,
     password: &str,
-) -> ApiResult<String> {
+) -> ApiResult<Option<String>> {
     let login = login.into();
     let (host, port) = match endpoint {
         Endpoint::Direct => (login.public_host, login.direct_port),
-        Endpoint::Pooled => (login.pooled_host, login.pooled_port),
+        Endpoint::Pooled if login.engine.is_postgresql() => (login.pooled_host, login.pooled_port),
+        Endpoint::Pooled => return Ok(None),
     };
-    let mut url = url::Url::parse(&format!(
-        "postgresql://{host}:{port}/{}",
-        login.database_name
-    ))
-    .map_err(|e| ApiError::Internal(e.into()))?;
+    let base = match login.engine {
+        Engine::Postgresql => format!("postgresql://{host}:{port}/{}", login.database_name),
+        Engine::Mysql => format!("mysql://{host}:{port}/{}", login.database_name),
+        Engine::Redis => format!("redis://{host}:{port}"),
+    };
+    let mut url = url::Url::parse(&base).map_err(|e| ApiError::Internal(e.into()))?;
     url.set_username(login.role_name)
         .and_then(|()| url.set_password(Some(password)))
         .map_err(|()| ApiError::Internal(anyhow::anyhow!("cannot set URL credentials")))?;
-    url.query_pairs_mut().append_pair("sslmode", login.ssl_mode);
-    Ok(url.to_string())
+    if login.engine.is_postgresql() {
+        url.query_pairs_mut().append_pair("sslmode", login.ssl_mode);
+    }
+    Ok(Some(url.to_string()))
+}
+
+/// Refuses (422) what only PostgreSQL projects have (`feature`) for a project of
+/// another engine; nothing is queued then.
+pub(crate) fn require_postgresql(project: &Project, feature: &str) -> ApiResult<()> {
+    if project.engine.is_postgresql() {
+        return Ok(());
+    }
+    Err(ApiError::Unprocessable(format!(
+        "{feature}: not available for {} projects",
+        project.engine.as_str()
+    )))
 }
 
 /// The live project `id`, if the caller may see it; 404 otherwise.
