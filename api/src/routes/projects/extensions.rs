@@ -96,6 +96,7 @@ pub async fn list_extensions(
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
     let project = visible_project(&state, &principal, id).await?;
+    require_postgresql(&project, "extensions")?;
     let known: bool = sqlx::query_scalar(
         "select exists (select 1 from cluster_extensions where cluster_id = $1)",
     )
@@ -239,6 +240,7 @@ async fn queue_extension_job(
     args: serde_json::Value,
 ) -> ApiResult<(StatusCode, Json<JobBody>)> {
     let project = visible_project(&state, &principal, id).await?;
+    require_postgresql(&project, "extensions")?;
     let policy = read_policy(&state, project.cluster_id, name, version).await?;
     if !policy.offered {
         return Err(ApiError::Unprocessable(match version {
@@ -256,7 +258,6 @@ async fn queue_extension_job(
     }
     let mut tx = state.pool.begin().await?;
     let project = lock_visible_project(&mut tx, &principal, id).await?;
-    require_postgresql(&project, "extensions")?;
     if project.state == "deleting" {
         return Err(ApiError::Conflict("the project is being deleted".into()));
     }
