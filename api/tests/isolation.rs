@@ -116,6 +116,10 @@ fn walk() -> Vec<Case> {
         case("POST", "/v1/projects/{id}/credentials/rotate", Write, NotFound, NotFound)
             .body(r#"{"grace_hours":1}"#),
         case("POST", "/v1/projects/{id}/retry-provisioning", Write, NotFound, NotFound),
+        case("POST", "/v1/projects/{id}/stop", Write, NotFound, NotFound),
+        case("POST", "/v1/projects/{id}/start", Write, NotFound, NotFound),
+        // Plans: one catalogue for every caller, naming no tenant's objects.
+        case("GET", "/v1/plans", Read, List("plans"), List("plans")),
         // Extensions.
         case("GET", "/v1/projects/{id}/extensions", Read, NotFound, NotFound),
         case("POST", "/v1/projects/{id}/extensions", Write, NotFound, NotFound)

@@ -49,6 +49,7 @@ use crate::{idempotency, AppState};
         (name = "databases", description = "Instant databases: no key, expire unless claimed"),
         (name = "restores", description = "Restores of backups, and the approvals an overwrite needs"),
         (name = "previews", description = "Preview databases: a project's data copied into a database of its own, deleted when its TTL passes"),
+        (name = "plans", description = "The catalogue of plans: per engine, the defaults a project gets"),
         (name = "jobs", description = "The work queued for workers, and its attempts"),
         (name = "api_keys", description = "Keys: organization-wide or narrowed to a project, with scopes"),
         (name = "organizations", description = "Tenants (platform admins)"),

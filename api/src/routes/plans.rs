@@ -17,7 +17,7 @@ pub struct PlanList {
 
 /// Every plan, each with its engine and the defaults it gives a project; an engine's
 /// first plan is what its projects get when they name none.
-#[utoipa::path(get, path = "/v1/plans", tag = "projects",
+#[utoipa::path(get, path = "/v1/plans", tag = "plans",
     responses((status = 200, body = PlanList), ErrorResponses))]
 pub async fn list(State(state): State<AppState>, _principal: Principal) -> Json<PlanList> {
     Json(PlanList {
