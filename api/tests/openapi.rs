@@ -149,7 +149,12 @@ fn constraints_the_server_enforces_are_stated() {
     let credentials = &doc["components"]["schemas"]["Credentials"]["required"];
     // `database` and `ssl_mode` are left out for engines without them (Redis).
     for field in [
-        "engine", "host", "port", "username", "password", "connection_string",
+        "engine",
+        "host",
+        "port",
+        "username",
+        "password",
+        "connection_string",
     ] {
         assert!(
             credentials.as_array().unwrap().contains(&field.into()),
