@@ -51,6 +51,19 @@ pub enum ProjectsCommand {
         /// A label such as development or production.
         #[arg(long, env = "CAPY_PROJECT_ENVIRONMENT")]
         environment: Option<String>,
+        /// postgresql (default), mysql or redis.
+        #[arg(long, env = "CAPY_PROJECT_ENGINE")]
+        engine: Option<String>,
+        /// A plan of `GET /v1/plans`: the defaults of the settings left out.
+        #[arg(long, env = "CAPY_PROJECT_PLAN")]
+        plan: Option<String>,
+        /// The storage limit in GiB.
+        #[arg(
+            long,
+            env = "CAPY_PROJECT_STORAGE_GB",
+            conflicts_with = "storage_limit_bytes"
+        )]
+        storage_gb: Option<i64>,
         #[command(flatten)]
         settings: Settings,
         #[command(flatten)]
@@ -84,6 +97,19 @@ pub enum ProjectsCommand {
         #[command(flatten)]
         wait: WaitFlag,
     },
+    /// Stops a ready project: a project.stop job refuses its logins and ends their
+    /// sessions; its data stays.
+    Stop {
+        id: String,
+        #[command(flatten)]
+        wait: WaitFlag,
+    },
+    /// Starts a stopped project again (a project.start job).
+    Start {
+        id: String,
+        #[command(flatten)]
+        wait: WaitFlag,
+    },
     /// Queues provisioning again for a project in `error` (or answers the job in flight).
     RetryProvisioning {
         id: String,
@@ -109,12 +135,14 @@ pub enum ProjectsCommand {
 
 /// The fields `capy projects credentials` prints.
 const CREDENTIAL_KEYS: &[&str] = &[
+    "engine",
     "host",
     "port",
     "username",
     "password",
     "database",
     "ssl_mode",
+    "key_prefix",
     "connection_string",
     "pooled_connection_string",
     "previous_username",
@@ -171,10 +199,16 @@ impl ProjectsCommand {
                 region,
                 cluster_id,
                 environment,
+                engine,
+                plan,
+                storage_gb,
                 settings,
                 wait,
             } => {
                 let mut body = json!({ "name": name });
+                set(&mut body, "engine", engine.map(Value::from));
+                set(&mut body, "plan", plan.map(Value::from));
+                set(&mut body, "storage_gb", storage_gb.map(Value::from));
                 set(&mut body, "region", region.map(Value::from));
                 set(&mut body, "cluster_id", cluster_id.map(Value::from));
                 set(&mut body, "environment", environment.map(Value::from));
@@ -190,6 +224,7 @@ impl ProjectsCommand {
                 let mut table = Table::new(&[
                     "ID",
                     "NAME",
+                    "ENGINE",
                     "STATE",
                     "REGION",
                     "ENVIRONMENT",
@@ -201,6 +236,7 @@ impl ProjectsCommand {
                         [
                             "id",
                             "name",
+                            "engine",
                             "state",
                             "region",
                             "environment",
@@ -255,6 +291,8 @@ impl ProjectsCommand {
                     .await?;
                 super::job_answer(ctx, answer, wait.wait).await
             }
+            Self::Stop { id, wait } => power(ctx, &id, "stop", wait.wait).await,
+            Self::Start { id, wait } => power(ctx, &id, "start", wait.wait).await,
             Self::RetryProvisioning { id, wait } => {
                 let answer = ctx
                     .client
@@ -361,4 +399,13 @@ async fn update_answer(ctx: &Ctx, id: &str, answer: Value, wait: bool) -> anyhow
         output::show(&project, PROJECT_KEYS)?;
     }
     super::finished(ctx, &job).await
+}
+
+/// `capy projects stop|start`: POSTs the action and answers its job.
+async fn power(ctx: &Ctx, id: &str, action: &str, wait: bool) -> anyhow::Result<()> {
+    let answer = ctx
+        .client
+        .post(&format!("/v1/projects/{}/{action}", segment(id)?), None)
+        .await?;
+    super::job_answer(ctx, answer, wait).await
 }
