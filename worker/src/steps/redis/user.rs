@@ -32,52 +32,21 @@ use sha2::{Digest as _, Sha256};
 use super::{failed, AdminConnection, StepError, Tenant};
 
 /// Commands and subcommands denied after `+@all -@dangerous`, as explained above.
+#[rustfmt::skip]
 const DENIED: &[&str] = &[
-    "-select",
-    "-move",
-    "-copy",
-    "-swapdb",
-    "-scan",
-    "-randomkey",
-    "-dbsize",
-    "-keys",
-    "-pubsub",
-    "-memory",
-    "-script|flush",
-    "-script|kill",
-    "-script|debug",
-    "-function",
-    "-fcall",
-    "-fcall_ro",
-    "-flushall",
-    "-flushdb",
-    "-config",
-    "-acl",
-    "-debug",
-    "-monitor",
-    "-shutdown",
-    "-module",
-    "-save",
-    "-bgsave",
-    "-bgrewriteaof",
-    "-replicaof",
-    "-slaveof",
-    "-cluster",
-    "-failover",
-    "-migrate",
-    "-restore",
-    "-sort",
-    "-sort_ro",
-    "-latency",
-    "-pfdebug",
-    "-info",
-    "-slowlog",
+    // Other logical databases.
+    "-select", "-move", "-copy", "-swapdb",
+    // Other tenants' key and channel names, or their number.
+    "-scan", "-randomkey", "-dbsize", "-keys", "-pubsub", "-memory",
+    // State shared by all tenants.
+    "-script|flush", "-script|kill", "-script|debug", "-function", "-fcall", "-fcall_ro",
+    // Already in @dangerous (Redis 7.0), denied by name in case that changes.
+    "-flushall", "-flushdb", "-config", "-acl", "-debug", "-monitor", "-shutdown",
+    "-module", "-save", "-bgsave", "-bgrewriteaof", "-replicaof", "-slaveof", "-cluster",
+    "-failover", "-migrate", "-restore", "-sort", "-sort_ro", "-latency", "-pfdebug",
+    "-info", "-slowlog",
     // CLIENT: only what concerns the caller's own connection.
-    "-client",
-    "+client|id",
-    "+client|getname",
-    "+client|setname",
-    "+client|info",
+    "-client", "+client|id", "+client|getname", "+client|setname", "+client|info",
     "+client|reply",
 ];
 
