@@ -16,6 +16,7 @@ pub use pooler::{
     pgbouncer_ini, pooler, tls_only_pooler, PoolerConfig, PoolerTls, TestPooler, POOLER_AUTH_USER,
 };
 pub use processes::{bin_path, free_port, ChildGuard, ProcessStack};
+pub use redis::{redis, TestRedis};
 pub use s3::{s3, TestS3, MOTO_VERSION};
 pub use tls::TestCertificates;
 
