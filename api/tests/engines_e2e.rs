@@ -111,3 +111,127 @@ async fn a_stopped_postgresql_project_refuses_its_login_until_started() {
     assert_eq!(limit, 7);
     drop(stack.app);
 }
+
+/// Registers a cluster of `engine` through the API (as the operator would) and
+/// answers its access report.
+async fn register(stack: &Stack, name: &str, engine: &str, url: &str) -> Value {
+    let admin = Api::new(&stack.api.url, &stack.app.admin_key);
+    let body = json!({ "name": name, "engine": engine, "url": url, "region": "local" });
+    let (status, answer) = admin.post("/v1/clusters", body).await;
+    assert_eq!(status, 201, "{answer}");
+    assert!(
+        !answer.to_string().contains(&url[url.len() / 2..]),
+        "{answer}"
+    );
+    answer["access"].clone()
+}
+
+/// A Redis project made through the API: its id and credentials.
+async fn redis_project(stack: &Stack, name: &str) -> (String, Value) {
+    let answer = stack
+        .run("/v1/projects", json!({ "name": name, "engine": "redis" }))
+        .await;
+    let id = text(&answer["project"]["id"]).to_string();
+    assert_eq!(stack.state(&id).await, "ready");
+    let credentials = stack.credentials(&id).await;
+    (id, credentials)
+}
+
+async fn redis_as(credentials: &Value) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(text(&credentials["connection_string"]))?;
+    client.get_multiplexed_async_connection().await
+}
+
+/// The server's answer to `command` as the tenant: Ok, or the error's code.
+async fn refused(connection: &mut redis::aio::MultiplexedConnection, command: &[&str]) -> bool {
+    let mut cmd = redis::cmd(command[0]);
+    for arg in &command[1..] {
+        cmd.arg(*arg);
+    }
+    let answer: redis::RedisResult<redis::Value> = cmd.query_async(connection).await;
+    answer.is_err_and(|e| e.code() == Some("NOPERM"))
+}
+
+#[tokio::test]
+async fn a_redis_project_lives_in_its_prefix_and_can_be_stopped_started_and_deleted() {
+    let server = capy_testkit::redis().unwrap();
+    let stack = Stack::start().await;
+    let access = register(&stack, "local-redis", "redis", &server.admin_url()).await;
+    assert_eq!(access["reachable"], true, "{access}");
+    assert_eq!(access["can_create_roles"], true, "{access}");
+
+    let (a, a_login) = redis_project(&stack, "cache-a").await;
+    let (_b, b_login) = redis_project(&stack, "cache-b").await;
+    let prefix = text(&a_login["key_prefix"]).to_string();
+    assert_eq!(prefix, format!("p:{a}:"));
+    let mut tenant = redis_as(&a_login).await.unwrap();
+    let key = format!("{prefix}greeting");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("hello")
+        .query_async(&mut tenant)
+        .await
+        .unwrap();
+
+    // Another project's user reaches none of it, nor the server's own commands.
+    let mut other = redis_as(&b_login).await.unwrap();
+    for command in [
+        &["GET", key.as_str()][..],
+        &["SET", "unprefixed", "x"],
+        &["FLUSHALL"],
+        &["CONFIG", "SET", "maxmemory", "1"],
+        &["KEYS", "*"],
+        &["SELECT", "1"],
+    ] {
+        assert!(
+            refused(&mut other, command).await,
+            "{command:?} was allowed"
+        );
+    }
+
+    // Stopped: the open connection is ended and the login refused; started: back.
+    stack
+        .run(&format!("/v1/projects/{a}/stop"), json!({}))
+        .await;
+    assert_eq!(stack.state(&a).await, "stopped");
+    let ping: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut tenant).await;
+    assert!(ping.is_err(), "the open connection survived the stop");
+    assert!(
+        redis_as(&a_login).await.is_err(),
+        "a stopped user logged in"
+    );
+    stack
+        .run(&format!("/v1/projects/{a}/start"), json!({}))
+        .await;
+    let mut tenant = redis_as(&a_login).await.unwrap();
+    let value: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut tenant)
+        .await
+        .unwrap();
+    assert_eq!(value, "hello", "the data stayed while stopped");
+
+    // Deleted: the user and its keys are gone.
+    let (status, deleting) = stack.api.delete(&format!("/v1/projects/{a}")).await;
+    assert_eq!(status, 202, "{deleting}");
+    stack.api.job_completes(&deleting).await;
+    let mut admin = redis::Client::open(server.admin_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let user: redis::Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(text(&a_login["username"]))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(user, redis::Value::Nil);
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    assert!(redis_as(&a_login).await.is_err());
+}
