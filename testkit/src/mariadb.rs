@@ -33,7 +33,10 @@ pub fn mariadb() -> anyhow::Result<&'static TestMariaDb> {
 impl TestMariaDb {
     /// `root`'s URL (password included), with no default database.
     pub fn admin_url(&self) -> String {
-        format!("mysql://root:{}@{}:{}/", self.password, self.host, self.port)
+        format!(
+            "mysql://root:{}@{}:{}/",
+            self.password, self.host, self.port
+        )
     }
 
     /// `root`'s password (also in [`Self::admin_url`]).
@@ -111,9 +114,8 @@ impl TestMariaDb {
             supervisor: supervise(server)?,
         };
         database.control(Control::Start)?;
-        wait_until_accepting(&database.host, port).with_context(|| {
-            format!("see the server's log {}", database.log_path().display())
-        })?;
+        wait_until_accepting(&database.host, port)
+            .with_context(|| format!("see the server's log {}", database.log_path().display()))?;
         Ok(database)
     }
 }
@@ -231,17 +233,32 @@ impl ServerCommand {
         command
             .arg("--no-defaults")
             .arg(format!("--datadir={}", self.dir.join("data").display()))
-            .arg(format!("--socket={}", self.dir.join("mariadbd.sock").display()))
-            .arg(format!("--pid-file={}", self.dir.join("mariadbd.pid").display()))
-            .arg(format!("--log-error={}", self.dir.join("mariadbd.log").display()))
-            .arg(format!("--init-file={}", self.dir.join("init.sql").display()))
+            .arg(format!(
+                "--socket={}",
+                self.dir.join("mariadbd.sock").display()
+            ))
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.join("mariadbd.pid").display()
+            ))
+            .arg(format!(
+                "--log-error={}",
+                self.dir.join("mariadbd.log").display()
+            ))
+            .arg(format!(
+                "--init-file={}",
+                self.dir.join("init.sql").display()
+            ))
             .arg(format!("--tmpdir={}", self.dir.display()))
             .arg(format!("--port={}", self.port))
             // Logins match on addresses only: a tenant's 'user'@'%' is what 127.0.0.1 finds.
             .args(["--bind-address=127.0.0.1", "--skip-name-resolve"])
             .args(["--max-connections=300", "--performance-schema=OFF"])
             // Durability is not under test; speed is welcome.
-            .args(["--innodb-flush-log-at-trx-commit=0", "--innodb-buffer-pool-size=64M"])
+            .args([
+                "--innodb-flush-log-at-trx-commit=0",
+                "--innodb-buffer-pool-size=64M",
+            ])
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -102,7 +102,10 @@ async fn step(job_type: &str, project: &Project) -> (i32, String) {
         String::from_utf8_lossy(&output.stderr)
     );
     for secret in [project.password.clone(), admin_password(), admin_url()] {
-        assert!(!text.contains(&secret), "{job_type} printed a secret:\n{text}");
+        assert!(
+            !text.contains(&secret),
+            "{job_type} printed a secret:\n{text}"
+        );
     }
     (output.status.code().unwrap(), text)
 }
@@ -146,7 +149,9 @@ async fn count(connection: &mut MySqlConnection, sql: &str, name: &str) -> i64 {
 /// Runs `sql` as the tenant; it must be refused by the server.
 async fn refused(tenant: &mut MySqlConnection, sql: &str) {
     let result = tenant.execute(sql).await;
-    let error = result.err().unwrap_or_else(|| panic!("the tenant could run: {sql}"));
+    let error = result
+        .err()
+        .unwrap_or_else(|| panic!("the tenant could run: {sql}"));
     assert!(
         error_number(&error).is_some(),
         "{sql}: not a server refusal: {error}"
@@ -186,15 +191,19 @@ async fn create_twice_gives_the_user_its_own_database_and_nothing_else() {
         format!("CREATE DATABASE `capyx{hex}`"),
         "CREATE DATABASE elsewhere".to_string(),
         "CREATE USER 'evil'@'%' IDENTIFIED BY 'x'".to_string(),
-        format!("GRANT SELECT ON `{}`.* TO `{}`@'%'", project.database, other.user),
+        format!(
+            "GRANT SELECT ON `{}`.* TO `{}`@'%'",
+            project.database, other.user
+        ),
         "SET GLOBAL max_connections = 1".to_string(),
     ] {
         refused(&mut tenant, &sql).await;
     }
-    let grants: Vec<String> = sqlx::query_scalar(&format!("SHOW GRANTS FOR `{}`@'%'", project.user))
-        .fetch_all(&mut admin)
-        .await
-        .unwrap();
+    let grants: Vec<String> =
+        sqlx::query_scalar(&format!("SHOW GRANTS FOR `{}`@'%'", project.user))
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
     assert!(
         grants.iter().all(|g| !g.contains("GRANT OPTION")
             && (g.starts_with("GRANT USAGE ON *.*") || !g.contains("*.*"))),
@@ -209,7 +218,10 @@ async fn connection_limit_holds(project: &Project, open: MySqlConnection) {
     for _ in 1..project.max_connections {
         sessions.push(as_tenant(project).await.unwrap());
     }
-    let error = as_tenant(project).await.err().expect("one session too many");
+    let error = as_tenant(project)
+        .await
+        .err()
+        .expect("one session too many");
     assert_eq!(error_number(&error), Some(1226), "{error}");
     drop(sessions);
 }
@@ -223,14 +235,23 @@ async fn stop_ends_sessions_and_refuses_logins_until_start() {
 
     step_ok(job_type::PROJECT_STOP, &project).await;
     step_ok(job_type::PROJECT_STOP, &project).await;
-    assert!(open.execute("SELECT 1").await.is_err(), "a session outlived the stop");
-    assert!(as_tenant(&project).await.is_err(), "a stopped project let a login in");
+    assert!(
+        open.execute("SELECT 1").await.is_err(),
+        "a session outlived the stop"
+    );
+    assert!(
+        as_tenant(&project).await.is_err(),
+        "a stopped project let a login in"
+    );
 
     project.stopped = true;
     project.max_connections = 4;
     step_ok(job_type::PROJECT_UPDATE, &project).await;
     step_ok(job_type::PROJECT_CREATE, &project).await;
-    assert!(as_tenant(&project).await.is_err(), "a converge unlocked a stopped project");
+    assert!(
+        as_tenant(&project).await.is_err(),
+        "a converge unlocked a stopped project"
+    );
 
     project.stopped = false;
     step_ok(job_type::PROJECT_START, &project).await;
@@ -256,7 +277,10 @@ async fn delete_twice_removes_the_database_and_the_user() {
     assert_eq!(count(&mut admin, users, &project.user).await, 0);
     let schemata = "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?";
     assert_eq!(count(&mut admin, schemata, &project.database).await, 0);
-    assert!(open.execute("SELECT 1").await.is_err(), "a session outlived the delete");
+    assert!(
+        open.execute("SELECT 1").await.is_err(),
+        "a session outlived the delete"
+    );
 }
 
 #[tokio::test]
@@ -264,7 +288,10 @@ async fn other_job_types_and_bad_names_fail_permanently() {
     let project = Project::new();
     let (code, text) = step(job_type::PROJECT_BACKUP, &project).await;
     assert_eq!(code, EXIT_PERMANENT, "{text}");
-    assert!(text.contains("is not available for MySQL projects"), "{text}");
+    assert!(
+        text.contains("is not available for MySQL projects"),
+        "{text}"
+    );
 
     let mut hostile = Project::new();
     hostile.user = "capy_x'@'%' IDENTIFIED BY 'x".into();
@@ -273,24 +300,41 @@ async fn other_job_types_and_bad_names_fail_permanently() {
     let mut long = Project::new();
     long.user = format!("capy_{}", Uuid::new_v4().simple());
     let (code, text) = step(job_type::PROJECT_CREATE, &long).await;
-    assert_eq!(code, EXIT_PERMANENT, "a 37-character user name was taken:\n{text}");
+    assert_eq!(
+        code, EXIT_PERMANENT,
+        "a 37-character user name was taken:\n{text}"
+    );
 }
 
 #[tokio::test]
 async fn check_access_reports_the_admins_rights_and_refusals() {
     let access = check_access(&admin_url().replace("mysql://", "mariadb://")).await;
     assert!(access.reachable && access.error.is_none(), "{access:?}");
-    assert!(access.can_create_roles && access.can_create_databases, "{access:?}");
+    assert!(
+        access.can_create_roles && access.can_create_databases,
+        "{access:?}"
+    );
     assert!(access.server_version.unwrap().contains("MariaDB"));
 
     let wrong = admin_url().replace(&admin_password(), "wrong-password");
     let access = check_access(&wrong).await;
-    assert_eq!(access.error_kind.as_deref(), Some("authentication_failed"), "{access:?}");
+    assert_eq!(
+        access.error_kind.as_deref(),
+        Some("authentication_failed"),
+        "{access:?}"
+    );
     assert!(!access.error.unwrap().contains("wrong-password"));
 
-    let closed = format!("mysql://root:x@127.0.0.1:{}/", capy_testkit::free_port().unwrap());
+    let closed = format!(
+        "mysql://root:x@127.0.0.1:{}/",
+        capy_testkit::free_port().unwrap()
+    );
     let access = check_access(&closed).await;
-    assert_eq!(access.error_kind.as_deref(), Some("connection_refused"), "{access:?}");
+    assert_eq!(
+        access.error_kind.as_deref(),
+        Some("connection_refused"),
+        "{access:?}"
+    );
 
     let project = Project::new();
     step_ok(job_type::PROJECT_CREATE, &project).await;
@@ -304,5 +348,8 @@ async fn check_access_reports_the_admins_rights_and_refusals() {
     );
     let access = check_access(&tenant_url).await;
     assert!(access.reachable && access.error.is_none(), "{access:?}");
-    assert!(!access.can_create_roles && !access.can_create_databases, "{access:?}");
+    assert!(
+        !access.can_create_roles && !access.can_create_databases,
+        "{access:?}"
+    );
 }

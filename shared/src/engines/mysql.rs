@@ -36,7 +36,10 @@ impl ConnectError {
 
     /// Whether trying again later may succeed: a server down, unreachable or slow.
     pub fn is_transient(&self) -> bool {
-        matches!(self.kind, "connection_refused" | "timeout" | "host_not_found" | "other")
+        matches!(
+            self.kind,
+            "connection_refused" | "timeout" | "host_not_found" | "other"
+        )
     }
 }
 

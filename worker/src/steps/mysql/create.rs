@@ -18,7 +18,10 @@ pub async fn create(input: &StepInput) -> Result<(), StepError> {
     let (project, cluster) = super::target(input, job_type::PROJECT_CREATE)?;
     converge(project, cluster).await?;
     if project.stopped {
-        println!("user {}: left locked (the project is stopped)", project.role_name);
+        println!(
+            "user {}: left locked (the project is stopped)",
+            project.role_name
+        );
     } else {
         check_login(project, cluster).await?;
     }
@@ -99,7 +102,11 @@ async fn converge_user(
     println!(
         "user {}: password set, at most {limit} connections, {}",
         project.role_name,
-        if project.stopped { "locked" } else { "unlocked" }
+        if project.stopped {
+            "locked"
+        } else {
+            "unlocked"
+        }
     );
     Ok(())
 }
@@ -126,10 +133,16 @@ async fn check_login(project: &StepProject, cluster: &StepCluster) -> Result<(),
         Err(e) => {
             return Err(StepError {
                 transient: true,
-                message: format!("logging in as the user {}: {}", project.role_name, e.message),
+                message: format!(
+                    "logging in as the user {}: {}",
+                    project.role_name, e.message
+                ),
             });
         }
     }
-    println!("user {}: logged in to {}", project.role_name, project.database_name);
+    println!(
+        "user {}: logged in to {}",
+        project.role_name, project.database_name
+    );
     Ok(())
 }

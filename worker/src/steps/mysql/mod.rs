@@ -156,14 +156,19 @@ async fn user_exists(connection: &mut MySqlConnection, user: &str) -> Result<boo
 /// Ends every session of `user`. Run after its account is locked, so none comes back;
 /// a session that ends on its own meanwhile is no failure.
 async fn kill_sessions(connection: &mut MySqlConnection, user: &str) -> Result<(), StepError> {
-    let ids: Vec<u64> =
-        sqlx::query_scalar("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ?")
-            .bind(user)
-            .fetch_all(&mut *connection)
-            .await
-            .map_err(|e| from_sqlx("listing the user's sessions", &e))?;
+    // ID is BIGINT on MariaDB and BIGINT UNSIGNED on MySQL: one type for both.
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST WHERE USER = ?",
+    )
+    .bind(user)
+    .fetch_all(&mut *connection)
+    .await
+    .map_err(|e| from_sqlx("listing the user's sessions", &e))?;
     for id in &ids {
-        match connection.execute(format!("KILL CONNECTION {id}").as_str()).await {
+        match connection
+            .execute(format!("KILL CONNECTION {id}").as_str())
+            .await
+        {
             Ok(_) => {}
             // ER_NO_SUCH_THREAD: it ended between the listing and the kill.
             Err(e) if error_number(&e) == Some(1094) => {}
