@@ -218,10 +218,9 @@ async fn connection_limit_holds(project: &Project, open: MySqlConnection) {
     for _ in 1..project.max_connections {
         sessions.push(as_tenant(project).await.unwrap());
     }
-    let error = as_tenant(project)
-        .await
-        .err()
-        .expect("one session too many");
+    let Err(error) = as_tenant(project).await else {
+        panic!("one session too many was let in");
+    };
     assert_eq!(error_number(&error), Some(1226), "{error}");
     drop(sessions);
 }

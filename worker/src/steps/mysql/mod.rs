@@ -90,15 +90,23 @@ fn grant_pattern(database: &str) -> String {
     quote_ident(&database.replace('_', "\\_").replace('%', "\\%"))
 }
 
-/// Connects as the cluster's admin (the URL is never printed).
+/// Connects as the cluster's admin (the URL is never printed). A statement waiting on
+/// a tenant's metadata lock (a DROP DATABASE a missed session blocks) gives up after
+/// [`LOCK_WAIT_SECONDS`] with error 1205, which is retried, instead of hanging.
 async fn connect(cluster: &StepCluster) -> Result<MySqlConnection, StepError> {
-    engine::connect_admin(&cluster.admin_url)
+    let mut connection = engine::connect_admin(&cluster.admin_url)
         .await
         .map_err(|e| StepError {
             transient: e.is_transient(),
             message: format!("connecting to cluster '{}': {}", cluster.name, e.message),
-        })
+        })?;
+    let limit = format!("SET SESSION lock_wait_timeout = {LOCK_WAIT_SECONDS}");
+    execute(&mut connection, &limit, "limiting the session's lock waits").await?;
+    Ok(connection)
 }
+
+/// How long a step's statement may wait for a lock.
+const LOCK_WAIT_SECONDS: u32 = 30;
 
 /// Runs one statement; `context` says what it does (it must not hold a secret).
 async fn execute(
