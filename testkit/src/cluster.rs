@@ -395,7 +395,7 @@ impl ClusterOwner {
 }
 
 /// Removes clusters left by test processes that have exited.
-fn remove_stale_clusters(root: &Path) {
+pub(crate) fn remove_stale_clusters(root: &Path) {
     for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let alive = entry
             .file_name()

@@ -12,6 +12,7 @@ mod s3;
 mod tls;
 
 pub use cluster::{cluster, postgres_bin_dir, tls_only_cluster, TestCluster};
+pub use mariadb::{mariadb, TestMariaDb};
 pub use pooler::{
     pgbouncer_ini, pooler, tls_only_pooler, PoolerConfig, PoolerTls, TestPooler, POOLER_AUTH_USER,
 };
