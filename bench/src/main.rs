@@ -3,6 +3,7 @@
 //! the API and workers as real processes from the same target folder.
 
 mod backup;
+mod engines;
 mod instant;
 mod metrics;
 mod pooler;
@@ -72,6 +73,12 @@ enum Bench {
     /// `pg_dump | pg_restore` by the shell and `CREATE DATABASE … TEMPLATE` (with no
     /// session on the parent) on the same cluster.
     Preview(preview::PreviewArgs),
+    /// POST /v1/projects → job completed per engine (PostgreSQL, MySQL, Redis) on one
+    /// stack, beside the engine's own commands run by hand on the same servers.
+    Engines {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
 }
 
 #[tokio::main]
@@ -92,5 +99,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Pooler(args) => pooler::pooler(&args).await,
         Bench::Backup(args) => backup::backup(&args).await,
         Bench::Preview(args) => preview::preview(&args).await,
+        Bench::Engines { runs } => engines::engines(runs).await,
     }
 }

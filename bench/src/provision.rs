@@ -49,7 +49,6 @@ pub async fn control_plane(
 }
 
 pub async fn provision(runs: usize) -> anyhow::Result<()> {
-    let cluster = cluster()?;
     let (db, key) = control_plane(None).await?;
     let stack = ProcessStack::start(&db.url, 2, &[]).await?;
     let http = reqwest::Client::new();
@@ -64,27 +63,7 @@ pub async fn provision(runs: usize) -> anyhow::Result<()> {
         }
     }
 
-    let psql = postgres_bin_dir()?.join("psql");
-    let admin_url = cluster.admin_url_for("postgres");
-    let mut direct = Vec::new();
-    for run in 0..runs + 2 {
-        let script = project_sql(&format!("bench_psql_{}", uuid::Uuid::new_v4().simple()));
-        let started = Instant::now();
-        let mut child = tokio::process::Command::new(&psql)
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-", &admin_url])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("running psql")?;
-        use tokio::io::AsyncWriteExt as _;
-        let mut stdin = child.stdin.take().context("psql stdin")?;
-        stdin.write_all(script.as_bytes()).await?;
-        drop(stdin);
-        anyhow::ensure!(child.wait().await?.success(), "psql failed");
-        if run >= 2 {
-            direct.push(started.elapsed());
-        }
-    }
+    let mut direct = psql_runs(runs).await?;
 
     let capy_p50 = median_ms(&mut capy);
     let psql_p50 = median_ms(&mut direct);
@@ -106,8 +85,35 @@ pub async fn provision(runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `runs` (after two warm-ups) of what `project.create` does on PostgreSQL, run by hand
+/// through psql on the private cluster.
+pub(crate) async fn psql_runs(runs: usize) -> anyhow::Result<Vec<Duration>> {
+    let psql = postgres_bin_dir()?.join("psql");
+    let admin_url = cluster()?.admin_url_for("postgres");
+    let mut direct = Vec::new();
+    for run in 0..runs + 2 {
+        let script = project_sql(&format!("bench_psql_{}", uuid::Uuid::new_v4().simple()));
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(&psql)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-", &admin_url])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("running psql")?;
+        use tokio::io::AsyncWriteExt as _;
+        let mut stdin = child.stdin.take().context("psql stdin")?;
+        stdin.write_all(script.as_bytes()).await?;
+        drop(stdin);
+        anyhow::ensure!(child.wait().await?.success(), "psql failed");
+        if run >= 2 {
+            direct.push(started.elapsed());
+        }
+    }
+    Ok(direct)
+}
+
 /// POST /v1/projects with `body`, then polls its job until completed.
-async fn post_to_completed(
+pub(crate) async fn post_to_completed(
     http: &reqwest::Client,
     stack: &ProcessStack,
     key: &str,
