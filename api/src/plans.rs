@@ -74,17 +74,17 @@ impl Default for Plans {
             plan(
                 "mysql-small",
                 Engine::Mysql,
-                "MySQL: 20 connections, 10 GiB",
+                "MySQL: 20 connections",
                 20,
-                Some(10),
+                None,
                 "60s",
             ),
             plan(
                 "mysql-large",
                 Engine::Mysql,
-                "MySQL: 200 connections, 100 GiB",
+                "MySQL: 200 connections",
                 200,
-                Some(100),
+                None,
                 "300s",
             ),
             plan(

@@ -64,7 +64,7 @@ async fn projects_are_placed_on_a_cluster_of_their_engine_with_its_plan() {
     assert_eq!(project["engine"], "mysql");
     assert_eq!(project["cluster_id"], mysql.as_str());
     assert_eq!(project["plan"], "mysql-small");
-    assert_eq!(project["storage_limit_bytes"], 10_i64 << 30);
+    assert_eq!(project["storage_limit_bytes"], Value::Null);
     // MySQL user names are at most 32 characters.
     assert_eq!(project["role_name"].as_str().unwrap().len(), 32);
 
@@ -131,6 +131,11 @@ async fn bad_engines_and_plans_are_refused_and_queue_nothing() {
             json!({"name": "a", "engine": "redis", "storage_gb": 1}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "storage",
+        ),
+        (
+            json!({"name": "a", "engine": "mysql", "storage_limit_bytes": 5}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "storage limit",
         ),
         (
             json!({"name": "a", "engine": "postgresql", "cluster_id": mysql}),
@@ -275,4 +280,53 @@ async fn stop_and_start_follow_the_project_state_and_queue_behind_its_jobs() {
         assert!(answer.to_string().contains("being deleted"), "{answer}");
     }
     assert_eq!(jobs(&app).await, before);
+}
+
+#[tokio::test]
+async fn a_project_with_previews_is_not_stopped() {
+    let app = TestApp::new().await;
+    let made = app.create_project("p").await;
+    let id = made["project"]["id"].as_str().unwrap().to_string();
+    sqlx::query("update projects set state = 'ready'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let path = format!("/v1/projects/{id}/preview-databases");
+    let (status, preview) = call(&app, "POST", &path, Some(json!({"mode": "empty"}))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{preview}");
+    let before = jobs(&app).await;
+    let (status, answer) = call(&app, "POST", &format!("/v1/projects/{id}/stop"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(answer.to_string().contains("preview"), "{answer}");
+    assert_eq!(jobs(&app).await, before);
+}
+
+#[tokio::test]
+async fn instant_databases_are_made_on_postgresql_clusters_only() {
+    use capy_shared::instant::{self, InstantLimits};
+    let (app, _, _) = with_engine_clusters().await;
+    // The engine clusters hold no instant database: without the engine rule they come
+    // first by load.
+    let clusters = instant::clusters_by_load(&app.db.pool, false)
+        .await
+        .unwrap();
+    let ids: Vec<_> = clusters.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, vec![app.cluster_id]);
+    let queued = instant::top_up(
+        &app.db.pool,
+        &app.state.secrets,
+        2,
+        InstantLimits::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(queued, 2);
+    let elsewhere: i64 = sqlx::query_scalar(
+        "select count(*) from projects p join clusters c on c.id = p.cluster_id
+         where c.engine <> 'postgresql'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(elsewhere, 0);
 }

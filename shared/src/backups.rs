@@ -59,7 +59,8 @@ pub async fn queue_backup(
     .bind(new.project_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(project) = project.filter(|p| p.state == "ready") else {
+    // A stopped project is backed up too: the dump runs as the admin.
+    let Some(project) = project.filter(|p| matches!(p.state.as_str(), "ready" | "stopped")) else {
         return Ok(None);
     };
     // An unclaimed instant database belongs to nobody: nothing to back up for.

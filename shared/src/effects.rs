@@ -56,7 +56,7 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
                                       when 'failed' then 'applying settings failed: ' || $3
                                       else last_error end,
                  updated_at = now()
-             where id = $1 and state in ('ready', 'error') and $2 in ('completed', 'failed')"
+             where id = $1 and state in ('ready', 'stopped', 'error') and $2 in ('completed', 'failed')"
         }
         // completed → deleted (gone from lists); failed or cancelled → still deleting,
         // with the reason: a project once asked to go never comes back to life (its
@@ -109,7 +109,7 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
         job_type::PROJECT_ROTATE_CREDENTIALS => {
             "update projects set last_error = 'rotating the credentials failed: ' || $3,
                                  updated_at = now()
-             where id = $1 and $2 = 'failed' and state in ('ready', 'error')"
+             where id = $1 and $2 = 'failed' and state in ('ready', 'stopped', 'error')"
         }
         // The login the job dropped (`args.role`) is no longer the previous one; a
         // failure leaves it working, which is shown. (A retire whose login a later

@@ -97,7 +97,7 @@ async fn count_on_cluster(conn: &mut PgConnection, cluster_id: Uuid) -> sqlx::Re
 pub async fn clusters_by_load(pool: &PgPool, logical_only: bool) -> sqlx::Result<Vec<(Uuid, i64)>> {
     sqlx::query_as(&format!(
         "select c.id, (select count(*) from projects p where p.cluster_id = c.id and {HOLDS_A_PLACE}) as held
-         from clusters c where (not $1 or {FIT_FOR_LOGICAL})
+         from clusters c where c.engine = 'postgresql' and (not $1 or {FIT_FOR_LOGICAL})
          order by held, c.created_at"
     ))
     .bind(logical_only)
@@ -182,13 +182,13 @@ pub async fn create(
             logical_replication,
         } => ("unclaimed", logical_replication),
     };
-    sqlx::query(
+    let inserted = sqlx::query(
         "insert into projects (id, organization_id, cluster_id, name, slug, region, state,
              database_name, role_name, password_encrypted, max_connections, statement_timeout,
              idle_transaction_timeout, storage_limit_bytes, instant_status, logical_replication)
          select $1, null, c.id, $2, $2, c.region, 'provisioning', $3, $3, $4, $5, '60s', '60s',
                 $6, $7, $8
-         from clusters c where c.id = $9",
+         from clusters c where c.id = $9 and c.engine = 'postgresql'",
     )
     .bind(id)
     .bind(format!("instant-{}", &id.simple().to_string()[..12]))
@@ -201,6 +201,10 @@ pub async fn create(
     .bind(cluster_id)
     .execute(&mut *conn)
     .await?;
+    // Not a PostgreSQL cluster (or gone): nothing recorded, nothing queued.
+    if inserted.rows_affected() != 1 {
+        return Err(sqlx::Error::RowNotFound);
+    }
     let job = queue_job(
         &mut *conn,
         job_type::PROJECT_CREATE,
@@ -376,10 +380,13 @@ pub async fn top_up(
     if !got {
         return Ok(0);
     }
-    // In the order project placement locks clusters, so the two never deadlock.
-    let clusters: Vec<Uuid> = sqlx::query_scalar("select id from clusters order by created_at")
-        .fetch_all(&mut *tx)
-        .await?;
+    // In the order project placement locks clusters, so the two never deadlock. Instant
+    // databases are PostgreSQL's.
+    let clusters: Vec<Uuid> = sqlx::query_scalar(
+        "select id from clusters where engine = 'postgresql' order by created_at",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     let mut queued = 0;
     for cluster_id in clusters {
         queued += fill_cluster(&mut tx, secrets, cluster_id, size, limits).await?;

@@ -442,7 +442,8 @@ async fn pick_cluster(
     let mut clusters = instant::clusters_by_load(&state.pool, logical_replication).await?;
     if clusters.is_empty() && logical_replication {
         let unchecked: Vec<Uuid> = sqlx::query_scalar(
-            "select id from clusters where wal_level is null or physical_replication_open is null",
+            "select id from clusters
+             where engine = 'postgresql' and (wal_level is null or physical_replication_open is null)",
         )
         .fetch_all(&state.pool)
         .await?;

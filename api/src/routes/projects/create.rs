@@ -251,10 +251,15 @@ fn plan_of<'a>(state: &'a AppState, spec: &ProjectSpec) -> ApiResult<&'a Plan> {
             spec.engine.as_str()
         )));
     }
-    if spec.engine == Engine::Redis && spec.storage_limit_bytes.is_some() {
-        return Err(ApiError::Unprocessable(
-            "a Redis project has no storage limit (Redis cannot bound one user's keys)".into(),
-        ));
+    // Only PostgreSQL projects have their storage measured (and writes stopped past the
+    // limit): a limit capy would not hold is refused, not recorded.
+    if !spec.engine.is_postgresql()
+        && (spec.storage_limit_bytes.or(plan.storage_limit_bytes)).is_some()
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "a {} project cannot have a storage limit: capy does not enforce one for it",
+            spec.engine.as_str()
+        )));
     }
     Ok(plan)
 }

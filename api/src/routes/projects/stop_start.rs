@@ -122,6 +122,12 @@ async fn change_power(
             return Ok((StatusCode::OK, Json(JobAndProject { job, project })));
         }
     }
+    if power == Power::Stop && has_live_previews(&mut tx, id).await? {
+        // Each preview has a login of its own and a copy of the data.
+        return Err(ApiError::Conflict(
+            "the project has preview databases: delete them before stopping it".into(),
+        ));
+    }
     let undoing = latest.as_deref() == Some(power.opposite().job_type());
     if project.state != power.required_state() && !undoing {
         return Err(ApiError::Conflict(format!(
@@ -147,4 +153,15 @@ async fn change_power(
             JobAndProject { job, project },
         )
         .await
+}
+
+/// Whether the project has preview databases not yet being deleted.
+async fn has_live_previews(tx: &mut sqlx::PgConnection, id: Uuid) -> ApiResult<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from preview_databases where project_id = $1
+                          and deleted_at is null and state not in ('deleting', 'deleted'))",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?)
 }

@@ -1,8 +1,8 @@
 //! `project.create` and `project.update`: converge the project's database and user.
 //! The user is created locked, then one `ALTER USER` sets its password, its connection
 //! limit and its lock state (locked while the project is stopped), so a re-run or an
-//! update converges all three. It gets ALL PRIVILEGES on its own database only: no
-//! global privilege, no GRANT OPTION.
+//! update converges all three. It gets [`PRIVILEGES`] on its own database only: no
+//! global privilege, no GRANT OPTION, no EVENT.
 
 use capy_shared::engines::mysql as engine;
 use capy_shared::model::job_type;
@@ -10,6 +10,13 @@ use capy_shared::step::{StepCluster, StepInput, StepProject};
 use sqlx::{Connection as _, MySqlConnection};
 
 use super::{account, connect, execute, grant_pattern, quote_ident, quote_string, StepError};
+
+/// What the user may do in its own database: ALL PRIVILEGES but EVENT. A scheduled
+/// event runs as its definer even once the account is locked (a stopped project's
+/// events would go on), and event threads count against no connection limit.
+const PRIVILEGES: &str = "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER, \
+    CREATE TEMPORARY TABLES, LOCK TABLES, CREATE VIEW, SHOW VIEW, CREATE ROUTINE, \
+    ALTER ROUTINE, EXECUTE, TRIGGER, REFERENCES";
 
 /// MySQL's error for a user past its MAX_USER_CONNECTIONS: it did log in.
 const ER_TOO_MANY_USER_CONNECTIONS: u16 = 1226;
@@ -60,14 +67,14 @@ async fn converge(project: &StepProject, cluster: &StepCluster) -> Result<(), St
     execute(
         &mut connection,
         &format!(
-            "GRANT ALL PRIVILEGES ON {}.* TO {}",
+            "GRANT {PRIVILEGES} ON {}.* TO {}",
             grant_pattern(database),
             account(user)
         ),
         "granting the user its database",
     )
     .await?;
-    println!("user {user}: all privileges on {database}, and nothing else");
+    println!("user {user}: privileges on {database} (no EVENT), and nothing else");
     let _ = connection.close().await;
     Ok(())
 }
