@@ -119,7 +119,7 @@ async fn bad_engines_and_plans_are_refused_and_queue_nothing() {
         ),
         (
             json!({"name": "a", "storage_gb": 1, "storage_limit_bytes": 5}),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "not both",
         ),
         (

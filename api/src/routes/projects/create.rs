@@ -74,7 +74,8 @@ impl CreateProject {
         )?;
         validate::storage_limit(self.storage_limit_bytes)?;
         match (self.storage_gb, self.storage_limit_bytes) {
-            (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            // Each is valid alone, as the document states: 422, not 400.
+            (Some(_), Some(_)) => Err(ApiError::Unprocessable(
                 "give storage_gb or storage_limit_bytes, not both".into(),
             )),
             (Some(gb), None) if !(1..=65536).contains(&gb) => Err(ApiError::BadRequest(
