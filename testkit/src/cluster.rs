@@ -2,13 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::supervisor::{die_with_parent, Supervisor};
 use crate::tls::TestCertificates;
+use nix::sys::signal::Signal;
 
 /// A PostgreSQL server the tests may use as superuser, and restart.
 pub struct TestCluster {
@@ -16,7 +17,7 @@ pub struct TestCluster {
     pub port: u16,
     user: String,
     password: String,
-    supervisor: Option<mpsc::Sender<Control>>,
+    supervisor: Option<Supervisor>,
     certificates: Option<TestCertificates>,
     log_path: Option<PathBuf>,
 }
@@ -80,31 +81,18 @@ impl TestCluster {
 
     /// Stops the server (fast shutdown); `start_again` brings it back on the same port.
     pub fn stop(&self) -> anyhow::Result<()> {
-        self.control(Control::Stop)
+        self.supervisor()?.stop()
     }
 
     pub fn start_again(&self) -> anyhow::Result<()> {
-        self.control(Control::Start)?;
+        self.supervisor()?.start()?;
         wait_until_accepting(&self.host, self.port)
     }
 
-    fn control(&self, command: Control) -> anyhow::Result<()> {
-        let Some(supervisor) = &self.supervisor else {
-            bail!("the cluster given by CAPY_TEST_DATABASE_URL cannot be restarted by tests");
-        };
-        let (reply_tx, reply_rx) = mpsc::channel();
-        supervisor
-            .send(command)
-            .ok()
-            .context("the cluster supervisor is gone")?;
-        supervisor
-            .send(Control::Reply(reply_tx))
-            .ok()
-            .context("the cluster supervisor is gone")?;
-        reply_rx
-            .recv()
-            .context("the cluster supervisor is gone")?
-            .map_err(anyhow::Error::msg)
+    fn supervisor(&self) -> anyhow::Result<&Supervisor> {
+        self.supervisor
+            .as_ref()
+            .context("the cluster given by CAPY_TEST_DATABASE_URL cannot be restarted by tests")
     }
 
     fn start(transport: Transport) -> anyhow::Result<Self> {
@@ -166,7 +154,8 @@ impl TestCluster {
             owner,
             settings,
         };
-        let supervisor = supervise(server)?;
+        // SIGINT: a fast shutdown.
+        let supervisor = Supervisor::new("postgres", Signal::SIGINT, move || server.spawn())?;
         let cluster = Self {
             host: "127.0.0.1".into(),
             port,
@@ -176,7 +165,7 @@ impl TestCluster {
             certificates: Some(certificates),
             log_path: Some(dir.join("postgres.log")),
         };
-        cluster.control(Control::Start)?;
+        cluster.supervisor()?.start()?;
         wait_until_accepting(&cluster.host, port)?;
         Ok(cluster)
     }
@@ -195,12 +184,6 @@ impl TestCluster {
     }
 }
 
-enum Control {
-    Start,
-    Stop,
-    Reply(mpsc::Sender<Result<(), String>>),
-}
-
 struct ServerCommand {
     postgres: PathBuf,
     data: PathBuf,
@@ -211,48 +194,8 @@ struct ServerCommand {
     settings: Vec<String>,
 }
 
-/// Runs the server from a thread that lives as long as the process: the server is
-/// started with a parent-death signal, which the kernel sends when the *thread* that
-/// spawned it ends, so the server goes down with the test process and not before.
-fn supervise(server: ServerCommand) -> anyhow::Result<mpsc::Sender<Control>> {
-    let (tx, rx) = mpsc::channel::<Control>();
-    std::thread::Builder::new()
-        .name("capy-test-postgres".into())
-        .spawn(move || {
-            let mut child: Option<Child> = None;
-            let mut last: Result<(), String> = Ok(());
-            for command in rx {
-                match command {
-                    Control::Start if child.is_none() => match server.spawn() {
-                        Ok(c) => {
-                            child = Some(c);
-                            last = Ok(());
-                        }
-                        Err(e) => last = Err(format!("{e:#}")),
-                    },
-                    Control::Start => last = Ok(()),
-                    Control::Stop => {
-                        if let Some(mut c) = child.take() {
-                            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-                            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-                            let _ = c.wait();
-                        }
-                        last = Ok(());
-                    }
-                    Control::Reply(reply) => {
-                        let _ = reply.send(std::mem::replace(&mut last, Ok(())));
-                    }
-                }
-            }
-        })
-        .context("starting the cluster supervisor thread")?;
-    Ok(tx)
-}
-
 impl ServerCommand {
-    #[allow(unsafe_code)]
     fn spawn(&self) -> anyhow::Result<Child> {
-        use std::os::unix::process::CommandExt as _;
         let log = std::fs::File::create(self.socket_dir.join("postgres.log"))?;
         let mut command = self.owner.command(&self.postgres);
         command
@@ -273,14 +216,7 @@ impl ServerCommand {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory
-        // of the parent; it runs in the child between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)
-                    .map_err(std::io::Error::from)
-            });
-        }
+        die_with_parent(&mut command, Signal::SIGQUIT);
         command.spawn().context("starting postgres")
     }
 }

@@ -9,6 +9,7 @@ mod pooler;
 mod processes;
 mod redis;
 mod s3;
+mod supervisor;
 mod tls;
 
 pub use cluster::{cluster, postgres_bin_dir, tls_only_cluster, TestCluster};

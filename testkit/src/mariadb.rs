@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context as _};
 
 use crate::cluster::{remove_stale_clusters, wait_until_accepting, ClusterOwner};
+use crate::supervisor::{die_with_parent, Supervisor};
+use nix::sys::signal::Signal;
 
 /// A MariaDB server the tests may use as `root`, and restart.
 pub struct TestMariaDb {
@@ -17,7 +18,7 @@ pub struct TestMariaDb {
     port: u16,
     password: String,
     dir: PathBuf,
-    supervisor: mpsc::Sender<Control>,
+    supervisor: Supervisor,
 }
 
 static MARIADB: OnceLock<Result<TestMariaDb, String>> = OnceLock::new();
@@ -59,28 +60,12 @@ impl TestMariaDb {
 
     /// Stops the server (a clean shutdown); `start_again` brings it back on the same port.
     pub fn stop(&self) -> anyhow::Result<()> {
-        self.control(Control::Stop)
+        self.supervisor.stop()
     }
 
     pub fn start_again(&self) -> anyhow::Result<()> {
-        self.control(Control::Start)?;
+        self.supervisor.start()?;
         wait_until_accepting(&self.host, self.port)
-    }
-
-    fn control(&self, command: Control) -> anyhow::Result<()> {
-        let (reply_tx, reply_rx) = mpsc::channel();
-        self.supervisor
-            .send(command)
-            .ok()
-            .context("the MariaDB supervisor is gone")?;
-        self.supervisor
-            .send(Control::Reply(reply_tx))
-            .ok()
-            .context("the MariaDB supervisor is gone")?;
-        reply_rx
-            .recv()
-            .context("the MariaDB supervisor is gone")?
-            .map_err(anyhow::Error::msg)
     }
 
     fn start() -> anyhow::Result<Self> {
@@ -111,9 +96,9 @@ impl TestMariaDb {
             port,
             password,
             dir,
-            supervisor: supervise(server)?,
+            supervisor: Supervisor::new("mariadb", Signal::SIGTERM, move || server.spawn())?,
         };
-        database.control(Control::Start)?;
+        database.supervisor.start()?;
         wait_until_accepting(&database.host, port)
             .with_context(|| format!("see the server's log {}", database.log_path().display()))?;
         Ok(database)
@@ -173,12 +158,6 @@ fn write_init_file(owner: &ClusterOwner, dir: &Path, password: &str) -> anyhow::
     owner.chown(&path)
 }
 
-enum Control {
-    Start,
-    Stop,
-    Reply(mpsc::Sender<Result<(), String>>),
-}
-
 struct ServerCommand {
     mariadbd: PathBuf,
     dir: PathBuf,
@@ -186,48 +165,8 @@ struct ServerCommand {
     owner: ClusterOwner,
 }
 
-/// Runs the server from a thread that lives as long as the process: the server gets a
-/// parent-death signal, which the kernel sends when the *thread* that spawned it ends,
-/// so the server goes down with the test process (as in `cluster.rs`).
-fn supervise(server: ServerCommand) -> anyhow::Result<mpsc::Sender<Control>> {
-    let (tx, rx) = mpsc::channel::<Control>();
-    std::thread::Builder::new()
-        .name("capy-test-mariadb".into())
-        .spawn(move || {
-            let mut child: Option<Child> = None;
-            let mut last: Result<(), String> = Ok(());
-            for command in rx {
-                match command {
-                    Control::Start if child.is_none() => match server.spawn() {
-                        Ok(c) => {
-                            child = Some(c);
-                            last = Ok(());
-                        }
-                        Err(e) => last = Err(format!("{e:#}")),
-                    },
-                    Control::Start => last = Ok(()),
-                    Control::Stop => {
-                        if let Some(mut c) = child.take() {
-                            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-                            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                            let _ = c.wait();
-                        }
-                        last = Ok(());
-                    }
-                    Control::Reply(reply) => {
-                        let _ = reply.send(std::mem::replace(&mut last, Ok(())));
-                    }
-                }
-            }
-        })
-        .context("starting the MariaDB supervisor thread")?;
-    Ok(tx)
-}
-
 impl ServerCommand {
-    #[allow(unsafe_code)]
     fn spawn(&self) -> anyhow::Result<Child> {
-        use std::os::unix::process::CommandExt as _;
         let log = std::fs::File::create(self.dir.join("mariadbd.out"))?;
         let mut command = self.owner.command(&self.mariadbd);
         command
@@ -263,14 +202,7 @@ impl ServerCommand {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory
-        // of the parent; it runs in the child between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(std::io::Error::from)
-            });
-        }
+        die_with_parent(&mut command, Signal::SIGKILL);
         command.spawn().context("starting mariadbd")
     }
 }

@@ -6,12 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::sync::OnceLock;
 
 use anyhow::Context as _;
 
-use crate::cluster::{wait_until_accepting, ClusterOwner};
+use crate::cluster::{remove_stale_clusters, wait_until_accepting, ClusterOwner};
+use crate::supervisor::{die_with_parent, Supervisor};
+use nix::sys::signal::Signal;
 
 /// The admin's ACL user name.
 const ADMIN_USER: &str = "admin";
@@ -21,7 +22,7 @@ pub struct TestRedis {
     host: String,
     port: u16,
     password: String,
-    supervisor: mpsc::Sender<Control>,
+    supervisor: Supervisor,
     dir: PathBuf,
 }
 
@@ -65,25 +66,12 @@ impl TestRedis {
     /// Stops the server (SIGTERM, nothing saved); `start_again` brings it back on the
     /// same port, empty but for its admin: keys and ACL users made by tests are gone.
     pub fn stop(&self) -> anyhow::Result<()> {
-        self.control(Control::Stop)
+        self.supervisor.stop()
     }
 
     pub fn start_again(&self) -> anyhow::Result<()> {
-        self.control(Control::Start)?;
+        self.supervisor.start()?;
         wait_until_accepting(&self.host, self.port)
-    }
-
-    fn control(&self, command: Control) -> anyhow::Result<()> {
-        let (reply_tx, reply_rx) = mpsc::channel();
-        let gone = || anyhow::anyhow!("the Redis supervisor is gone");
-        self.supervisor.send(command).map_err(|_| gone())?;
-        self.supervisor
-            .send(Control::Reply(reply_tx))
-            .map_err(|_| gone())?;
-        reply_rx
-            .recv()
-            .map_err(|_| gone())?
-            .map_err(anyhow::Error::msg)
     }
 
     fn start() -> anyhow::Result<Self> {
@@ -93,7 +81,7 @@ impl TestRedis {
             "capy-testkit-redis-{}",
             nix::unistd::Uid::current()
         ));
-        remove_stale_servers(&root);
+        remove_stale_clusters(&root);
         let dir = root.join(std::process::id().to_string());
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).context("creating the test Redis server's folder")?;
@@ -102,12 +90,13 @@ impl TestRedis {
         let port = crate::free_port()?;
         let config = write_config(&dir, port, &password)?;
         owner.chown(&config)?;
-        let supervisor = supervise(ServerCommand {
+        let command = ServerCommand {
             server,
             config,
             dir: dir.clone(),
             owner,
-        })?;
+        };
+        let supervisor = Supervisor::new("redis", Signal::SIGTERM, move || command.spawn())?;
         let redis = Self {
             host: "127.0.0.1".into(),
             port,
@@ -115,7 +104,7 @@ impl TestRedis {
             supervisor,
             dir,
         };
-        redis.control(Control::Start)?;
+        redis.supervisor.start()?;
         wait_until_accepting(&redis.host, port)?;
         Ok(redis)
     }
@@ -163,12 +152,6 @@ fn redis_server_path() -> anyhow::Result<PathBuf> {
         )
 }
 
-enum Control {
-    Start,
-    Stop,
-    Reply(mpsc::Sender<Result<(), String>>),
-}
-
 struct ServerCommand {
     server: PathBuf,
     config: PathBuf,
@@ -176,47 +159,8 @@ struct ServerCommand {
     owner: ClusterOwner,
 }
 
-/// Runs the server from a thread that lives as long as the process (see the test
-/// cluster's `supervise`: the parent-death signal follows the spawning thread).
-fn supervise(server: ServerCommand) -> anyhow::Result<mpsc::Sender<Control>> {
-    let (tx, rx) = mpsc::channel::<Control>();
-    std::thread::Builder::new()
-        .name("capy-test-redis".into())
-        .spawn(move || {
-            let mut child: Option<Child> = None;
-            let mut last: Result<(), String> = Ok(());
-            for command in rx {
-                match command {
-                    Control::Start if child.is_none() => match server.spawn() {
-                        Ok(c) => {
-                            child = Some(c);
-                            last = Ok(());
-                        }
-                        Err(e) => last = Err(format!("{e:#}")),
-                    },
-                    Control::Start => last = Ok(()),
-                    Control::Stop => {
-                        if let Some(mut c) = child.take() {
-                            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-                            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                            let _ = c.wait();
-                        }
-                        last = Ok(());
-                    }
-                    Control::Reply(reply) => {
-                        let _ = reply.send(std::mem::replace(&mut last, Ok(())));
-                    }
-                }
-            }
-        })
-        .context("starting the Redis supervisor thread")?;
-    Ok(tx)
-}
-
 impl ServerCommand {
-    #[allow(unsafe_code)]
     fn spawn(&self) -> anyhow::Result<Child> {
-        use std::os::unix::process::CommandExt as _;
         // Its log goes to `logfile`; this catches what it says before reading it.
         let early = std::fs::File::create(self.dir.join("redis-stderr.log"))?;
         let mut command = self.owner.command(&self.server);
@@ -226,29 +170,8 @@ impl ServerCommand {
             .stdin(Stdio::null())
             .stdout(early.try_clone()?)
             .stderr(early);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory
-        // of the parent; it runs in the child between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(std::io::Error::from)
-            });
-        }
+        die_with_parent(&mut command, Signal::SIGKILL);
         command.spawn().context("starting redis-server")
-    }
-}
-
-/// Removes the folders of servers whose test process has exited.
-fn remove_stale_servers(root: &Path) {
-    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        let alive = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<i32>().ok())
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
     }
 }
 
