@@ -8,6 +8,7 @@ mod bodies;
 pub mod bootstrap;
 pub mod cluster_access;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod extract;
 mod idempotency;

@@ -163,6 +163,7 @@ pub fn router(state: AppState) -> Router {
     let openapi = Arc::new(openapi);
     routes
         .route("/claim/{id}", get(databases::claim_page))
+        .merge(crate::console::routes())
         .route(
             "/openapi.json",
             get(move || async move { Json(openapi.as_ref().clone()) }),
