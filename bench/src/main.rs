@@ -5,6 +5,7 @@
 mod backup;
 mod engines;
 mod instant;
+mod joblist;
 mod metrics;
 mod pooler;
 mod preview;
@@ -79,6 +80,9 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// The console's queries (the jobs list with each filter, deep paging, the queue
+    /// overview) on a few jobs, then on a history of --history jobs, same run.
+    Joblist(joblist::JobListArgs),
 }
 
 #[tokio::main]
@@ -100,5 +104,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Backup(args) => backup::backup(&args).await,
         Bench::Preview(args) => preview::preview(&args).await,
         Bench::Engines { runs } => engines::engines(runs).await,
+        Bench::Joblist(args) => joblist::joblist(&args).await,
     }
 }
