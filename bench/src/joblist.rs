@@ -143,7 +143,7 @@ async fn page_deep(api: &Api<'_>, pages: usize) -> anyhow::Result<f64> {
     let mut cursor: Option<String> = None;
     for _ in 0..pages {
         let path = match &cursor {
-            Some(after) => format!("/v1/jobs?limit=50&after={after}"),
+            Some(after) => format!("/v1/jobs?limit=50&cursor={after}"),
             None => "/v1/jobs?limit=50".into(),
         };
         let page = api.get(&path).await?;

@@ -4,6 +4,7 @@
 
 mod backup;
 mod engines;
+mod insert;
 mod instant;
 mod joblist;
 mod metrics;
@@ -83,6 +84,9 @@ enum Bench {
     /// The console's queries (the jobs list with each filter, deep paging, the queue
     /// overview) on a few jobs, then on a history of --history jobs, same run.
     Joblist(joblist::JobListArgs),
+    /// Jobs into the queue per second: one per transaction (the baseline), one per
+    /// statement, and `enqueue_many` batches, same run.
+    Insert(insert::InsertArgs),
 }
 
 #[tokio::main]
@@ -105,5 +109,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Preview(args) => preview::preview(&args).await,
         Bench::Engines { runs } => engines::engines(runs).await,
         Bench::Joblist(args) => joblist::joblist(&args).await,
+        Bench::Insert(args) => insert::insert(&args).await,
     }
 }
