@@ -1,11 +1,16 @@
 //! Workers killed with SIGKILL, and one frozen with SIGSTOP past its lease, mid
 //! burn-down of jobs that each run a real child process: every job still completes,
-//! exactly one attempt of each succeeds, and no two steps of a job ever run at once.
+//! exactly one attempt of each succeeds, and no two steps of a resource (three jobs
+//! each, in order) ever run at once.
 //!
 //! Overlap is seen by the steps themselves, as in the `locked_resource` test: each step
-//! holds an exclusive `flock` on a file named after its job while it runs (the lock dies
-//! with its process), and a step that finds the file locked fails with exit code 3 and
-//! says so. The times capy records are not used for this: rescue writes them itself.
+//! holds an exclusive `flock` on a file named after its resource while it runs (the
+//! lock dies with its process), and a step that finds the file locked fails with exit
+//! code 3 and says so. The times capy records are not used for this: rescue writes
+//! them itself. The frozen worker is thawed while the jobs taken from it run on other
+//! workers, so its late outcomes meet jobs that are no longer its own: written over
+//! them, they would end a job whose step still runs and start the resource's next job
+//! beside it.
 
 mod common;
 
@@ -15,7 +20,9 @@ use capy_testkit::{fresh_database, ProcessStack};
 use rand::Rng as _;
 use uuid::Uuid;
 
-const JOBS: usize = 1_500;
+const JOBS: usize = 300;
+/// Jobs per resource, run one after another.
+const PER_RESOURCE: usize = 3;
 const LEASE_SECONDS: u64 = 2;
 
 /// The step: take the job's lock without waiting (`flock -n`) and hold it while the
@@ -24,7 +31,7 @@ const LEASE_SECONDS: u64 = 2;
 fn step(locks: &std::path::Path) -> String {
     format!(
         "r=$(grep -o '\"locked_resource\":\"[^\"]*\"' | cut -d'\"' -f4); \
-         exec flock -n -F -E 3 '{dir}/'\"$r\" sh -c 'sleep 0.05' \
+         exec flock -n -F -E 3 '{dir}/'\"$r\" sh -c 'sleep 0.5' \
          || {{ echo \"$r: another step holds it\" >&2; exit 3; }}",
         dir = locks.display()
     )
@@ -36,6 +43,32 @@ fn signal(pid: u32, name: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Waits until a job rescued from the frozen worker (`worker-<n>`, as the test support
+/// names them) is claimed by another one.
+async fn thaw_when_its_jobs_run_elsewhere(pool: &sqlx::PgPool, frozen: &str) {
+    let own = frozen;
+    let started = std::time::Instant::now();
+    loop {
+        let taken: bool = sqlx::query_scalar(
+            "select exists (select 1 from job_attempts a join jobs j on j.id = a.job_id
+                            where a.worker = $1 and a.classification = 'worker_lost'
+                              and j.state = 'claimed' and j.claimed_by <> $1)",
+        )
+        .bind(own)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if taken {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(LEASE_SECONDS * 10),
+            "no job of the frozen worker was taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,6 +94,7 @@ async fn killed_and_frozen_workers_lose_no_job_and_no_step_runs_twice_at_once() 
     // when it wakes its own outcomes must be fenced off.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let frozen = stack.workers[5].id();
+    let frozen_id = "worker-6";
     signal(frozen, "STOP");
     // Kill three others at random moments while jobs remain.
     for victim in stack.workers.iter_mut().take(3) {
@@ -69,7 +103,7 @@ async fn killed_and_frozen_workers_lose_no_job_and_no_step_runs_twice_at_once() 
         victim.0.kill().unwrap();
         victim.0.wait().unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(LEASE_SECONDS * 2)).await;
+    thaw_when_its_jobs_run_elsewhere(&db.pool, frozen_id).await;
     signal(frozen, "CONT");
     common::wait_until_idle(&db.pool, Duration::from_secs(240)).await;
 
