@@ -57,7 +57,13 @@ pub async fn joblist(args: &JobListArgs) -> anyhow::Result<()> {
     add_history(&db.pool, project_id, args.baseline, "baseline").await?;
     let baseline = round(&api, project_id, args.requests).await?;
     let inserting = Instant::now();
-    add_history(&db.pool, project_id, args.history - args.baseline, "history").await?;
+    add_history(
+        &db.pool,
+        project_id,
+        args.history - args.baseline,
+        "history",
+    )
+    .await?;
     let insert_ms = inserting.elapsed().as_millis();
     let full = round(&api, project_id, args.requests).await?;
     let deep = page_deep(&api, 40).await?;
