@@ -326,8 +326,8 @@
     const who = document.getElementById("who");
     replace(who,
       me.admin ? h("span", { class: "badge admin", "data-testid": "identity-admin" }, "admin") : null,
-      h("span", { "data-testid": "identity-org", title: "organization" },
-        "org " + (me.organization_id ? short(me.organization_id) : "—")),
+      h("span", { "data-testid": "identity-org", title: me.organization_id || "every organization" },
+        me.organization_id ? "org " + short(me.organization_id) : "all organizations"),
       h("span", { "data-testid": "identity-project", title: "project" },
         me.project_id ? "project " + short(me.project_id) : "all projects"),
       h("span", { "data-testid": "identity-scopes", title: "scopes" },
@@ -451,7 +451,7 @@
   // Without GET /v1/queue (an older server): the depth from the jobs list, capped.
   async function overviewFallback(v) {
     const counts = [];
-    for (const state of ["pending", "claimed", "failed"]) {
+    for (const state of ["pending", "claimed", "failed", "cancelled"]) {
       try {
         const { body } = await api("GET", "/v1/jobs?limit=200&state=" + state, { signal: v.signal });
         counts.push(stat(state, body.jobs.length + (body.next_cursor ? "+" : ""), "depth-" + state));
@@ -463,7 +463,18 @@
       h("p", { class: "muted", "data-testid": "queue-missing" },
         "This server has no queue summary (GET /v1/queue answered 404); counts below come from the jobs list."),
       h("div", { class: "stats" }, counts),
+      h("h2", null, "Latest jobs"),
+      await latestJobs(v),
     ];
+  }
+
+  async function latestJobs(v) {
+    try {
+      const { body } = await api("GET", "/v1/jobs?limit=10", { signal: v.signal });
+      return jobsTable(body.jobs, "latest-jobs");
+    } catch (err) {
+      return errorText(err);
+    }
   }
 
   // ---------------------------------------------------------------- jobs list
@@ -820,12 +831,12 @@
     optional("/extensions?limit=200", "extensions", sections.extensions, (rows) => {
       const enabled = rows.filter((e) => e.enabled);
       return [h("p", { class: "muted" }, enabled.length + " enabled of " + rows.length + " available."),
-        table(["Name", "Enabled", "Installed", "Default", "Allowed"], rows.filter((e) => e.enabled || e.allowed).map((e) =>
+        table(["Name", "Enabled", "Installed", "Default", "Allowed"], rows.filter((e) => e.enabled || e.allowed).sort((a, b) => Number(b.enabled) - Number(a.enabled)).map((e) =>
           h("tr", null, h("td", null, text(e.name)), h("td", null, e.enabled ? "yes" : "no"),
             h("td", null, text(e.installed_version)), h("td", null, text(e.default_version)),
             h("td", null, e.allowed ? "yes" : text(e.reason)))))];
     });
-    optional("/previews?limit=50", "preview_databases", sections.previews, (rows) =>
+    optional("/preview-databases?limit=50", "preview_databases", sections.previews, (rows) =>
       table(["Name", "Mode", "State", "Database", "Expires"], rows.map((p) => h("tr", null,
         h("td", null, text(p.name)), h("td", null, text(p.mode)), h("td", null, badge(p.state)),
         h("td", null, text(p.database_name)), h("td", null, when(p.ttl_expires_at))))));
