@@ -80,8 +80,10 @@
     return h("a", Object.assign({ href: href }, attrs), text);
   }
 
+  // Ids are UUIDv7: their first digits are a timestamp, shared by ids made together,
+  // so the short form is their random tail.
   function short(id) {
-    return id ? String(id).slice(0, 8) : "—";
+    return id ? "…" + String(id).slice(-8) : "—";
   }
 
   function text(value) {

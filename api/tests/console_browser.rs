@@ -176,6 +176,17 @@ async fn sign_in(c: &Client, key: &str) {
         "the signed-in header",
     )
     .await;
+    // The key is in session storage, not in the page or its address.
+    let shown = c
+        .execute(
+            "return document.documentElement.outerHTML.includes(arguments[0]) \
+             || [...document.querySelectorAll('input')].some((i) => i.value === arguments[0]) \
+             || location.href.includes(arguments[0])",
+            vec![json!(key)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(shown, json!(false));
 }
 
 async fn sign_out(c: &Client) {
@@ -186,7 +197,10 @@ async fn sign_out(c: &Client) {
         "the sign-in form after sign-out",
     )
     .await;
-    assert_eq!(js(c, "return sessionStorage.length").await, json!(0));
+    assert_eq!(
+        js(c, "return [sessionStorage.length, localStorage.length]").await,
+        json!([0, 0])
+    );
     assert_eq!(
         js(c, "return document.querySelector('#top').hidden").await,
         json!(true)
@@ -315,9 +329,12 @@ async fn scenarios(c: &Client, f: &Fixture) {
         "the sign-in form",
     )
     .await;
-    let paint = js(
+    // Paint entries are recorded after the frame: wait for both.
+    let paint = wait_for(
         c,
-        "return performance.getEntriesByType('paint').map((e) => [e.name, Math.round(e.startTime)])",
+        "performance.getEntriesByType('paint').length >= 2 && \
+         performance.getEntriesByType('paint').map((e) => [e.name, Math.round(e.startTime)])",
+        "the paint timings",
     )
     .await;
     let navigation = js(
