@@ -120,6 +120,9 @@ fn walk() -> Vec<Case> {
         case("POST", "/v1/projects/{id}/start", Write, NotFound, NotFound),
         // Plans: one catalogue for every caller, naming no tenant's objects.
         case("GET", "/v1/plans", Read, List("plans"), List("plans")),
+        // The queue's figures: each key its own (queue_http.rs checks the counts).
+        case("GET", "/v1/queue", Read, Status(200), Status(200)),
+        case("GET", "/v1/queue", Read, Status(200), Status(200)).query("organization_id={org}"),
         // Extensions.
         case("GET", "/v1/projects/{id}/extensions", Read, NotFound, NotFound),
         case("POST", "/v1/projects/{id}/extensions", Write, NotFound, NotFound)

@@ -20,11 +20,8 @@ async fn connect_and_select(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The 99th percentile in milliseconds (nearest rank; the samples get sorted).
 fn p99_ms(samples: &mut [Duration]) -> f64 {
-    samples.sort();
-    let rank = (samples.len() * 99).div_ceil(100).max(1);
-    ms(samples[rank - 1])
+    crate::stats::percentile_ms(samples, 99)
 }
 
 /// Times `runs` creations against a stack whose workers keep `pool` databases ready:

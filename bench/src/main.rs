@@ -4,7 +4,9 @@
 
 mod backup;
 mod engines;
+mod insert;
 mod instant;
+mod joblist;
 mod metrics;
 mod pooler;
 mod preview;
@@ -79,6 +81,12 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// The console's queries (the jobs list with each filter, deep paging, the queue
+    /// overview) on a few jobs, then on a history of --history jobs, same run.
+    Joblist(joblist::JobListArgs),
+    /// Jobs into the queue per second: one per transaction (the baseline), one per
+    /// statement, and `enqueue_many` batches, same run.
+    Insert(insert::InsertArgs),
 }
 
 #[tokio::main]
@@ -100,5 +108,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Backup(args) => backup::backup(&args).await,
         Bench::Preview(args) => preview::preview(&args).await,
         Bench::Engines { runs } => engines::engines(runs).await,
+        Bench::Joblist(args) => joblist::joblist(&args).await,
+        Bench::Insert(args) => insert::insert(&args).await,
     }
 }

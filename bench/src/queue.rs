@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use capy_shared::model::job_type;
-use capy_shared::queue::NOTIFY_CHANNEL;
 use capy_testkit::{fresh_database, ProcessStack, TestDatabase};
 use serde_json::json;
 use sqlx::PgPool;
@@ -175,17 +174,8 @@ fn new_ids(count: i64) -> Vec<uuid::Uuid> {
 
 async fn insert_jobs(pool: &PgPool, count: i64, kind: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "insert into jobs (id, type, max_attempts) select id, $1, 3 from unnest($2::uuid[]) as id",
-    )
-    .bind(kind)
-    .bind(new_ids(count))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("select pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
+    let jobs = crate::insert::noop_jobs(kind, usize::try_from(count)?);
+    capy_shared::queue::enqueue_many(&mut tx, &jobs).await?;
     tx.commit().await?;
     Ok(())
 }

@@ -13,6 +13,13 @@ pub fn median_ms(samples: &mut [Duration]) -> f64 {
     }
 }
 
+/// The `percent`th percentile in milliseconds (nearest rank; the samples get sorted).
+pub fn percentile_ms(samples: &mut [Duration], percent: usize) -> f64 {
+    samples.sort();
+    let rank = (samples.len() * percent).div_ceil(100).max(1);
+    ms(samples[rank - 1])
+}
+
 pub fn ms(duration: Duration) -> f64 {
     round2(duration.as_secs_f64() * 1000.0)
 }

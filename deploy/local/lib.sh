@@ -79,6 +79,19 @@ ensure_python_venv() {
   fi
 }
 
+# The console's browser tests drive Debian's headless Chromium through chromedriver.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    note "chromium or chromedriver is missing (the console's browser tests): installing chromium and chromium-driver from Debian's packages"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null ||
+      die "apt-get install chromium chromium-driver failed"
+  else
+    die "chromium and chromedriver are missing (the console's browser tests): run 'sudo apt-get install chromium chromium-driver'"
+  fi
+}
+
 # PostgreSQL refuses to run as root: as root, run its tools as the postgres user.
 as_pg_owner() {
   if [ "$(id -u)" = 0 ]; then

@@ -6,8 +6,9 @@ use uuid::Uuid;
 
 /// Where a job is in its life. A failed attempt that may be retried goes back to
 /// `Pending` with a later `run_at`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum JobState {
     Pending,
     Claimed,

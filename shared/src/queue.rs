@@ -66,6 +66,64 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> sqlx::Result<Job>
     Ok(inserted)
 }
 
+/// Queues many jobs in one statement inside the caller's transaction (their columns as
+/// arrays, unnested in order, so `seq` follows the slice's order), and wakes idle
+/// workers once when it commits; answers the new jobs' ids in that order. The
+/// resources the jobs name are locked first, as [`enqueue`] does, in one statement and
+/// sorted, so two bulk enqueues of overlapping resources cannot deadlock.
+pub async fn enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> sqlx::Result<Vec<Uuid>> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut resources: Vec<&str> = jobs
+        .iter()
+        .filter_map(|job| job.locked_resource.as_deref())
+        .collect();
+    resources.sort_unstable();
+    resources.dedup();
+    if !resources.is_empty() {
+        sqlx::query(
+            "select count(pg_advisory_xact_lock(hashtextextended(r, 0)))
+             from (select r from unnest($1::text[]) r order by r) s",
+        )
+        .bind(&resources)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+    let column = |f: fn(&NewJob) -> Option<Uuid>| jobs.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "insert into jobs (id, type, organization_id, project_id, cluster_id, locked_resource,
+                           max_attempts, args, run_at, preview_database_id)
+         select id, type, organization_id, project_id, cluster_id, locked_resource,
+                max_attempts, args, coalesce(run_at, now()), preview_database_id
+         from unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
+                     $7::int4[], $8::jsonb[], $9::timestamptz[], $10::uuid[])
+              with ordinality as t(id, type, organization_id, project_id, cluster_id,
+                                   locked_resource, max_attempts, args, run_at,
+                                   preview_database_id, n)
+         order by n",
+    )
+    .bind(&ids)
+    .bind(jobs.iter().map(|j| j.job_type.as_str()).collect::<Vec<_>>())
+    .bind(column(|j| j.organization_id))
+    .bind(column(|j| j.project_id))
+    .bind(column(|j| j.cluster_id))
+    .bind(
+        jobs.iter()
+            .map(|j| j.locked_resource.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(jobs.iter().map(|j| j.max_attempts).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| &j.args).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.run_at).collect::<Vec<_>>())
+    .bind(column(|j| j.preview_database_id))
+    .execute(&mut *conn)
+    .await?;
+    wake_workers(&mut *conn).await?;
+    Ok(ids)
+}
+
 /// Wakes idle workers (LISTEN) when the caller's transaction commits.
 async fn wake_workers(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query("select pg_notify($1, '')")

@@ -14,6 +14,7 @@ mod organizations;
 mod plans;
 mod previews;
 pub(crate) mod projects;
+mod queue;
 mod restores;
 
 use std::sync::Arc;
@@ -136,6 +137,7 @@ pub fn router_and_openapi() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(previews::reset))
         .routes(routes!(previews::connections))
         .routes(routes!(plans::list))
+        .routes(routes!(queue::overview))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::show))
         .routes(routes!(jobs::attempts))

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use capy_shared::queue::NOTIFY_CHANNEL;
+use capy_shared::queue::{self, NewJob};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -18,28 +18,21 @@ pub async fn queue_jobs(
     max_attempts: i32,
     resource: impl Fn(usize) -> Option<String>,
 ) -> Vec<Uuid> {
-    let ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
-    let resources: Vec<Option<String>> = (0..count).map(resource).collect();
+    let jobs: Vec<NewJob> = (0..count)
+        .map(|i| NewJob {
+            job_type: job_type.to_string(),
+            organization_id: None,
+            project_id: None,
+            preview_database_id: None,
+            cluster_id: None,
+            locked_resource: resource(i),
+            max_attempts,
+            args: serde_json::json!({}),
+            run_at: None,
+        })
+        .collect();
     let mut tx = pool.begin().await.unwrap();
-    // unnest … with ordinality keeps the arrays' order, so seq follows submission.
-    sqlx::query(
-        "insert into jobs (id, type, max_attempts, locked_resource)
-         select id, $3, $4, resource
-         from unnest($1::uuid[], $2::text[]) with ordinality as t(id, resource, n)
-         order by n",
-    )
-    .bind(&ids)
-    .bind(&resources)
-    .bind(job_type)
-    .bind(max_attempts)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    sqlx::query("select pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let ids = queue::enqueue_many(&mut tx, &jobs).await.unwrap();
     tx.commit().await.unwrap();
     ids
 }
