@@ -593,19 +593,40 @@ async fn scenarios(c: &Client, f: &Fixture) {
     .await;
     let report = text_of(c, "[data-testid=access-report]").await;
     assert!(report.contains("reachable"), "{report}");
+    // The fleet's queue: depth, the last hour's chart, per-type rows, the worker.
     open(c, "#/overview").await;
     wait_for(
         c,
-        "document.querySelector('[data-testid=overview] .stat')",
+        "document.querySelector('[data-testid=depth-pending] .stat-value')",
         "the overview",
     )
     .await;
     wait_for(
         c,
-        "!document.querySelector('[data-testid=chart]') || document.querySelector('[data-testid=chart] rect')",
+        "document.querySelectorAll('[data-testid=chart] rect.bar').length > 0",
         "the chart's bars",
     )
     .await;
+    let types = text_of(c, "[data-testid=by-type]").await;
+    assert!(
+        types.contains("project.create") && types.contains("project.update"),
+        "{types}"
+    );
+    let workers = wait_for(
+        c,
+        "[...document.querySelectorAll('[data-testid=worker-row]')].map((r) => r.textContent).join(' ')",
+        "the workers seen",
+    )
+    .await;
+    assert!(workers.as_str().unwrap().contains("worker-1"), "{workers}");
+    assert_eq!(
+        js(
+            c,
+            "return document.querySelector('[data-testid=queue-missing]')"
+        )
+        .await,
+        Value::Null
+    );
     screenshot(c, "overview.png").await;
 
     // Sign-out forgets the key: nothing in session storage, the sign-in form shown,
