@@ -121,17 +121,25 @@
   }
 
   // A monospace viewer for step output: scrolls, keeps long lines, never renders markup.
+  // Terminal control sequences (colours, cursor moves) a step may print: shown as
+  // nothing rather than as stray characters.
+  const ANSI = /\u001b\[[0-9;?]*[ -/]*[@-~]/g;
+
   function output(content, testid) {
-    const body = content === null || content === undefined ? "" : String(content);
-    const lines = body === "" ? 0 : body.split("\n").length;
+    const raw = content === null || content === undefined ? "" : String(content);
+    const body = raw.replace(ANSI, "");
+    const stripped = raw.length - body.length;
+    const lines = body === "" ? 0 : body.replace(/\n$/, "").split("\n").length;
     const pre = h("pre", { class: "output", "data-testid": testid, tabindex: "0" },
       body === "" ? "(empty)" : body);
     if (body === "") pre.classList.add("empty");
     const wrap = button("Wrap lines", { class: "quiet small" }, () => {
       pre.classList.toggle("wrap");
     });
+    const about = lines + (lines === 1 ? " line, " : " lines, ") + body.length + " characters" +
+      (stripped ? " (terminal colour codes hidden)" : "");
     return h("div", { class: "viewer" },
-      h("div", { class: "viewer-bar" }, h("span", { class: "muted" }, lines + " lines, " + body.length + " chars"), wrap),
+      h("div", { class: "viewer-bar" }, h("span", { class: "muted" }, about), wrap),
       pre);
   }
 
@@ -594,7 +602,7 @@
       const newKey = [job.state, job.attempts, job.updated_at].join("|");
       if (newKey !== attemptsKey) {
         attemptsKey = newKey;
-        loadAttempts(v, job.id, attemptsBox);
+        loadAttempts(v, job, attemptsBox);
       }
     };
 
@@ -686,7 +694,19 @@
     ];
   }
 
-  async function loadAttempts(v, id, box) {
+  async function loadAttempts(v, job, box) {
+    const id = job.id;
+    // The attempt under way is not in the list until it ends: shown from the job.
+    const running = job.state === "claimed"
+      ? h("section", { class: "attempt running", "data-testid": "attempt-running" },
+        h("h3", null, "Attempt " + job.attempts + " ", badge("running")),
+        fields([
+          ["worker", job.claimed_by],
+          ["started at", when(job.started_at || job.claimed_at)],
+          ["cancel requested at", job.cancel_requested_at ? when(job.cancel_requested_at) : null],
+        ], { class: "fields wide" }),
+        h("p", { class: "muted small" }, "Its stdout and stderr are shown when it ends."))
+      : null;
     try {
       const all = [];
       let cursor = "";
@@ -699,10 +719,10 @@
       }
       if (!v.alive) return;
       if (all.length === 0) {
-        replace(box, h("p", { class: "muted", "data-testid": "no-attempts" }, "No finished attempt yet."));
+        replace(box, running, h("p", { class: "muted", "data-testid": "no-attempts" }, "No finished attempt yet."));
         return;
       }
-      replace(box, all.map((a) => h("section", { class: "attempt", "data-testid": "attempt", "data-attempt": a.attempt },
+      replace(box, running, all.map((a) => h("section", { class: "attempt", "data-testid": "attempt", "data-attempt": a.attempt },
         h("h3", null, "Attempt " + a.attempt, " ", a.classification ? badge(a.classification) : null),
         fields([
           ["worker", a.worker],
@@ -793,6 +813,7 @@
       } catch (err) {
         if (v.alive) replace(head, errorText(err));
       }
+      v.later(loadProject, 5000);
     };
     loadProject();
 

@@ -391,6 +391,12 @@ async fn scenarios(c: &Client, f: &Fixture) {
     let enable_job = text(&enable["job"]["id"]).to_string();
     open(c, &format!("#/jobs/{enable_job}")).await;
     job_state_is(c, "claimed").await;
+    wait_for(
+        c,
+        "document.querySelector('[data-testid=attempt-running]').textContent.includes('worker-1')",
+        "the running attempt and its worker",
+    )
+    .await;
     click(c, "[data-testid=cancel-job]").await;
     job_state_is(c, "cancelled").await;
     wait_for(
