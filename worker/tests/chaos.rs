@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test support: a failed set-up should panic
 //! Workers killed with SIGKILL, and one frozen with SIGSTOP past its lease, mid
 //! burn-down of jobs that each run a real child process: every job still completes,
 //! exactly one attempt of each succeeds, and no two steps of a resource (three jobs
@@ -84,9 +85,9 @@ async fn killed_and_frozen_workers_lose_no_job_and_no_step_runs_twice_at_once() 
     ];
     let mut stack = ProcessStack::start(&db.url, 6, &env).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // A resource per job: it names the job's lock file (one job each, so nothing waits).
+    // The resource names the step's lock file; its jobs run one after another.
     common::queue_jobs(&db.pool, "test.hold", JOBS, 10, |i| {
-        Some(format!("chaos-{i}"))
+        Some(format!("chaos-{}", i % (JOBS / PER_RESOURCE)))
     })
     .await;
 
