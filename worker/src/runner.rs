@@ -465,7 +465,7 @@ impl Worker {
         let jobs = queue::finish(&mut tx, &self.settings.worker_id, batch).await?;
         for job in &jobs {
             effects::apply(&mut tx, job).await?;
-            tracing::info!(job_id = %job.id, attempt = job.attempts, state = job.state, "outcome recorded");
+            tracing::info!(job_id = %job.id, attempt = job.attempts, state = %job.state, "outcome recorded");
         }
         tx.commit().await?;
         for job in &jobs {
@@ -656,7 +656,7 @@ impl Worker {
         let mut tx = self.pool.begin().await?;
         let rescued = queue::rescue_expired(&mut tx, &self.settings.retry, 100).await?;
         for job in &rescued {
-            tracing::warn!(job_id = %job.id, attempt = job.attempts, state = job.state, "rescued a job whose worker was lost");
+            tracing::warn!(job_id = %job.id, attempt = job.attempts, state = %job.state, "rescued a job whose worker was lost");
             effects::apply(&mut tx, job).await?;
         }
         tx.commit().await
