@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder, Retryable as _};
 use capy_shared::crypto::SecretBox;
 use capy_shared::model::{job_type, Job, RetryClassification};
 use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, RetryPolicy};
@@ -139,7 +140,7 @@ impl Worker {
             tokio::spawn(self.clone().periodic()),
         ];
         let mut attempts = JoinSet::new();
-        let mut failures = 0u32;
+        let mut claim_backoff = Backoff::default();
         tokio::pin!(shutdown);
         loop {
             while attempts.try_join_next().is_some() {}
@@ -160,7 +161,7 @@ impl Worker {
                     .await
                 {
                     Ok(jobs) => {
-                        failures = 0;
+                        claim_backoff.succeeded();
                         self.metrics.claimed(&jobs);
                         if jobs.len() == free {
                             // More may be waiting: claim again as soon as a slot frees.
@@ -184,8 +185,7 @@ impl Worker {
                         }
                     }
                     Err(error) => {
-                        failures += 1;
-                        idle_wait = backoff(failures);
+                        idle_wait = claim_backoff.failed();
                         tracing::warn!(error = %error, retry_in_ms = idle_wait.as_millis() as u64, "claiming jobs failed");
                     }
                 }
@@ -434,27 +434,21 @@ impl Worker {
             // The entries go (and their leases stop being renewed) once this is written.
             let (batch, _entries): (Vec<FinishedAttempt>, Vec<Option<RunningEntry>>) =
                 received.drain(..).map(|o| (o.finished, o.entry)).unzip();
-            let mut failures = 0;
-            loop {
-                match self.record(&batch).await {
-                    Ok(recorded) => {
-                        if recorded < batch.len() {
-                            tracing::warn!(
-                                dropped = batch.len() - recorded,
-                                "outcomes of jobs no longer ours (lease lost or cancelled) were not recorded"
-                            );
-                        }
-                        break;
-                    }
-                    Err(error) => {
-                        failures += 1;
-                        if failures > 60 {
-                            tracing::error!(error = %error, "giving up recording outcomes; their leases will expire and the jobs be retried");
-                            break;
-                        }
-                        tracing::warn!(error = %error, "recording outcomes failed; retrying");
-                        tokio::time::sleep(backoff(failures)).await;
-                    }
+            let recorded = (|| self.record(&batch))
+                .retry(control_database_backoff().with_max_times(RECORD_RETRIES))
+                .sleep(tokio::time::sleep)
+                .notify(|error, wait| {
+                    tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "recording outcomes failed; retrying");
+                })
+                .await;
+            match recorded {
+                Ok(recorded) if recorded < batch.len() => tracing::warn!(
+                    dropped = batch.len() - recorded,
+                    "outcomes of jobs no longer ours (lease lost or cancelled) were not recorded"
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::error!(error = %error, "giving up recording outcomes; their leases will expire and the jobs be retried");
                 }
             }
         }
@@ -690,7 +684,7 @@ impl Worker {
     /// Wakes the loop on each new job and stops steps of cancelled jobs; reconnects
     /// when the connection drops (polling and heartbeats cover the gap).
     async fn listen(self: Arc<Self>, wake: Arc<Notify>) {
-        let mut failures = 0;
+        let mut backoff = Backoff::default();
         loop {
             let listener = async {
                 let mut listener = PgListener::connect_with(&self.pool).await?;
@@ -701,7 +695,7 @@ impl Worker {
             };
             match listener.await {
                 Ok(mut listener) => {
-                    failures = 0;
+                    backoff.succeeded();
                     // Notifications sent while we were away are lost: look now.
                     wake.notify_one();
                     while let Ok(notification) = listener.recv().await {
@@ -715,11 +709,12 @@ impl Worker {
                     }
                 }
                 Err(error) => {
-                    failures += 1;
                     tracing::debug!(error = %error, "LISTEN unavailable; polling meanwhile");
                 }
             }
-            tokio::time::sleep(backoff(failures)).await;
+            // Also after a dropped connection: a server that drops it at once is not
+            // asked again in a tight loop.
+            tokio::time::sleep(backoff.failed()).await;
         }
     }
 }
@@ -751,7 +746,63 @@ fn failure(class: RetryClassification, error: String) -> AttemptOutcome {
     }
 }
 
-/// 100 ms doubling per failure, capped at 5 s.
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
+/// Retries of a batch of outcomes before the completer gives up on it (its leases
+/// then expire and rescue retries the jobs).
+const RECORD_RETRIES: usize = 60;
+
+/// How the worker waits between tries of its work on the control database (claiming,
+/// recording outcomes, LISTEN): 100 ms, doubling up to 2.5 s, each wait jittered by
+/// up to as much again (so at most 5 s), so workers that lost the database together
+/// do not come back in step.
+fn control_database_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_millis(2500))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// The waits of a loop that retries by itself (claims, LISTEN): the policy's next wait
+/// after each failure, from the first again after a success.
+#[derive(Default)]
+struct Backoff {
+    waits: Option<ExponentialBackoff>,
+}
+
+impl Backoff {
+    fn failed(&mut self) -> Duration {
+        self.waits
+            .get_or_insert_with(|| control_database_backoff().build())
+            .next()
+            .unwrap_or(Duration::from_secs(5))
+    }
+
+    fn succeeded(&mut self) {
+        self.waits = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_under_five_seconds_and_restarts() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<Duration> = (0..12).map(|_| backoff.failed()).collect();
+        let within = |wait: Duration, step_ms: u64| {
+            let step = Duration::from_millis(step_ms);
+            wait >= step && wait <= step * 2
+        };
+        assert!(within(waits[0], 100), "{waits:?}");
+        assert!(within(waits[1], 200), "{waits:?}");
+        assert!(within(waits[4], 1600), "{waits:?}");
+        assert!(within(waits[11], 2500), "{waits:?}");
+        assert!(
+            waits.iter().all(|w| *w <= Duration::from_secs(5)),
+            "{waits:?}"
+        );
+        backoff.succeeded();
+        assert!(within(backoff.failed(), 100));
+    }
 }
