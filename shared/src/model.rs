@@ -128,9 +128,13 @@ pub fn redis_prefix(id: Uuid) -> String {
     format!("p:{id}:")
 }
 
-/// Why an attempt failed, which decides whether the job is retried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Why an attempt failed, which decides whether the job is retried. Stored as text
+/// (`jobs.retry_classification`, `job_attempts.classification`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum RetryClassification {
     /// Retried with backoff (exit 75, a step killed by a signal, a lost connection).
     Transient,
@@ -234,7 +238,7 @@ pub struct Job {
     pub last_stdout: Option<String>,
     pub last_stderr: Option<String>,
     pub locked_resource: Option<String>,
-    pub retry_classification: Option<String>,
+    pub retry_classification: Option<RetryClassification>,
     /// What the job needs beyond its project and cluster, e.g.
     /// `{"name": "pgcrypto", "version": "1.3"}` for extension jobs.
     #[schema(value_type = Object)]
@@ -259,7 +263,7 @@ pub struct JobAttempt {
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
-    pub classification: Option<String>,
+    pub classification: Option<RetryClassification>,
     pub error: Option<String>,
     pub stdout: String,
     pub stderr: String,

@@ -97,10 +97,7 @@ async fn a_cancel_asked_during_an_attempt_wins_over_its_transient_failure_or_tim
             class.as_str()
         );
         assert!(recorded.completed_at.is_some(), "{recorded:?}");
-        assert_eq!(
-            recorded.retry_classification.as_deref(),
-            Some(class.as_str())
-        );
+        assert_eq!(recorded.retry_classification, Some(class));
         let error = recorded.error.clone().unwrap_or_default();
         assert!(
             error.contains("cancelled by request") && error.contains("restarting"),
