@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use capy_shared::model::JobState;
 use sqlx::PgPool;
 
 /// Pending and claimed jobs now (`live`: `capy_jobs{type,state}`); completed, failed
@@ -28,7 +29,7 @@ pub const JOBS_BY_TYPE_AND_STATE: &str = "
 pub struct JobCount {
     #[sqlx(rename = "type")]
     pub job_type: String,
-    pub state: String,
+    pub state: JobState,
     pub count: i64,
     /// Pending or claimed now; otherwise finished in the window.
     pub live: bool,

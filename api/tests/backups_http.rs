@@ -7,7 +7,7 @@ mod common;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use capy_shared::backups;
-use capy_shared::model::{Job, JOB_COLUMNS};
+use capy_shared::model::{Job, JobState, JOB_COLUMNS};
 use capy_shared::store::{BackupStore, StoreConfig};
 use common::TestApp;
 use http_body_util::BodyExt as _;
@@ -65,7 +65,7 @@ async fn job(app: &TestApp, id: &str) -> Job {
 /// Ends job `id` in `state` with `stdout`, and applies it as a worker would.
 async fn finish(app: &TestApp, id: &str, state: &str, stdout: &str, error: Option<&str>) {
     let mut job = job(app, id).await;
-    job.state = state.into();
+    job.state = JobState::parse(state).expect("a job state");
     job.last_stdout = Some(stdout.into());
     job.error = error.map(String::from);
     sqlx::query("update jobs set state = $2 where id = $1")

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use capy_shared::model::{Job, JOB_COLUMNS};
+use capy_shared::model::{Job, JobState, JOB_COLUMNS};
 use chrono::{DateTime, Utc};
 use common::TestApp;
 use http_body_util::BodyExt as _;
@@ -86,7 +86,7 @@ async fn finish(app: &TestApp, id: &str, state: &str) {
     .fetch_one(&app.db.pool)
     .await
     .unwrap();
-    job.state = state.into();
+    job.state = JobState::parse(state).expect("a job state");
     job.error = (state != "completed").then(|| "it broke".to_string());
     let mut tx = app.db.pool.begin().await.unwrap();
     sqlx::query("update jobs set state = $2, error = $3 where id = $1")

@@ -8,7 +8,9 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::model::{job_type, Backup, BackupKind, BackupState, Job, BACKUP_COLUMNS, JOB_COLUMNS};
+use crate::model::{
+    job_type, Backup, BackupKind, BackupState, Job, JobState, BACKUP_COLUMNS, JOB_COLUMNS,
+};
 use crate::periodic::{self, NewPeriodicJob, PeriodicJob};
 use crate::queue::{self, NewJob};
 use crate::step;
@@ -210,7 +212,7 @@ async fn latest_job(
 }
 
 fn in_flight(job: &Job) -> bool {
-    matches!(job.state.as_str(), "pending" | "claimed")
+    matches!(job.state, JobState::Pending | JobState::Claimed)
 }
 
 /// Why a change to a backup was refused.
@@ -408,9 +410,9 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
     let Some(id) = backup_id(&job.args) else {
         return Ok(());
     };
-    match (job.job_type.as_str(), job.state.as_str()) {
-        (job_type::PROJECT_BACKUP, "completed") => backup_completed(conn, job, id).await,
-        (job_type::PROJECT_BACKUP, "failed" | "cancelled") => {
+    match (job.job_type.as_str(), job.state) {
+        (job_type::PROJECT_BACKUP, JobState::Completed) => backup_completed(conn, job, id).await,
+        (job_type::PROJECT_BACKUP, JobState::Failed | JobState::Cancelled) => {
             let error = job_error(job, "the backup was cancelled");
             execute(
                 conn,
@@ -424,7 +426,7 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
             )
             .await
         }
-        (job_type::PROJECT_BACKUP_VERIFY, "completed") => {
+        (job_type::PROJECT_BACKUP_VERIFY, JobState::Completed) => {
             let sql = "update backups set verification_state = 'verified',
                               verification_error = null, verified_at = now(), updated_at = now()
                        where id = $1 and verification_state = 'pending'";
@@ -433,8 +435,10 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
         // A verification that never ran (cancelled, or its project deleted first)
         // says nothing against the archive: it is skipped, and the backup stays
         // restorable. Only a verification that ran and failed marks it failed.
-        (job_type::PROJECT_BACKUP_VERIFY, "cancelled") => skip_verification(conn, id, job).await,
-        (job_type::PROJECT_BACKUP_VERIFY, "failed")
+        (job_type::PROJECT_BACKUP_VERIFY, JobState::Cancelled) => {
+            skip_verification(conn, id, job).await
+        }
+        (job_type::PROJECT_BACKUP_VERIFY, JobState::Failed)
             if job
                 .error
                 .as_deref()
@@ -442,14 +446,14 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
         {
             skip_verification(conn, id, job).await
         }
-        (job_type::PROJECT_BACKUP_VERIFY, "failed") => {
+        (job_type::PROJECT_BACKUP_VERIFY, JobState::Failed) => {
             let error = job_error(job, "the verification failed");
             let sql = "update backups set verification_state = 'failed',
                               verification_error = $2, updated_at = now()
                        where id = $1 and verification_state = 'pending'";
             execute(conn, sql, id, Some(error)).await
         }
-        (job_type::BACKUP_DELETE, "completed") => {
+        (job_type::BACKUP_DELETE, JobState::Completed) => {
             let sql = "update backups set state = 'deleted', deleted_at = now(), updated_at = now()
                        where id = $1 and state = 'deleting'";
             execute(conn, sql, id, None).await

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::model::{job_type, Job};
+use crate::model::{job_type, Job, JobState};
 use crate::queue::{self, NewJob, PROJECT_IS_LIVE};
 
 /// The start of the error a failed rotation leaves on its project.
@@ -26,10 +26,10 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
     let Some(project_id) = job.project_id else {
         return Ok(());
     };
-    if job.job_type == job_type::PROJECT_DELETE && job.state == "completed" {
+    if job.job_type == job_type::PROJECT_DELETE && job.state == JobState::Completed {
         forget_deleted_project(conn, project_id).await?;
     }
-    if job.job_type == job_type::PROJECT_ROTATE_CREDENTIALS && job.state == "completed" {
+    if job.job_type == job_type::PROJECT_ROTATE_CREDENTIALS && job.state == JobState::Completed {
         return rotation_completed(conn, job, project_id).await;
     }
     let sql = match job.job_type.as_str() {
@@ -128,7 +128,7 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
     };
     sqlx::query(sql)
         .bind(project_id)
-        .bind(&job.state)
+        .bind(job.state)
         .bind(&job.error)
         .bind(&job.args)
         .execute(conn)

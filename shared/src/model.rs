@@ -5,8 +5,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Where a job is in its life. A failed attempt that may be retried goes back to
-/// `Pending` with a later `run_at`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+/// `Pending` with a later `run_at`. Stored as text (`jobs.state`) and shown in JSON by
+/// its snake_case name.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum JobState {
@@ -18,6 +21,24 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [JobState; 5] = [
+        Self::Pending,
+        Self::Claimed,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    /// The state named `name` (its snake_case name, as in JSON and SQL).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether a job in this state is done: it runs no more unless retried.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -26,6 +47,12 @@ impl JobState {
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
         }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -101,9 +128,13 @@ pub fn redis_prefix(id: Uuid) -> String {
     format!("p:{id}:")
 }
 
-/// Why an attempt failed, which decides whether the job is retried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Why an attempt failed, which decides whether the job is retried. Stored as text
+/// (`jobs.retry_classification`, `job_attempts.classification`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum RetryClassification {
     /// Retried with backoff (exit 75, a step killed by a signal, a lost connection).
     Transient,
@@ -190,8 +221,7 @@ pub struct Job {
     #[serde(rename = "type")]
     #[sqlx(rename = "type")]
     pub job_type: String,
-    /// `pending`, `claimed`, `completed`, `failed` or `cancelled`.
-    pub state: String,
+    pub state: JobState,
     pub organization_id: Option<Uuid>,
     pub project_id: Option<Uuid>,
     pub cluster_id: Option<Uuid>,
@@ -208,7 +238,7 @@ pub struct Job {
     pub last_stdout: Option<String>,
     pub last_stderr: Option<String>,
     pub locked_resource: Option<String>,
-    pub retry_classification: Option<String>,
+    pub retry_classification: Option<RetryClassification>,
     /// What the job needs beyond its project and cluster, e.g.
     /// `{"name": "pgcrypto", "version": "1.3"}` for extension jobs.
     #[schema(value_type = Object)]
@@ -233,7 +263,7 @@ pub struct JobAttempt {
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
-    pub classification: Option<String>,
+    pub classification: Option<RetryClassification>,
     pub error: Option<String>,
     pub stdout: String,
     pub stderr: String,
@@ -490,3 +520,19 @@ pub const PREVIEW_SELECT: &str = "select v.id, v.project_id, v.name, v.mode, v.s
     v.max_connections, v.statement_timeout, v.idle_transaction_timeout, v.storage_limit_bytes, \
     v.source_kind, v.source_database, v.last_error, v.latest_job_id, v.ttl_expires_at, \
     v.created_at, v.updated_at from preview_databases v join clusters c on c.id = v.cluster_id";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_states_have_one_name_in_json_and_sql() {
+        for state in JobState::ALL {
+            let json = serde_json::to_value(state).expect("serializes");
+            assert_eq!(json, state.as_str());
+            assert_eq!(JobState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(JobState::parse("retry"), None);
+        assert_eq!(JobState::parse("Completed"), None);
+    }
+}

@@ -460,7 +460,7 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
     };
     sqlx::query(sql)
         .bind(id)
-        .bind(&job.state)
+        .bind(job.state)
         .bind(&job.error)
         .execute(conn)
         .await?;

@@ -12,7 +12,7 @@ use rand::Rng as _;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::model::{job_type, Job, RetryClassification, JOB_COLUMNS};
+use crate::model::{job_type, Job, JobState, RetryClassification, JOB_COLUMNS};
 
 /// NOTIFY channel that wakes idle workers when a job is queued.
 pub const NOTIFY_CHANNEL: &str = "capy_jobs";
@@ -294,11 +294,13 @@ pub async fn finish(
     let mut delays = Vec::with_capacity(attempts.len());
     for finished in attempts {
         let outcome = &finished.outcome;
+        // The job's next state, or `retry` (not a state: the statement decides between
+        // pending, failed and cancelled).
         let (state, class) = match outcome.classification {
-            None if outcome.cancelled => ("cancelled", None),
-            None => ("completed", None),
+            None if outcome.cancelled => (JobState::Cancelled.as_str(), None),
+            None => (JobState::Completed.as_str(), None),
             Some(class) if class.is_retryable() => ("retry", Some(class.as_str())),
-            Some(class) => ("failed", Some(class.as_str())),
+            Some(class) => (JobState::Failed.as_str(), Some(class.as_str())),
         };
         ids.push(finished.job_id);
         numbers.push(finished.attempt);
@@ -470,7 +472,7 @@ pub async fn cancel(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Trans
     let Some(job) = lock_job(conn, job_id).await? else {
         return Ok(Transition::NotFound);
     };
-    if job.state == "claimed" && job.cancel_requested_at.is_none() {
+    if job.state == JobState::Claimed && job.cancel_requested_at.is_none() {
         sqlx::query("select pg_notify($1, $2)")
             .bind(CANCEL_CHANNEL)
             .bind(job_id.to_string())
@@ -486,7 +488,7 @@ pub async fn cancel(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<Trans
             .await?;
         return Ok(Transition::Done(job));
     }
-    if job.state != "pending" {
+    if job.state != JobState::Pending {
         return Ok(Transition::Refused(job));
     }
     let sql = format!(
@@ -513,7 +515,7 @@ pub async fn retry(
     let Some(job) = lock_job(conn, job_id).await? else {
         return Ok(Transition::NotFound);
     };
-    if job.state != "failed" && job.state != "cancelled" {
+    if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
         return Ok(Transition::Refused(job));
     }
     if !job_type::runs_for_deleted_project(&job.job_type)

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::model::Job;
+use crate::model::{BackupState, Job, VerificationState};
 
 /// How long an approval may be used after it is made.
 pub const APPROVAL_MINUTES: i32 = 10;
@@ -152,8 +152,8 @@ pub struct RestoreSource {
     /// The project it was taken of (perhaps deleted since).
     pub project_id: Uuid,
     pub backup_key: String,
-    pub state: String,
-    pub verification_state: String,
+    pub state: BackupState,
+    pub verification_state: VerificationState,
     pub verification_error: Option<String>,
     pub manifest: Option<Value>,
 }
@@ -162,13 +162,14 @@ impl RestoreSource {
     /// Why it cannot be restored, if it cannot: an archive counts only once its job
     /// completed, and one whose test restore failed is not trusted.
     pub fn refusal(&self) -> Option<String> {
-        if self.state != "completed" {
+        if self.state != BackupState::Completed {
             return Some(format!(
                 "backup {} is {}, not completed: only a completed backup can be restored",
-                self.id, self.state
+                self.id,
+                self.state.as_str()
             ));
         }
-        if self.verification_state == "failed" {
+        if self.verification_state == VerificationState::Failed {
             return Some(format!(
                 "backup {} failed its verification ({}): it cannot be restored",
                 self.id,
@@ -264,7 +265,7 @@ pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
            and $2 in ('completed', 'failed', 'cancelled')",
     )
     .bind(project_id)
-    .bind(&job.state)
+    .bind(job.state)
     .bind(&job.error)
     .bind(RESTORE_FAILED)
     .execute(conn)

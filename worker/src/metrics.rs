@@ -93,7 +93,7 @@ impl WorkerMetrics {
             .with_label_values(&[
                 job.job_type.as_str(),
                 job.state.as_str(),
-                job.retry_classification.as_deref().unwrap_or(""),
+                job.retry_classification.map_or("", |c| c.as_str()),
                 exit_code.as_str(),
             ])
             .inc();

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use capy_shared::model::{Job, RetryClassification};
+use capy_shared::model::{Job, JobState, RetryClassification};
 use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, NewJob, Transition};
 use capy_testkit::fresh_database;
 use sqlx::PgPool;
@@ -36,7 +36,7 @@ async fn claimed_job(pool: &PgPool) -> Job {
     tx.commit().await.unwrap();
     let claimed = queue::claim(pool, WORKER, 10, LEASE).await.unwrap();
     let claimed = claimed.into_iter().find(|j| j.id == job.id).unwrap();
-    assert_eq!(claimed.state, "claimed");
+    assert_eq!(claimed.state, JobState::Claimed);
     claimed
 }
 
@@ -46,7 +46,7 @@ async fn ask_cancel(pool: &PgPool, job: &Job) {
     tx.commit().await.unwrap();
     match outcome {
         Transition::Done(job) => {
-            assert_eq!(job.state, "claimed", "a running job stays claimed");
+            assert_eq!(job.state, JobState::Claimed, "a running job stays claimed");
             assert!(job.cancel_requested_at.is_some());
         }
         other => panic!("cancel refused: {other:?}"),
@@ -92,15 +92,12 @@ async fn a_cancel_asked_during_an_attempt_wins_over_its_transient_failure_or_tim
         let recorded = fail_attempt(&db.pool, &job, class).await;
         assert_eq!(
             recorded.state,
-            "cancelled",
+            JobState::Cancelled,
             "a cancel asked while the attempt ran was lost to its {} failure: {recorded:?}",
             class.as_str()
         );
         assert!(recorded.completed_at.is_some(), "{recorded:?}");
-        assert_eq!(
-            recorded.retry_classification.as_deref(),
-            Some(class.as_str())
-        );
+        assert_eq!(recorded.retry_classification, Some(class));
         let error = recorded.error.clone().unwrap_or_default();
         assert!(
             error.contains("cancelled by request") && error.contains("restarting"),
@@ -123,7 +120,7 @@ async fn without_a_cancel_a_transient_failure_is_retried() {
     let db = fresh_database().await.unwrap();
     let job = claimed_job(&db.pool).await;
     let recorded = fail_attempt(&db.pool, &job, RetryClassification::Transient).await;
-    assert_eq!(recorded.state, "pending", "{recorded:?}");
+    assert_eq!(recorded.state, JobState::Pending, "{recorded:?}");
     assert!(recorded.completed_at.is_none());
     assert_eq!(
         recorded.error.as_deref(),
@@ -139,5 +136,5 @@ async fn a_cancelled_job_whose_last_attempt_failed_for_good_still_ends_failed() 
     let job = claimed_job(&db.pool).await;
     ask_cancel(&db.pool, &job).await;
     let recorded = fail_attempt(&db.pool, &job, RetryClassification::Permanent).await;
-    assert_eq!(recorded.state, "failed", "{recorded:?}");
+    assert_eq!(recorded.state, JobState::Failed, "{recorded:?}");
 }

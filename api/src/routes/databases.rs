@@ -13,7 +13,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use capy_shared::instant::{self, ClientCaps, ClientRoom, Entry, InstantLimits};
-use capy_shared::model::job_type;
+use capy_shared::model::{job_type, JobState};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -353,14 +353,14 @@ async fn create_database(
     instant::assign(&mut tx, id, reference, client, ttl).await?;
     tx.commit().await?;
     match wait_for(state, job_id).await? {
-        "completed" => answer(state, id).await,
-        outcome => {
+        Some(JobState::Completed) => answer(state, id).await,
+        ended => {
             // Not handed out after all: expiry deletes it soon.
             sqlx::query("update projects set expires_at = now() where id = $1")
                 .bind(id)
                 .execute(&state.pool)
                 .await?;
-            Err(if outcome == "timeout" {
+            Err(if ended.is_none() {
                 Refusal {
                     retry_after: Some(5),
                     ..Refusal::new(
@@ -501,20 +501,21 @@ async fn no_cluster_for_logical(state: &AppState) -> Result<Refusal, Refusal> {
     })
 }
 
-/// Waits for a job to end: its state, or "timeout".
-async fn wait_for(state: &AppState, job_id: Uuid) -> Result<&'static str, Refusal> {
+/// Waits for a job to end: its finished state, or `None` if it did not end in time.
+async fn wait_for(state: &AppState, job_id: Uuid) -> Result<Option<JobState>, Refusal> {
     let deadline = Instant::now() + state.settings.instant_wait;
     loop {
-        let job_state: String = sqlx::query_scalar("select state from jobs where id = $1")
+        let job_state: JobState = sqlx::query_scalar("select state from jobs where id = $1")
             .bind(job_id)
             .fetch_one(&state.pool)
             .await?;
-        match job_state.as_str() {
-            "completed" => return Ok("completed"),
-            "failed" | "cancelled" => return Ok("failed"),
-            _ if Instant::now() >= deadline => return Ok("timeout"),
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        if job_state.is_finished() {
+            return Ok(Some(job_state));
         }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use capy_shared::effects;
-use capy_shared::model::{job_type, Job, JobAttempt, JOB_COLUMNS};
+use capy_shared::model::{job_type, Job, JobAttempt, JobState, JOB_COLUMNS};
 use capy_shared::queue::{self, Transition};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -19,8 +19,6 @@ use crate::extract::{Path, Query};
 use crate::idempotency::Idempotent;
 use crate::pagination::{self, Filter, Listing, NoFilter, NumberPageParams, PageParams};
 use crate::AppState;
-
-const STATES: [&str; 5] = ["pending", "claimed", "completed", "failed", "cancelled"];
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -41,11 +39,19 @@ impl Filter for JobFilter {
     const PARAMS: &'static [&'static str] = &["project_id", "state", "type", "organization_id"];
 }
 
+/// The `state` filter as a [`JobState`]; a 400 naming the states for any other text.
+fn parse_state(name: &str) -> ApiResult<JobState> {
+    JobState::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+        ApiError::BadRequest(format!("state must be one of {}", names.join(", ")))
+    })
+}
+
 /// What one page of the list asks for, every field optional.
 struct ListFilter {
     organization_id: Option<Uuid>,
     project_id: Option<Uuid>,
-    state: Option<String>,
+    state: Option<JobState>,
     job_type: Option<String>,
     /// The cursor: jobs older than this id.
     before: Option<Uuid>,
@@ -67,8 +73,8 @@ fn list_query(filter: &ListFilter, rows: i64) -> sqlx::QueryBuilder<'static, sql
     if let Some(id) = filter.project_id {
         query.push(" and project_id = ").push_bind(id);
     }
-    if let Some(state) = &filter.state {
-        query.push(" and state = ").push_bind(state.clone());
+    if let Some(state) = filter.state {
+        query.push(" and state = ").push_bind(state);
     }
     if let Some(job_type) = &filter.job_type {
         query.push(" and type = ").push_bind(job_type.clone());
@@ -97,14 +103,7 @@ pub async fn list(
 ) -> ApiResult<Json<JobList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
-    if let Some(s) = &filter.state {
-        if !STATES.contains(&s.as_str()) {
-            return Err(ApiError::BadRequest(format!(
-                "state must be one of {}",
-                STATES.join(", ")
-            )));
-        }
-    }
+    let job_state = filter.state.as_deref().map(parse_state).transpose()?;
     let organization_id = principal.listed_organization(filter.organization_id);
     // A project-scoped key sees its project's jobs only, whatever it asks for.
     let project_id = match (principal.project_id, filter.project_id) {
@@ -120,7 +119,7 @@ pub async fn list(
     let filter = ListFilter {
         organization_id,
         project_id,
-        state: filter.state,
+        state: job_state,
         job_type: filter.job_type,
         before: page.after::<Uuid>()?,
         internal: principal.is_admin,
@@ -298,7 +297,7 @@ async fn transition(
     match outcome {
         Transition::Done(job) => {
             effects::apply(&mut tx, &job).await?;
-            let status = if job.state == "claimed" {
+            let status = if job.state == JobState::Claimed {
                 StatusCode::ACCEPTED
             } else {
                 StatusCode::OK
@@ -316,5 +315,27 @@ async fn transition(
             job.job_type
         ))),
         Transition::NotFound => Err(ApiError::NotFound("job")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document's `state` pattern and the 400 agree: both are [`JobState`]'s names.
+    #[test]
+    fn the_state_pattern_names_every_state() {
+        let params = JobFilter::into_params(|| None);
+        let state = params
+            .iter()
+            .find(|p| p.name == "state")
+            .expect("a state parameter");
+        let schema = serde_json::to_value(&state.schema).expect("serializes");
+        let names: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(schema["pattern"], format!("^({})$", names.join("|")));
+        for name in names {
+            assert!(parse_state(name).is_ok(), "{name}");
+        }
+        assert!(parse_state("retry").is_err());
     }
 }

@@ -32,6 +32,7 @@ const JOB_KEYS: &[&str] = &[
     "args",
 ];
 
+/// The API's job states (`JobState` on the server; a test keeps them equal).
 const STATES: [&str; 5] = ["pending", "claimed", "completed", "failed", "cancelled"];
 
 #[derive(Debug, Subcommand)]
@@ -258,5 +259,28 @@ async fn logs(ctx: &Ctx, id: &str, follow: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         job = wait::poll(&ctx.client, id).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capy_shared::model::JobState;
+
+    /// The CLI reads job states from the API's JSON (it does not link capy-shared);
+    /// this keeps it in step with the server's `JobState`.
+    #[test]
+    fn states_are_the_servers() {
+        let names: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(STATES.as_slice(), names.as_slice());
+        for state in JobState::ALL {
+            let job = json!({ "state": state });
+            assert_eq!(wait::is_finished(&job), state.is_finished(), "{state}");
+            assert_eq!(
+                wait::completed(&job),
+                state == JobState::Completed,
+                "{state}"
+            );
+        }
     }
 }
