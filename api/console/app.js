@@ -219,14 +219,27 @@
         controller.abort();
         timers.forEach((t) => clearTimeout(t));
       },
+      // A hidden tab polls nothing: a refresh due while the tab is hidden waits until
+      // it is seen again, so forgotten tabs cost the server nothing.
       later(fn, ms) {
         if (controller.signal.aborted) return;
-        timers.push(setTimeout(() => { if (!controller.signal.aborted) fn(); }, ms));
+        const run = () => {
+          if (controller.signal.aborted) return;
+          if (document.hidden) {
+            document.addEventListener("visibilitychange", run,
+              { once: true, signal: controller.signal });
+            return;
+          }
+          fn();
+        };
+        timers.push(setTimeout(run, ms));
       },
       get alive() { return !controller.signal.aborted; },
     };
     return view;
   }
+
+  const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
   function parseHash() {
     const raw = location.hash.replace(/^#\/?/, "");
@@ -244,11 +257,17 @@
       loadMe();
       return;
     }
-    const { parts, params } = parseHash();
     const v = newView();
-    markNav(parts[0] || "overview");
-    const section = parts[0] || "overview";
     try {
+      // Inside the try: a malformed escape in the address (`#/jobs/%E0`) is a page
+      // error, not a dead console.
+      const { parts, params } = parseHash();
+      const section = parts[0] || "overview";
+      markNav(section);
+      if (parts[1] !== undefined && !UUID.test(parts[1])) {
+        replace(app, h("h1", null, "Not found"), h("p", null, "That is not an id."));
+        return;
+      }
       if (section === "overview") renderOverview(v);
       else if (section === "jobs" && parts[1]) renderJob(v, parts[1]);
       else if (section === "jobs") renderJobs(v, params);
@@ -271,7 +290,7 @@
   function renderSignIn(message) {
     if (view) view.abort();
     document.getElementById("top").hidden = true;
-    const input = h("input", { type: "password", id: "key", name: "key", autocomplete: "off",
+    const input = h("input", { type: "password", id: "key", autocomplete: "off",
       spellcheck: "false", required: true, placeholder: "capy_live_…", "data-testid": "key-input" });
     const status = h("p", { class: "error", "data-testid": "sign-in-error", role: "alert" }, message || "");
     const form = h("form", { class: "sign-in", "data-testid": "sign-in-form", novalidate: true },
@@ -597,7 +616,8 @@
       replace(head, h("h1", null, "Job ", h("span", { class: "mono", "data-testid": "job-id" }, job.id)),
         h("p", null, h("span", { "data-testid": "job-type" }, text(job.type)), " ",
           h("span", { "data-testid": "job-state" }, badge(job.state))));
-      replace(actions, jobActions(job, show, actionError));
+      // After Cancel or Retry the page follows the job again at once.
+      replace(actions, jobActions(job, (changed) => { show(changed); loop(false); }, actionError));
       replace(details, jobFields(job));
       const newKey = [job.state, job.attempts, job.updated_at].join("|");
       if (newKey !== attemptsKey) {
@@ -606,24 +626,33 @@
       }
     };
 
+    // A live job is long-polled (`?wait=20`); a finished one is only looked at every
+    // 10 s (a retry from elsewhere shows up), since a long-poll costs the server a
+    // query every 50 ms. Each call of `loop` supersedes the one before.
+    let generation = 0;
+    const isFinal = (j) => !!j && FINAL_STATES.indexOf(j.state) >= 0;
     const loop = async (first) => {
+      const mine = ++generation;
+      const current = () => v.alive && mine === generation;
       try {
-        const path = "/v1/jobs/" + encodeURIComponent(id) + (first ? "" : "?wait=20");
+        const wait = first || isFinal(job) ? "" : "?wait=20";
+        const path = "/v1/jobs/" + encodeURIComponent(id) + wait;
         const { body } = await api("GET", path, { signal: v.signal });
-        if (!v.alive) return;
+        if (!current()) return;
         show(body.job);
-        follow.textContent = FINAL_STATES.indexOf(body.job.state) >= 0
-          ? "Final state; still watching for a retry."
+        const final = isFinal(body.job);
+        follow.textContent = final
+          ? "Final state; looked at again every 10 s, so a retry shows up."
           : "Following this job live…";
-        v.later(() => loop(false), 50);
+        v.later(() => { if (mine === generation) loop(false); }, final ? 10000 : 50);
       } catch (err) {
-        if (!v.alive) return;
+        if (!current()) return;
         if (err.status === 404) {
           replace(details, errorText(err));
           return;
         }
         follow.textContent = "Lost contact (" + err.message + "); trying again…";
-        v.later(() => loop(false), 2000);
+        v.later(() => { if (mine === generation) loop(false); }, 2000);
       }
     };
     loop(true);

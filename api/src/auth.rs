@@ -60,12 +60,14 @@ impl Principal {
     }
 
     /// The organization a list shows: the one a platform admin asks for (all when
-    /// none), always the caller's own for anyone else.
-    pub fn listed_organization(&self, asked: Option<Uuid>) -> Option<Uuid> {
+    /// none), always the caller's own for anyone else. A non-admin key without an
+    /// organization (the keys table's constraint forbids one) is refused rather than
+    /// shown every organization's rows.
+    pub fn listed_organization(&self, asked: Option<Uuid>) -> Result<Option<Uuid>, ApiError> {
         if self.is_admin {
-            asked
+            Ok(asked)
         } else {
-            self.organization_id
+            self.organization().map(Some)
         }
     }
 

@@ -532,6 +532,29 @@ async fn scenarios(c: &Client, f: &Fixture) {
         json!(true)
     );
 
+    // A malformed address is a page error, and the console still navigates after it.
+    open(c, "#/jobs/%E0").await;
+    wait_for(
+        c,
+        "document.querySelector('[data-testid=error]').textContent",
+        "an error for a malformed address",
+    )
+    .await;
+    open(c, "#/jobs/..").await;
+    wait_for(
+        c,
+        "document.body.innerText.includes('That is not an id.')",
+        "a non-id refused",
+    )
+    .await;
+    open(c, &format!("#/jobs/{running_job}")).await;
+    wait_for(
+        c,
+        "document.querySelector('[data-testid=job-state]')",
+        "the job page after a bad address",
+    )
+    .await;
+
     // Sign out: the key is gone from the tab.
     sign_out(c).await;
 

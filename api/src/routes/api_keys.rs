@@ -218,7 +218,7 @@ pub async fn list(
 ) -> ApiResult<Json<ApiKeyList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
-    let organization_id = principal.listed_organization(filter.organization_id);
+    let organization_id = principal.listed_organization(filter.organization_id)?;
     let rows: Vec<ApiKey> = sqlx::query_as(&format!(
         "select {KEY_COLUMNS} from api_keys
          where ($1::uuid is null or organization_id = $1)

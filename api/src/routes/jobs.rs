@@ -104,7 +104,7 @@ pub async fn list(
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
     let job_state = filter.state.as_deref().map(parse_state).transpose()?;
-    let organization_id = principal.listed_organization(filter.organization_id);
+    let organization_id = principal.listed_organization(filter.organization_id)?;
     // A project-scoped key sees its project's jobs only, whatever it asks for.
     let project_id = match (principal.project_id, filter.project_id) {
         (Some(own), Some(asked)) if own != asked => {

@@ -122,7 +122,7 @@ pub async fn overview(
 ) -> ApiResult<Json<QueueOverview>> {
     principal.require_scope(SCOPE_READ)?;
     let scope = Scope {
-        organization_id: principal.listed_organization(query.organization_id),
+        organization_id: principal.listed_organization(query.organization_id)?,
         project_id: principal.project_id,
         is_admin: principal.is_admin,
     };

@@ -49,7 +49,7 @@ pub async fn list(
 ) -> ApiResult<Json<ProjectList>> {
     principal.require_scope(SCOPE_READ)?;
     let limit = page.limit()?;
-    let organization_id = principal.listed_organization(filter.organization_id);
+    let organization_id = principal.listed_organization(filter.organization_id)?;
     let rows: Vec<Project> = sqlx::query_as(&format!(
         "{PROJECT_SELECT}
          where p.deleted_at is null and p.organization_id is not null
