@@ -10,6 +10,8 @@ use axum::Json;
 use capy_shared::model::JobState;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgArguments;
+use sqlx::Arguments as _;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -136,125 +138,163 @@ pub async fn overview(
     sqlx::query("set transaction isolation level repeatable read read only")
         .execute(&mut *tx)
         .await?;
-    let counts = count_by_type(&mut tx, scope).await?;
-    let oldest_pending_age_seconds = oldest_pending_age(&mut tx, scope).await?;
-    let last_hour = last_hour(&mut tx, scope).await?;
+    let (now, oldest_pending_age_seconds) = oldest_pending_age(&mut tx, scope).await?;
+    let mut tally = Tally::new(now);
+    tally.add_live(live_counts(&mut tx, scope).await?);
+    tally.add_finished(finished_last_hour(&mut tx, scope).await?);
     let workers = match principal.is_admin {
         true => Some(workers_seen(&mut tx, scope).await?),
         false => None,
     };
     tx.commit().await?;
+    let by_type: Vec<TypeCounts> = tally.by_type.into_values().collect();
     Ok(Json(QueueOverview {
         scope: scope_name,
-        pending: counts.iter().map(|c| c.pending).sum(),
-        claimed: counts.iter().map(|c| c.claimed).sum(),
+        pending: by_type.iter().map(|c| c.pending).sum(),
+        claimed: by_type.iter().map(|c| c.claimed).sum(),
         oldest_pending_age_seconds,
-        by_type: counts,
-        last_hour,
+        by_type,
+        last_hour: LastHour::from_buckets(tally.buckets),
         workers,
     }))
 }
 
 /// The condition of [`Scope`] on `jobs`, with its organization as `$1` and project as
-/// `$2`, `$3` whether internal jobs (no organization) count.
+/// `$2`, `$3` whether internal jobs (no organization) count: the binds of
+/// [`Scope::arguments`].
 const SCOPED: &str = "($1::uuid is null or organization_id = $1)
        and ($2::uuid is null or project_id = $2)
        and ($3 or organization_id is not null)";
 
 type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
-async fn count_by_type(tx: &mut Tx, scope: Scope) -> ApiResult<Vec<TypeCounts>> {
-    let rows: Vec<(String, JobState, i64)> = sqlx::query_as(&format!(
-        "select type, state, count(*) from jobs
-         where state in ('pending', 'claimed') and {SCOPED}
-         group by 1, 2
-         union all
-         select type, state, count(*) from jobs
-         where state in ('completed', 'failed', 'cancelled')
-           and completed_at > now() - interval '1 hour' and {SCOPED}
-         group by 1, 2"
-    ))
-    .bind(scope.organization_id)
-    .bind(scope.project_id)
-    .bind(scope.is_admin)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut by_type: BTreeMap<String, TypeCounts> = BTreeMap::new();
-    for (job_type, job_state, count) in rows {
-        let entry = by_type
-            .entry(job_type.clone())
-            .or_insert_with(|| TypeCounts {
-                job_type,
-                ..TypeCounts::default()
-            });
-        *match job_state {
-            JobState::Pending => &mut entry.pending,
-            JobState::Claimed => &mut entry.claimed,
-            JobState::Completed => &mut entry.completed,
-            JobState::Failed => &mut entry.failed,
-            JobState::Cancelled => &mut entry.cancelled,
-        } += count;
+impl Scope {
+    /// `$1`, `$2` and `$3` of [`SCOPED`]; every query here takes these and no others.
+    fn arguments(self) -> ApiResult<PgArguments> {
+        let mut arguments = PgArguments::default();
+        arguments
+            .add(self.organization_id)
+            .and_then(|()| arguments.add(self.project_id))
+            .and_then(|()| arguments.add(self.is_admin))
+            .map_err(sqlx::Error::Encode)?;
+        Ok(arguments)
     }
-    Ok(by_type.into_values().collect())
 }
 
-async fn oldest_pending_age(tx: &mut Tx, scope: Scope) -> ApiResult<Option<f64>> {
-    let age: Option<f64> = sqlx::query_scalar(&format!(
-        "select extract(epoch from now() - min(run_at))::float8 from jobs
-         where state = 'pending' and run_at <= now() and {SCOPED}"
-    ))
-    .bind(scope.organization_id)
-    .bind(scope.project_id)
-    .bind(scope.is_admin)
+fn of_type(by_type: &mut BTreeMap<String, TypeCounts>, job_type: String) -> &mut TypeCounts {
+    by_type
+        .entry(job_type.clone())
+        .or_insert_with(|| TypeCounts {
+            job_type,
+            ..TypeCounts::default()
+        })
+}
+
+/// The per-type counts and the last hour's buckets, filled from the live jobs and
+/// from one scan of the jobs finished in the last hour.
+struct Tally {
+    by_type: BTreeMap<String, TypeCounts>,
+    buckets: Vec<Bucket>,
+}
+
+impl Tally {
+    fn new(now: DateTime<Utc>) -> Self {
+        let hour_ago = now - chrono::Duration::seconds(3600);
+        let buckets = (0..BUCKETS)
+            .map(|i| Bucket {
+                start: hour_ago + chrono::Duration::seconds(i * BUCKET_SECONDS),
+                completed: 0,
+                failed: 0,
+                cancelled: 0,
+            })
+            .collect();
+        Self {
+            by_type: BTreeMap::new(),
+            buckets,
+        }
+    }
+
+    fn add_live(&mut self, rows: Vec<(String, JobState, i64)>) {
+        for (job_type, job_state, count) in rows {
+            let counts = of_type(&mut self.by_type, job_type);
+            match job_state {
+                JobState::Pending => counts.pending += count,
+                JobState::Claimed => counts.claimed += count,
+                JobState::Completed | JobState::Failed | JobState::Cancelled => {}
+            }
+        }
+    }
+
+    fn add_finished(&mut self, rows: Vec<(String, JobState, i64, i64)>) {
+        for (job_type, job_state, index, count) in rows {
+            let counts = of_type(&mut self.by_type, job_type);
+            let bucket = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.buckets.get_mut(i));
+            let (in_type, in_bucket) = match job_state {
+                JobState::Completed => (&mut counts.completed, bucket.map(|b| &mut b.completed)),
+                JobState::Failed => (&mut counts.failed, bucket.map(|b| &mut b.failed)),
+                JobState::Cancelled => (&mut counts.cancelled, bucket.map(|b| &mut b.cancelled)),
+                JobState::Pending | JobState::Claimed => continue,
+            };
+            *in_type += count;
+            if let Some(in_bucket) = in_bucket {
+                *in_bucket += count;
+            }
+        }
+    }
+}
+
+/// The transaction's `now()` (the buckets end there) and how long the oldest due
+/// pending job has waited.
+async fn oldest_pending_age(tx: &mut Tx, scope: Scope) -> ApiResult<(DateTime<Utc>, Option<f64>)> {
+    let (now, age): (DateTime<Utc>, Option<f64>) = sqlx::query_as_with(
+        &format!(
+            "select now(), extract(epoch from now() - min(run_at))::float8 from jobs
+             where state = 'pending' and run_at <= now() and {SCOPED}"
+        ),
+        scope.arguments()?,
+    )
     .fetch_one(&mut **tx)
     .await?;
-    Ok(age.map(|seconds| seconds.max(0.0)))
+    Ok((now, age.map(|seconds| seconds.max(0.0))))
 }
 
-async fn last_hour(tx: &mut Tx, scope: Scope) -> ApiResult<LastHour> {
-    let (now, rows): (DateTime<Utc>, Vec<(i64, JobState, i64)>) = {
-        let now: DateTime<Utc> = sqlx::query_scalar("select now()")
-            .fetch_one(&mut **tx)
-            .await?;
-        let rows = sqlx::query_as(&format!(
-            "select least(floor(extract(epoch from completed_at - (now() - interval '1 hour'))
-                               / $4)::int8, $5 - 1),
-                    state, count(*)
+async fn live_counts(tx: &mut Tx, scope: Scope) -> ApiResult<Vec<(String, JobState, i64)>> {
+    Ok(sqlx::query_as_with(
+        &format!(
+            "select type, state, count(*) from jobs
+             where state in ('pending', 'claimed') and {SCOPED}
+             group by 1, 2"
+        ),
+        scope.arguments()?,
+    )
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// Jobs finished in the last hour per type, state and bucket (0: the oldest), read
+/// once for both the per-type counts and the chart.
+async fn finished_last_hour(
+    tx: &mut Tx,
+    scope: Scope,
+) -> ApiResult<Vec<(String, JobState, i64, i64)>> {
+    Ok(sqlx::query_as_with(
+        &format!(
+            "select type, state,
+                    least(floor(extract(epoch from completed_at - (now() - interval '1 hour'))
+                                / {BUCKET_SECONDS})::int8, {last}),
+                    count(*)
              from jobs
              where state in ('completed', 'failed', 'cancelled')
                and completed_at > now() - interval '1 hour' and {SCOPED}
-             group by 1, 2"
-        ))
-        .bind(scope.organization_id)
-        .bind(scope.project_id)
-        .bind(scope.is_admin)
-        .bind(BUCKET_SECONDS as f64)
-        .bind(BUCKETS)
-        .fetch_all(&mut **tx)
-        .await?;
-        (now, rows)
-    };
-    let hour_ago = now - chrono::Duration::seconds(3600);
-    let mut buckets: Vec<Bucket> = (0..BUCKETS)
-        .map(|i| Bucket {
-            start: hour_ago + chrono::Duration::seconds(i * BUCKET_SECONDS),
-            completed: 0,
-            failed: 0,
-            cancelled: 0,
-        })
-        .collect();
-    for (index, job_state, count) in rows {
-        let Some(bucket) = usize::try_from(index).ok().and_then(|i| buckets.get_mut(i)) else {
-            continue;
-        };
-        match job_state {
-            JobState::Completed => bucket.completed += count,
-            JobState::Failed => bucket.failed += count,
-            JobState::Cancelled => bucket.cancelled += count,
-            JobState::Pending | JobState::Claimed => {}
-        }
-    }
-    Ok(LastHour::from_buckets(buckets))
+             group by 1, 2, 3",
+            last = BUCKETS - 1
+        ),
+        scope.arguments()?,
+    )
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 impl LastHour {
@@ -281,30 +321,28 @@ fn failure_rate(completed: i64, failed: i64) -> f64 {
 }
 
 async fn workers_seen(tx: &mut Tx, scope: Scope) -> ApiResult<Vec<WorkerSeen>> {
-    let workers = sqlx::query_as(&format!(
-        "with held as (
+    let workers = sqlx::query_as_with(
+        &format!(
+            "with held as (
              select claimed_by as worker, id, claimed_at as seen_at from jobs
              where state = 'claimed' and claimed_by is not null and {SCOPED}
          ), finished as (
              select claimed_by as worker, max(completed_at) as seen_at from jobs
              where state in ('completed', 'failed', 'cancelled') and claimed_by is not null
-               and completed_at > now() - make_interval(mins => $4) and {SCOPED}
+               and completed_at > now() - make_interval(mins => {WORKER_SEEN_MINUTES}) and {SCOPED}
              group by 1
          )
          select w.worker,
                 (select count(*) from held h where h.worker = w.worker) as in_flight,
                 array(select h.id from held h where h.worker = w.worker
-                      order by h.seen_at limit $5) as jobs,
+                      order by h.seen_at limit {JOBS_PER_WORKER}) as jobs,
                 max(w.seen_at) as last_seen_at
          from (select worker, seen_at from held union all select worker, seen_at from finished) w
          group by w.worker
          order by w.worker"
-    ))
-    .bind(scope.organization_id)
-    .bind(scope.project_id)
-    .bind(scope.is_admin)
-    .bind(WORKER_SEEN_MINUTES as i32)
-    .bind(JOBS_PER_WORKER)
+        ),
+        scope.arguments()?,
+    )
     .fetch_all(&mut **tx)
     .await?;
     Ok(workers)

@@ -161,6 +161,35 @@ async fn user_exists(connection: &mut MySqlConnection, user: &str) -> Result<boo
     Ok(count > 0)
 }
 
+/// Locks (a stop) or unlocks (a start) the project's existing user; a missing user is
+/// a permanent failure, since neither step may create one.
+async fn set_account_lock(
+    connection: &mut MySqlConnection,
+    project: &StepProject,
+    cluster: &StepCluster,
+    locked: bool,
+) -> Result<(), StepError> {
+    let user = &project.role_name;
+    if !user_exists(connection, user).await? {
+        return Err(StepError::permanent(format!(
+            "the project's user {user} does not exist on cluster '{}'",
+            cluster.name
+        )));
+    }
+    let (clause, doing, done) = match locked {
+        true => ("LOCK", "locking the user", "locked"),
+        false => ("UNLOCK", "unlocking the user", "unlocked"),
+    };
+    execute(
+        connection,
+        &format!("ALTER USER {} ACCOUNT {clause}", account(user)),
+        doing,
+    )
+    .await?;
+    println!("user {user}: {done}");
+    Ok(())
+}
+
 /// Ends every session of `user`. Run after its account is locked, so none comes back;
 /// a session that ends on its own meanwhile is no failure.
 async fn kill_sessions(connection: &mut MySqlConnection, user: &str) -> Result<(), StepError> {
