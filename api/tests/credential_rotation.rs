@@ -399,7 +399,7 @@ async fn assert_no_password_anywhere(mut stack: Stack, project_id: &str, passwor
         "select concat_ws(' ', type, args::text, last_stdout, last_stderr, error) from jobs
          where project_id = $1::uuid
          union all
-         select concat_ws(' ', a.stdout, a.stderr, a.error) from job_attempts a
+         select concat_ws(' ', a.stdout, a.stderr, a.error) from job_attempt_history a
          join jobs j on j.id = a.job_id where j.project_id = $1::uuid",
     )
     .bind(project_id)

@@ -197,7 +197,7 @@ async fn a_project_is_provisioned_and_its_role_connects_only_to_its_own_database
 
     // The attempt record agrees with the job.
     let (attempts, worker, exit_code, finished): (i64, String, Option<i32>, bool) = sqlx::query_as(
-        "select count(*) over (), worker, exit_code, finished_at is not null from job_attempts where job_id = $1::uuid",
+        "select count(*) over (), worker, exit_code, finished_at is not null from job_attempt_history where job_id = $1::uuid",
     )
     .bind(&job_id)
     .fetch_one(&stack.app.db.pool)
@@ -267,7 +267,7 @@ async fn an_unreachable_cluster_fails_the_job_with_its_stderr_and_errors_the_pro
     );
 
     let classes: Vec<(i32, Option<String>, Option<i32>)> = sqlx::query_as(
-        "select attempt, classification, exit_code from job_attempts where job_id = $1::uuid order by attempt",
+        "select attempt, classification, exit_code from job_attempt_history where job_id = $1::uuid order by attempt",
     )
     .bind(&job_id)
     .fetch_all(&stack.app.db.pool)

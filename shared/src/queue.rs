@@ -269,8 +269,9 @@ pub struct FinishedAttempt {
 }
 
 /// Records the end of attempts by `worker`, many in one statement: each job moves to
-/// `completed`, back to `pending` (retried after its delay) or to `failed`, and its
-/// attempt record is written.
+/// `completed`, back to `pending` (retried after its delay) or to `failed`. An attempt
+/// that did not complete is written to `job_attempts`; a completed one stays in its
+/// job's row, which no later attempt overwrites (`job_attempt_history` reads both).
 ///
 /// A cancel asked while the attempt ran wins over its retryable failure (transient,
 /// timeout): the job ends `cancelled` instead of going back to `pending`; the attempt
@@ -346,6 +347,9 @@ pub async fn finish(
              select u.id, u.attempts, u.claimed_by, u.claimed_at, now(),
                     i.exit_code, i.class, i.error, i.stdout, i.stderr
              from updated u join input i on i.id = u.id and i.attempt = u.attempts
+             -- A completed attempt stays described by its job's row (the view
+             -- job_attempt_history shows it): one tuple, index entry and row lock fewer.
+             where u.state <> 'completed'
          )
          select {JOB_COLUMNS} from updated"
     );
@@ -353,14 +357,10 @@ pub async fn finish(
     // partial index: few rows, however long the history. A queue's statistics are
     // always stale (what was pending a moment ago is claimed now), and have led the
     // planner to loop over every claimed row for each outcome, or to scan the whole
-    // table; so this transaction plans without nested loops, merge joins or
-    // sequential scans (until it ends: what follows in it are primary-key updates).
-    sqlx::query(
-        "select set_config('enable_nestloop', 'off', true), set_config('enable_mergejoin', 'off', true),
-                set_config('enable_seqscan', 'off', true)",
-    )
-    .execute(&mut *conn)
-    .await?;
+    // table; so this one statement is planned without nested loops, merge joins or
+    // sequential scans, and the planner is itself again for the rest of the
+    // transaction (the projects' effects that follow).
+    set_finish_planning(conn, true).await?;
     let jobs: Vec<Job> = sqlx::query_as(&sql)
         .bind(worker)
         .bind(ids)
@@ -374,7 +374,23 @@ pub async fn finish(
         .bind(delays)
         .fetch_all(&mut *conn)
         .await?;
+    set_finish_planning(conn, false).await?;
     Ok(jobs)
+}
+
+/// The plan shapes `finish` must not get: switched off for its statement only.
+const FINISH_PLANS_OFF: &str = "'enable_nestloop', 'enable_mergejoin', 'enable_seqscan'";
+
+/// Switches those plan shapes off for the caller's transaction, or (`off` false) back
+/// to what the session had before.
+async fn set_finish_planning(conn: &mut PgConnection, off: bool) -> sqlx::Result<()> {
+    let value = if off { "'off'" } else { "reset_val" };
+    sqlx::query(&format!(
+        "select set_config(name, {value}, true) from pg_settings where name in ({FINISH_PLANS_OFF})"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Hands a claimed job back without spending an attempt (the worker is shutting

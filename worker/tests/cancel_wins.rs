@@ -76,7 +76,7 @@ async fn fail_attempt(pool: &PgPool, job: &Job, class: RetryClassification) -> J
 }
 
 async fn attempt_classification(pool: &PgPool, job_id: Uuid) -> Vec<(i32, Option<String>)> {
-    sqlx::query_as("select attempt, classification from job_attempts where job_id = $1")
+    sqlx::query_as("select attempt, classification from job_attempt_history where job_id = $1")
         .bind(job_id)
         .fetch_all(pool)
         .await

@@ -52,7 +52,7 @@ async fn thaw_when_its_jobs_run_elsewhere(pool: &sqlx::PgPool, frozen: &str) {
     let started = std::time::Instant::now();
     loop {
         let taken: bool = sqlx::query_scalar(
-            "select exists (select 1 from job_attempts a join jobs j on j.id = a.job_id
+            "select exists (select 1 from job_attempt_history a join jobs j on j.id = a.job_id
                             where a.worker = $1 and a.classification = 'worker_lost'
                               and j.state = 'claimed' and j.claimed_by <> $1)",
         )
@@ -108,7 +108,7 @@ async fn killed_and_frozen_workers_lose_no_job_and_no_step_runs_twice_at_once() 
     common::wait_until_idle(&db.pool, Duration::from_secs(240)).await;
 
     let clashes: Vec<(Uuid, i32, String)> = sqlx::query_as(
-        "select job_id, attempt, stderr from job_attempts where exit_code = 3 order by job_id",
+        "select job_id, attempt, stderr from job_attempt_history where exit_code = 3 order by job_id",
     )
     .fetch_all(&db.pool)
     .await
@@ -126,14 +126,14 @@ async fn killed_and_frozen_workers_lose_no_job_and_no_step_runs_twice_at_once() 
     // Exactly one successful attempt recorded per job: a frozen or rescued worker's
     // late outcome is not written over the job's.
     let successes: (i64, i64) = sqlx::query_as(
-        "select count(distinct job_id), count(*) from job_attempts where classification is null",
+        "select count(distinct job_id), count(*) from job_attempt_history where classification is null",
     )
     .fetch_one(&db.pool)
     .await
     .unwrap();
     assert_eq!(successes, (JOBS as i64, JOBS as i64));
     let lost: Vec<(String, i64)> = sqlx::query_as(
-        "select worker, count(*) from job_attempts where classification = 'worker_lost'
+        "select worker, count(*) from job_attempt_history where classification = 'worker_lost'
          group by worker",
     )
     .fetch_all(&db.pool)

@@ -38,7 +38,7 @@ async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
 
     let attempts: Vec<(Uuid, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "select a.job_id, j.locked_resource, a.started_at, a.finished_at
-         from job_attempts a join jobs j on j.id = a.job_id
+         from job_attempt_history a join jobs j on j.id = a.job_id
          where j.state = 'completed'
          order by j.locked_resource, a.started_at",
     )
@@ -80,7 +80,7 @@ async fn a_resources_jobs_never_overlap_and_run_in_submission_order() {
     }
     // Resources ran side by side: the whole took far less than 200 jobs in a row would.
     let concurrent: i64 = sqlx::query_scalar(
-        "select count(*) from job_attempts a join job_attempts b
+        "select count(*) from job_attempt_history a join job_attempt_history b
            on a.job_id < b.job_id and b.started_at < a.finished_at and a.started_at < b.finished_at",
     )
     .fetch_one(&db.pool)

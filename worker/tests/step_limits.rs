@@ -49,7 +49,7 @@ async fn a_hanging_step_times_out_and_is_retried_then_failed() {
     assert!(error.contains("time limit"), "{error}");
     assert_eq!(stdout, "starting\n");
     let classes: Vec<String> =
-        sqlx::query_scalar("select classification from job_attempts order by attempt")
+        sqlx::query_scalar("select classification from job_attempt_history order by attempt")
             .fetch_all(&db.pool)
             .await
             .unwrap();
@@ -87,12 +87,13 @@ async fn an_output_bomb_is_cut_and_leftover_children_are_killed() {
         &stdout[..200]
     );
     assert_eq!(stderr, "the end\n");
-    let stored: i32 =
-        sqlx::query_scalar("select octet_length(stdout) from job_attempts where job_id = $1")
-            .bind(ids[0])
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let stored: i32 = sqlx::query_scalar(
+        "select octet_length(stdout) from job_attempt_history where job_id = $1",
+    )
+    .bind(ids[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert!(stored < 11_000);
     assert!(
         !common::process_alive(&format!("sleep {sleep}")),
@@ -178,7 +179,7 @@ async fn cancelling_a_running_job_stops_its_step_within_a_second() {
         "cancelled only after {took:?}"
     );
     let attempt_error: String =
-        sqlx::query_scalar("select error from job_attempts where job_id = $1")
+        sqlx::query_scalar("select error from job_attempt_history where job_id = $1")
             .bind(ids[0])
             .fetch_one(&db.pool)
             .await
@@ -258,11 +259,12 @@ async fn sigterm_lets_running_steps_finish_then_hands_back_the_rest() {
     // without spending an attempt.
     assert_eq!(row(slow).await, ("pending".into(), 0, None));
     assert_eq!(row(late).await, ("pending".into(), 0, None));
-    let attempts: i64 = sqlx::query_scalar("select count(*) from job_attempts where job_id = $1")
-        .bind(slow)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let attempts: i64 =
+        sqlx::query_scalar("select count(*) from job_attempt_history where job_id = $1")
+            .bind(slow)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(attempts, 0);
     assert!(!common::process_alive(&format!("sleep {sleep}")));
 }

@@ -192,7 +192,7 @@ pub async fn attempts(
     visible_job(&state, &principal, id).await?;
     let rows: Vec<JobAttempt> = sqlx::query_as(
         "select attempt, worker, started_at, finished_at, exit_code, classification, error, stdout, stderr
-         from job_attempts where job_id = $1 and ($2::int is null or attempt > $2)
+         from job_attempt_history where job_id = $1 and ($2::int is null or attempt > $2)
          order by attempt limit $3",
     )
     .bind(id)

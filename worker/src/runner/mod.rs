@@ -29,9 +29,9 @@ use crate::metrics::WorkerMetrics;
 use crate::process::{StepLimits, StopReason};
 
 /// Outcomes recorded in one statement, at most.
-const FINISH_BATCH: usize = 2000;
+const FINISH_BATCH: usize = 5000;
 /// Jobs claimed in one statement, at most.
-const CLAIM_BATCH: usize = 2000;
+const CLAIM_BATCH: usize = 5000;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {

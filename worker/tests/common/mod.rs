@@ -88,7 +88,7 @@ pub async fn job_states(pool: &PgPool) -> Vec<(String, i64)> {
 /// Attempts of one job whose run times overlap another attempt of the same job.
 pub async fn overlapping_attempts(pool: &PgPool) -> i64 {
     sqlx::query_scalar(
-        "select count(*) from job_attempts a join job_attempts b
+        "select count(*) from job_attempt_history a join job_attempt_history b
            on a.job_id = b.job_id and a.attempt < b.attempt
          where b.started_at < a.finished_at",
     )

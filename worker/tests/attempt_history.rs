@@ -1,0 +1,150 @@
+#![allow(clippy::unwrap_used)] // test support: a failed set-up should panic
+//! Every attempt stays readable for operators although a completed attempt is no
+//! longer written to `job_attempts` (its job's row describes it), and recording
+//! outcomes leaves the planner as it found it for the rest of the transaction.
+
+use std::time::Duration;
+
+use capy_shared::model::{Job, JobState, RetryClassification};
+use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, NewJob};
+use capy_testkit::fresh_database;
+use sqlx::PgPool;
+
+const WORKER: &str = "worker-history-test";
+const LEASE: Duration = Duration::from_secs(60);
+
+async fn queue_job(pool: &PgPool) -> Job {
+    let mut tx = pool.begin().await.unwrap();
+    let job = queue::enqueue(
+        &mut tx,
+        &NewJob {
+            job_type: "test.history".into(),
+            organization_id: None,
+            project_id: None,
+            preview_database_id: None,
+            cluster_id: None,
+            locked_resource: None,
+            max_attempts: 3,
+            args: serde_json::json!({}),
+            run_at: None,
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    job
+}
+
+async fn claim_it(pool: &PgPool, job: &Job) -> Job {
+    let claimed = queue::claim(pool, WORKER, 10, LEASE).await.unwrap();
+    claimed.into_iter().find(|j| j.id == job.id).unwrap()
+}
+
+/// Records `job`'s current attempt: `class` None is a success.
+async fn finish_it(pool: &PgPool, job: &Job, class: Option<RetryClassification>) -> Job {
+    let finished = FinishedAttempt {
+        job_id: job.id,
+        attempt: job.attempts,
+        outcome: AttemptOutcome {
+            cancelled: false,
+            exit_code: Some(if class.is_some() { 75 } else { 0 }),
+            classification: class,
+            error: class.map(|_| "the cluster is restarting".to_string()),
+            stdout: format!("stdout of attempt {}", job.attempts),
+            stderr: format!("stderr of attempt {}", job.attempts),
+        },
+        retry_delay: Duration::ZERO,
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let jobs = queue::finish(&mut tx, WORKER, &[finished]).await.unwrap();
+    // The planner is itself again for whatever the transaction does next.
+    let settings: Vec<String> = sqlx::query_scalar(
+        "select setting from pg_settings
+         where name in ('enable_nestloop', 'enable_mergejoin', 'enable_seqscan')",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(settings, ["on", "on", "on"], "planner left switched off");
+    tx.commit().await.unwrap();
+    jobs.into_iter().next().unwrap()
+}
+
+type Row = (
+    i32,
+    String,
+    Option<i32>,
+    Option<String>,
+    String,
+    String,
+    bool,
+);
+
+async fn history(pool: &PgPool, job: &Job) -> Vec<Row> {
+    sqlx::query_as(
+        "select attempt, worker, exit_code, classification, stdout, stderr,
+                finished_at >= started_at
+         from job_attempt_history where job_id = $1 order by attempt",
+    )
+    .bind(job.id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn recorded_rows(pool: &PgPool, job: &Job) -> i64 {
+    sqlx::query_scalar("select count(*) from job_attempts where job_id = $1")
+        .bind(job.id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn row(attempt: i32, code: i32, class: Option<&str>) -> Row {
+    (
+        attempt,
+        WORKER.to_string(),
+        Some(code),
+        class.map(str::to_string),
+        format!("stdout of attempt {attempt}"),
+        format!("stderr of attempt {attempt}"),
+        true,
+    )
+}
+
+#[tokio::test]
+async fn a_completed_attempt_is_read_from_its_job_and_failed_ones_from_their_records() {
+    let db = fresh_database().await.unwrap();
+
+    // Completed at once: nothing written to job_attempts, the attempt still listed.
+    let job = queue_job(&db.pool).await;
+    let claimed = claim_it(&db.pool, &job).await;
+    let done = finish_it(&db.pool, &claimed, None).await;
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(recorded_rows(&db.pool, &job).await, 0);
+    assert_eq!(history(&db.pool, &job).await, [row(1, 0, None)]);
+
+    // Failed, retried, then completed: the failure is recorded, the success is the job's.
+    let job = queue_job(&db.pool).await;
+    let first = claim_it(&db.pool, &job).await;
+    let retried = finish_it(&db.pool, &first, Some(RetryClassification::Transient)).await;
+    assert_eq!(retried.state, JobState::Pending);
+    let second = claim_it(&db.pool, &job).await;
+    assert_eq!(second.attempts, 2);
+    finish_it(&db.pool, &second, None).await;
+    assert_eq!(recorded_rows(&db.pool, &job).await, 1);
+    assert_eq!(
+        history(&db.pool, &job).await,
+        [row(1, 75, Some("transient")), row(2, 0, None)]
+    );
+
+    // Failed for good: the record is the only row, not listed twice.
+    let job = queue_job(&db.pool).await;
+    let claimed = claim_it(&db.pool, &job).await;
+    let failed = finish_it(&db.pool, &claimed, Some(RetryClassification::Permanent)).await;
+    assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(
+        history(&db.pool, &job).await,
+        [row(1, 75, Some("permanent"))]
+    );
+}
