@@ -168,26 +168,28 @@ pub async fn claim(
              order by j.run_at, j.seq
              limit $2
              for update of j skip locked
-         ), claimed as (
-             -- clock_timestamp(), not now(): the transaction may start a moment before
-             -- the statement's snapshot, and an attempt must not seem to start before
-             -- the one it waited for (same resource) ended.
-             update jobs set state = 'claimed', claimed_by = $1, claimed_at = clock_timestamp(),
-                    started_at = coalesce(started_at, clock_timestamp()), attempts = attempts + 1,
-                    lease_expires_at = now() + $3 * interval '1 millisecond', updated_at = now()
-             -- The rows just locked, by their physical address: a TID scan whatever
-             -- the statistics say (a join here may be planned as a scan of the table).
-             where jobs.ctid = any(array(select ctid from candidates))
-             returning jobs.*
          )
-         select {JOB_COLUMNS} from claimed order by run_at"
+         -- clock_timestamp(), not now(): the transaction may start a moment before the
+         -- statement's snapshot, and an attempt must not seem to start before the one it
+         -- waited for (same resource) ended.
+         update jobs set state = 'claimed', claimed_by = $1, claimed_at = clock_timestamp(),
+                started_at = coalesce(started_at, clock_timestamp()), attempts = attempts + 1,
+                lease_expires_at = now() + $3 * interval '1 millisecond', updated_at = now()
+         -- The rows just locked, by their physical address: a TID scan whatever the
+         -- statistics say (a join here may be planned as a scan of the table).
+         where jobs.ctid = any(array(select ctid from candidates))
+         returning {JOB_COLUMNS}"
     );
-    sqlx::query_as(&sql)
+    let mut jobs: Vec<Job> = sqlx::query_as(&sql)
         .bind(worker)
         .bind(limit)
         .bind(millis(lease))
         .fetch_all(pool)
-        .await
+        .await?;
+    // Started oldest first; sorted here rather than by the statement, which would
+    // have to hold every claimed row once more to sort it.
+    jobs.sort_by_key(|job| job.run_at);
+    Ok(jobs)
 }
 
 /// Extends the leases `worker` holds on attempt `attempts[i]` of job `job_ids[i]`;
