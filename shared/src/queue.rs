@@ -341,7 +341,8 @@ pub async fn finish(
                  last_stderr = i.stderr,
                  updated_at = now()
              from input i
-             where j.id = i.id and j.state = 'claimed' and j.claimed_by = $1 and j.attempts = i.attempt
+             where j.id = i.id and j.state = 'claimed' and j.claimed_by = $1
+               and j.attempts = i.attempt
              returning j.*
          ), recorded as (
              insert into job_attempts (job_id, attempt, worker, started_at, finished_at,

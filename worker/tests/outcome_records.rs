@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used)] // test support: a failed set-up should panic
-//! Every attempt stays readable for operators although a completed attempt is no
-//! longer written to `job_attempts` (its job's row describes it), and recording
-//! outcomes leaves the planner as it found it for the rest of the transaction.
+//! Recording outcomes (`queue::finish`): every attempt stays readable for operators
+//! although a completed attempt is no longer written to `job_attempts` (its job's row
+//! describes it); outcomes are matched against the claimed jobs, never the history,
+//! however stale the statistics; and the planner is left as it was found for the rest
+//! of the transaction.
 
 use std::time::Duration;
 
@@ -147,4 +149,69 @@ async fn a_completed_attempt_is_read_from_its_job_and_failed_ones_from_their_rec
         history(&db.pool, &job).await,
         [row(1, 75, Some("permanent"))]
     );
+}
+
+/// Scans of the jobs table, of the claimed jobs' index and of the primary key, as this
+/// session counts them (counts not yet flushed to the statistics: compare two readings
+/// taken in one transaction, during which nothing is flushed).
+async fn scans(tx: &mut sqlx::PgConnection) -> [i64; 3] {
+    let counts: (i64, i64, i64) = sqlx::query_as(
+        "select pg_stat_get_xact_numscans('jobs'::regclass),
+                pg_stat_get_xact_numscans('jobs_claimed_lease'::regclass),
+                pg_stat_get_xact_numscans('jobs_pkey'::regclass)",
+    )
+    .fetch_one(tx)
+    .await
+    .unwrap();
+    [counts.0, counts.1, counts.2]
+}
+
+#[tokio::test]
+async fn outcomes_are_matched_against_the_claimed_jobs_never_the_history() {
+    let db = fresh_database().await.unwrap();
+    // A history of finished jobs, and statistics that have seen nothing claimed.
+    sqlx::query(
+        "insert into jobs (id, type, state, attempts, max_attempts, completed_at)
+         select gen_random_uuid(), 'test.history', 'completed', 1, 1, now()
+         from generate_series(1, 20000)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut jobs = Vec::new();
+    for _ in 0..300 {
+        jobs.push(queue_job(&db.pool).await);
+    }
+    sqlx::query("analyze jobs").execute(&db.pool).await.unwrap();
+    let claimed = queue::claim(&db.pool, WORKER, 300, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 300);
+
+    for batch in [&claimed[..1], &claimed[1..]] {
+        let finished: Vec<FinishedAttempt> = batch
+            .iter()
+            .map(|job| FinishedAttempt {
+                job_id: job.id,
+                attempt: job.attempts,
+                outcome: AttemptOutcome {
+                    cancelled: false,
+                    exit_code: Some(0),
+                    classification: None,
+                    error: None,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                },
+                retry_delay: Duration::ZERO,
+            })
+            .collect();
+        let mut tx = db.pool.begin().await.unwrap();
+        let before = scans(&mut tx).await;
+        let recorded = queue::finish(&mut tx, WORKER, &finished).await.unwrap();
+        assert_eq!(recorded.len(), batch.len());
+        let after = scans(&mut tx).await;
+        // One read of the claimed jobs' index; no scan of the table (its history),
+        // no walk of the primary key.
+        let made: Vec<i64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        assert_eq!(made, [0, 1, 0], "batch of {}", batch.len());
+        tx.commit().await.unwrap();
+    }
 }
