@@ -54,15 +54,9 @@ pub async fn latency(args: &LatencyArgs) -> anyhow::Result<()> {
     let _stack = ProcessStack::start(&db.url, args.workers, &env).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let floor_pool = pool.clone();
-    let floor = offer(
-        args.rate,
-        Duration::from_secs(args.baseline_duration),
-        args.tasks,
-        move || trivial_insert(floor_pool.clone()),
-    )
-    .await
-    .context("offering the baseline inserts")?;
+    let floor = baseline(args, &pool, false).await?;
+    let floor_notify = baseline(args, &pool, true).await?;
+    let commits_before = xact_commits(&db.pool).await?;
     let (job_pool, commits) = (pool.clone(), Commits::default());
     let job_commits = commits.clone();
     let jobs = offer(
@@ -76,7 +70,9 @@ pub async fn latency(args: &LatencyArgs) -> anyhow::Result<()> {
     wait_until_done(&db.pool, Duration::from_secs(120)).await?;
     let claim = claim_latency(&db.pool, Uuid::nil(), Uuid::max()).await?;
     let after_commit = commit_to_claim(&db.pool, &commits).await?;
-    let floor = floor.figures();
+    // Backends report their counts within a second or so of going idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let transactions = xact_commits(&db.pool).await? - commits_before;
     let p99 = |v: &Value| v["p99"].as_f64().unwrap_or(f64::NAN);
     let ratio = p99(&claim) / p99(&floor["round_trip_ms"]);
     println!(
@@ -91,6 +87,8 @@ pub async fn latency(args: &LatencyArgs) -> anyhow::Result<()> {
             "commit_returned_to_claim_ms": after_commit,
             "enqueue_transactions": jobs.figures(),
             "baseline_insert_commit": floor,
+            "baseline_insert_notify_commit": floor_notify,
+            "control_db_commits_per_job": round2(transactions as f64 / jobs.round_trips.len() as f64),
             "claim_p99_vs_baseline_round_trip_p99": round2(ratio),
         })
     );
@@ -115,6 +113,16 @@ async fn enqueue_one(pool: PgPool, commits: Commits) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Transactions committed in this database so far (all sessions: the inserts, the
+/// workers' claims, outcome batches and polls).
+async fn xact_commits(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "select xact_commit from pg_stat_database where datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// `claimed_at` minus when the client saw the commit return: the wake and the claim,
 /// without the enqueue's own transaction (`created_at` is when that began).
 async fn commit_to_claim(pool: &PgPool, commits: &Commits) -> anyhow::Result<Value> {
@@ -133,18 +141,40 @@ async fn commit_to_claim(pool: &PgPool, commits: &Commits) -> anyhow::Result<Val
     Ok(crate::stats::quantiles(&mut gaps))
 }
 
-/// The floor: one row into a two-column table in a transaction of its own.
-async fn trivial_insert(pool: PgPool) -> anyhow::Result<()> {
+/// A baseline at the jobs' rate: one row into a two-column table per transaction
+/// (with `notify`, also a NOTIFY on a channel no worker listens to, as `enqueue`
+/// sends one to wake them).
+async fn baseline(args: &LatencyArgs, pool: &PgPool, notify: bool) -> anyhow::Result<Value> {
+    let pool = pool.clone();
+    let offered = offer(
+        args.rate,
+        Duration::from_secs(args.baseline_duration),
+        args.tasks,
+        move || trivial_insert(pool.clone(), notify),
+    )
+    .await
+    .context("offering the baseline inserts")?;
+    Ok(offered.figures())
+}
+
+/// One row into a two-column table in a transaction of its own.
+async fn trivial_insert(pool: PgPool, notify: bool) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query("insert into bench_floor default values")
         .execute(&mut *tx)
         .await?;
+    if notify {
+        sqlx::query("select pg_notify('capy_bench_floor', '')")
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(())
 }
 
 /// Insert → claim (`claimed_at - created_at`; a job not yet claimed counts until
-/// now) of the jobs whose ids lie in `[low, high)`: count, p50, p95, p99 and max in
+/// now) of the no-op jobs whose ids lie in `[low, high)` (not the sweeps the workers
+/// queue themselves): count, p50, p95, p99 and max in
 /// milliseconds.
 pub async fn claim_latency(pool: &PgPool, low: Uuid, high: Uuid) -> anyhow::Result<Value> {
     let (count, quantiles): (i64, Option<Vec<f64>>) = sqlx::query_as(
@@ -152,14 +182,21 @@ pub async fn claim_latency(pool: &PgPool, low: Uuid, high: Uuid) -> anyhow::Resu
                 percentile_disc(array[0.5, 0.95, 0.99, 1.0]) within group (
                     order by (extract(epoch from coalesce(claimed_at, clock_timestamp())
                                                  - created_at) * 1000)::float8)
-         from jobs where id >= $1 and id < $2",
+         from jobs where id >= $1 and id < $2 and type = $3",
     )
     .bind(low)
     .bind(high)
+    .bind(job_type::NOOP)
     .fetch_one(pool)
     .await
     .context("reading insert → claim latencies")?;
     let q = quantiles.unwrap_or_default();
     let at = |i: usize| q.get(i).map(|v| round2(*v));
     Ok(json!({"jobs": count, "p50": at(0), "p95": at(1), "p99": at(2), "max": at(3)}))
+}
+
+/// The smallest UUIDv7 of millisecond `unix_ms`: ids made from then on sort at or
+/// after it.
+pub fn v7_floor(unix_ms: u64) -> Uuid {
+    Uuid::from_u128(u128::from(unix_ms) << 80)
 }

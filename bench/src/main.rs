@@ -14,6 +14,7 @@ mod pooler;
 mod preview;
 mod provision;
 mod queue;
+mod soak;
 mod stats;
 
 use clap::Parser as _;
@@ -55,6 +56,10 @@ enum Bench {
     /// Insert → claim latency (p50/p95/p99/max) with jobs queued one per transaction
     /// at --rate for --duration, beside a trivial insert + commit at the same rate.
     Latency(latency::LatencyArgs),
+    /// The peak burn-down, then --fraction of it offered for --minutes (enqueue_many on
+    /// a timer) with workers running: per-minute throughput and insert → claim p99,
+    /// dead tuples and table and index sizes at the end against the start.
+    Soak(soak::SoakArgs),
     /// The burn-down on an empty table beside the same with finished jobs already in it.
     History(queue::HistoryArgs),
     /// POST /v1/databases → connect + select 1, warm pool and empty pool, beside a raw
@@ -105,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::BurnDown(args) => queue::burn_down(&args).await,
         Bench::Latency(args) => latency::latency(&args).await,
         Bench::History(args) => queue::history(&args).await,
+        Bench::Soak(args) => soak::soak(&args).await,
         Bench::Instant { runs } => instant::instant(runs).await,
         Bench::Metrics(args) => metrics::metrics(&args).await,
         Bench::Pooler(args) => pooler::pooler(&args).await,
