@@ -14,8 +14,10 @@ mod pooler;
 mod preview;
 mod provision;
 mod queue;
+mod serverlog;
 mod soak;
 mod stats;
+mod timeline;
 
 use clap::Parser as _;
 
