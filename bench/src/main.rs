@@ -7,12 +7,17 @@ mod engines;
 mod insert;
 mod instant;
 mod joblist;
+mod latency;
 mod metrics;
+mod offer;
 mod pooler;
 mod preview;
 mod provision;
 mod queue;
+mod serverlog;
+mod soak;
 mod stats;
+mod timeline;
 
 use clap::Parser as _;
 
@@ -50,8 +55,13 @@ enum Bench {
     /// Jobs per second: a queue of no-op jobs (or trivial child processes with
     /// --spawn) burnt down by worker processes.
     BurnDown(queue::BurnDownArgs),
-    /// Insert → claim latency at a light steady load.
-    Latency(queue::LatencyArgs),
+    /// Insert → claim latency (p50/p95/p99/max) with jobs queued one per transaction
+    /// at --rate for --duration, beside a trivial insert + commit at the same rate.
+    Latency(latency::LatencyArgs),
+    /// The peak burn-down, then --fraction of it offered for --minutes (enqueue_many on
+    /// a timer) with workers running: per-minute throughput and insert → claim p99,
+    /// dead tuples and table and index sizes at the end against the start.
+    Soak(soak::SoakArgs),
     /// The burn-down on an empty table beside the same with finished jobs already in it.
     History(queue::HistoryArgs),
     /// POST /v1/databases → connect + select 1, warm pool and empty pool, beside a raw
@@ -100,8 +110,9 @@ async fn main() -> anyhow::Result<()> {
         Bench::Provision { runs } => provision::provision(runs).await,
         Bench::Tls { runs } => provision::tls_cost(runs).await,
         Bench::BurnDown(args) => queue::burn_down(&args).await,
-        Bench::Latency(args) => queue::latency(&args).await,
+        Bench::Latency(args) => latency::latency(&args).await,
         Bench::History(args) => queue::history(&args).await,
+        Bench::Soak(args) => soak::soak(&args).await,
         Bench::Instant { runs } => instant::instant(runs).await,
         Bench::Metrics(args) => metrics::metrics(&args).await,
         Bench::Pooler(args) => pooler::pooler(&args).await,

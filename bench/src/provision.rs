@@ -1,4 +1,5 @@
-//! `provision`: POST /v1/projects → job completed, beside the same SQL through psql.
+//! `provision`: POST /v1/projects → job completed, beside the same SQL through psql;
+//! then both as per-phase timelines (see [`crate::timeline`]).
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,10 @@ use capy_shared::ident::{quote_ident, quote_literal};
 use capy_testkit::{cluster, fresh_database, postgres_bin_dir, ProcessStack, TEST_SECRET_KEY};
 use serde_json::{json, Value};
 
+use crate::serverlog::ServerLog;
+use crate::stats::now_ms;
 use crate::stats::{median_ms, ms, round2};
+use crate::timeline::{self, ClientTrace, Phases};
 
 /// A fresh control database with an organization key and the private cluster
 /// registered as `local` (behind `pooler` when given).
@@ -49,21 +53,25 @@ pub async fn control_plane(
 }
 
 pub async fn provision(runs: usize) -> anyhow::Result<()> {
+    let log = ServerLog::enable().await?;
     let (db, key) = control_plane(None).await?;
     let stack = ProcessStack::start(&db.url, 2, &[]).await?;
     let http = reqwest::Client::new();
 
-    // Two warm-up runs are not counted.
-    let mut capy = Vec::new();
+    // Two warm-up runs are not counted. capy and psql alternate, so the machine's
+    // drift falls on both alike.
+    let (mut capy, mut traces, mut windows) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs + 2 {
-        let took =
-            post_to_completed(&http, &stack, &key, json!({"name": format!("bench-{run}")})).await?;
+        let body = json!({"name": format!("bench-{run}")});
+        let (took, trace) = post_traced(&http, &stack, &key, body).await?;
+        let window = psql_once().await?;
         if run >= 2 {
             capy.push(took);
+            traces.push(trace);
+            windows.push(window);
         }
     }
-
-    let mut direct = psql_runs(runs).await?;
+    let mut direct: Vec<Duration> = windows.iter().map(|w| w.0).collect();
 
     let capy_p50 = median_ms(&mut capy);
     let psql_p50 = median_ms(&mut direct);
@@ -80,6 +88,56 @@ pub async fn provision(runs: usize) -> anyhow::Result<()> {
             "psql_same_sql_ms_min": ms(direct[0]),
             "psql_same_sql_ms_max": ms(direct[direct.len() - 1]),
             "overhead_ms_p50": round2(capy_p50 - psql_p50),
+            "ratio_p50": round2(capy_p50 / psql_p50),
+        })
+    );
+    if let Some(log) = log {
+        print_timeline(&log, &db, &traces, &windows).await?;
+    }
+    Ok(())
+}
+
+/// The per-phase timeline of the capy runs and of the psql runs (medians and means).
+async fn print_timeline(
+    log: &ServerLog,
+    db: &capy_testkit::TestDatabase,
+    traces: &[ClientTrace],
+    windows: &[(Duration, f64, f64)],
+) -> anyhow::Result<()> {
+    let sessions = log.sessions()?;
+    let ids: Vec<uuid::Uuid> = traces.iter().map(|t| t.job_id).collect();
+    let jobs = timeline::job_times(&db.pool, &ids).await?;
+    let (mut capy, mut capy_statements) = (Phases::default(), Phases::default());
+    let mut traced = 0;
+    for trace in traces {
+        let Some(job) = jobs.get(&trace.job_id) else {
+            continue;
+        };
+        let added = timeline::add_provision_run(
+            &mut capy,
+            &mut capy_statements,
+            trace,
+            job,
+            &sessions,
+            &db.name,
+        );
+        traced += usize::from(added.is_some());
+    }
+    let (mut psql, mut psql_statements) = (Phases::default(), Phases::default());
+    for (_, from, to) in windows {
+        timeline::add_psql_run(&mut psql, &mut psql_statements, *from, *to, &sessions);
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": "provision_timeline",
+            "columns": ["phase", "ms_p50", "ms_mean"],
+            "server_log_resolution_ms": 1,
+            "runs_traced": traced,
+            "capy": capy.figures(),
+            "capy_step_statements_ms": capy_statements.figures(),
+            "psql": psql.figures(),
+            "psql_statements_ms": psql_statements.figures(),
         })
     );
     Ok(())
@@ -88,28 +146,37 @@ pub async fn provision(runs: usize) -> anyhow::Result<()> {
 /// `runs` (after two warm-ups) of what `project.create` does on PostgreSQL, run by hand
 /// through psql on the private cluster.
 pub(crate) async fn psql_runs(runs: usize) -> anyhow::Result<Vec<Duration>> {
-    let psql = postgres_bin_dir()?.join("psql");
-    let admin_url = cluster()?.admin_url_for("postgres");
     let mut direct = Vec::new();
     for run in 0..runs + 2 {
-        let script = project_sql(&format!("bench_psql_{}", uuid::Uuid::new_v4().simple()));
-        let started = Instant::now();
-        let mut child = tokio::process::Command::new(&psql)
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-", &admin_url])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("running psql")?;
-        use tokio::io::AsyncWriteExt as _;
-        let mut stdin = child.stdin.take().context("psql stdin")?;
-        stdin.write_all(script.as_bytes()).await?;
-        drop(stdin);
-        anyhow::ensure!(child.wait().await?.success(), "psql failed");
+        let (took, _, _) = psql_once().await?;
         if run >= 2 {
-            direct.push(started.elapsed());
+            direct.push(took);
         }
     }
     Ok(direct)
+}
+
+/// One psql run of what `project.create` does, over plaintext as the step talks to
+/// the cluster (`sslmode=disable`, as the cluster is registered); answers how long it
+/// took and when (epoch ms) psql was spawned and seen to exit.
+pub(crate) async fn psql_once() -> anyhow::Result<(Duration, f64, f64)> {
+    let psql = postgres_bin_dir()?.join("psql");
+    let admin_url = format!("{}?sslmode=disable", cluster()?.admin_url_for("postgres"));
+    let script = project_sql(&format!("bench_psql_{}", uuid::Uuid::new_v4().simple()));
+    let from_ms = now_ms();
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(&psql)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-", &admin_url])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("running psql")?;
+    use tokio::io::AsyncWriteExt as _;
+    let mut stdin = child.stdin.take().context("psql stdin")?;
+    stdin.write_all(script.as_bytes()).await?;
+    drop(stdin);
+    anyhow::ensure!(child.wait().await?.success(), "psql failed");
+    Ok((started.elapsed(), from_ms, now_ms()))
 }
 
 /// POST /v1/projects with `body`, then polls its job until completed.
@@ -119,6 +186,18 @@ pub(crate) async fn post_to_completed(
     key: &str,
     body: Value,
 ) -> anyhow::Result<Duration> {
+    Ok(post_traced(http, stack, key, body).await?.0)
+}
+
+/// [`post_to_completed`], with when (epoch ms) the client sent, had its answer and saw
+/// the job completed.
+pub(crate) async fn post_traced(
+    http: &reqwest::Client,
+    stack: &ProcessStack,
+    key: &str,
+    body: Value,
+) -> anyhow::Result<(Duration, ClientTrace)> {
+    let sent_ms = now_ms();
     let started = Instant::now();
     let created: Value = http
         .post(format!("{}/v1/projects", stack.api_url))
@@ -129,10 +208,12 @@ pub(crate) async fn post_to_completed(
         .error_for_status()?
         .json()
         .await?;
-    let job_id = created["job"]["id"]
+    let answered_ms = now_ms();
+    let job_id: uuid::Uuid = created["job"]["id"]
         .as_str()
         .context("no job id")?
-        .to_string();
+        .parse()
+        .context("the job id is not a UUID")?;
     loop {
         let shown: Value = http
             .get(format!("{}/v1/jobs/{job_id}", stack.api_url))
@@ -142,7 +223,15 @@ pub(crate) async fn post_to_completed(
             .json()
             .await?;
         match shown["job"]["state"].as_str() {
-            Some("completed") => return Ok(started.elapsed()),
+            Some("completed") => {
+                let trace = ClientTrace {
+                    job_id,
+                    sent_ms,
+                    answered_ms,
+                    seen_ms: now_ms(),
+                };
+                return Ok((started.elapsed(), trace));
+            }
             Some("failed") => anyhow::bail!("job failed: {}", shown["job"]["error"]),
             _ => tokio::time::sleep(Duration::from_millis(1)).await,
         }

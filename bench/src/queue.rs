@@ -1,5 +1,5 @@
-//! The queue's benchmarks: burn-down (jobs/s), insert → claim latency, and burn-down
-//! with a large history of finished jobs. Workers run as real processes.
+//! The queue's benchmarks: burn-down (jobs/s) and burn-down with a large history of
+//! finished jobs. Workers run as real processes.
 
 use std::time::{Duration, Instant};
 
@@ -28,17 +28,6 @@ pub struct BurnDownArgs {
     /// Runs; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct LatencyArgs {
-    #[arg(long, default_value_t = 2000)]
-    jobs: usize,
-    /// Jobs inserted per second, one at a time.
-    #[arg(long, default_value_t = 200)]
-    rate: u32,
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,42 +94,9 @@ pub async fn history(args: &HistoryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn latency(args: &LatencyArgs) -> anyhow::Result<()> {
-    let db = fresh_database().await?;
-    let env = [("CAPY_WORKER_CONCURRENCY", "64".to_string())];
-    let _stack = ProcessStack::start(&db.url, args.workers, &env).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate.max(1));
-    for _ in 0..args.jobs {
-        tick.tick().await;
-        insert_jobs(&db.pool, 1, job_type::NOOP).await?;
-    }
-    wait_until_done(&db.pool, Duration::from_secs(60)).await?;
-    let mut latencies: Vec<f64> = sqlx::query_scalar(
-        "select (extract(epoch from claimed_at - created_at) * 1000)::float8 from jobs",
-    )
-    .fetch_all(&db.pool)
-    .await?;
-    latencies.sort_by(f64::total_cmp);
-    let quantile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
-    println!(
-        "{}",
-        json!({
-            "bench": "latency",
-            "jobs": args.jobs,
-            "rate_per_s": args.rate,
-            "workers": args.workers,
-            "insert_to_claim_ms_p50": round2(quantile(0.5)),
-            "insert_to_claim_ms_p99": round2(quantile(0.99)),
-            "insert_to_claim_ms_max": round2(quantile(1.0)),
-        })
-    );
-    Ok(())
-}
-
 /// Starts the workers, queues `jobs` in one transaction once they idle, and answers
 /// jobs per second from that commit until the last job completed.
-async fn run_burn_down(
+pub(crate) async fn run_burn_down(
     db: &TestDatabase,
     jobs: i64,
     workers: usize,
@@ -172,7 +128,7 @@ fn new_ids(count: i64) -> Vec<uuid::Uuid> {
     (0..count).map(|_| uuid::Uuid::now_v7()).collect()
 }
 
-async fn insert_jobs(pool: &PgPool, count: i64, kind: &str) -> anyhow::Result<()> {
+pub(crate) async fn insert_jobs(pool: &PgPool, count: i64, kind: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     let jobs = crate::insert::noop_jobs(kind, usize::try_from(count)?);
     capy_shared::queue::enqueue_many(&mut tx, &jobs).await?;
@@ -180,7 +136,7 @@ async fn insert_jobs(pool: &PgPool, count: i64, kind: &str) -> anyhow::Result<()
     Ok(())
 }
 
-async fn wait_until_done(pool: &PgPool, limit: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_until_done(pool: &PgPool, limit: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         // Two probes, each answered from its partial index: one `state in (…)` probe

@@ -1,6 +1,8 @@
 //! Figures: medians and rounding.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
 
 /// Sorts `samples` and answers their median in milliseconds.
 pub fn median_ms(samples: &mut [Duration]) -> f64 {
@@ -39,4 +41,25 @@ pub fn median(values: &mut [f64]) -> f64 {
     } else {
         values[mid]
     }
+}
+
+/// p50, p95, p99 (nearest rank) and max of `values` (sorted in place), rounded; null
+/// when there are none.
+pub fn quantiles(values: &mut [f64]) -> Value {
+    values.sort_by(f64::total_cmp);
+    let Some(max) = values.last() else {
+        return Value::Null;
+    };
+    let at = |percent: usize| {
+        let rank = (values.len() * percent).div_ceil(100).max(1);
+        round2(values[rank - 1])
+    };
+    json!({"p50": at(50), "p95": at(95), "p99": at(99), "max": round2(*max)})
+}
+
+/// Now, in milliseconds since the epoch (the server's timestamps share the clock).
+pub fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
 }
