@@ -13,6 +13,9 @@ use crate::stats::{median, round2};
 /// Job type of `--spawn` runs: a trivial child process per job.
 const SPAWN_TYPE: &str = "bench.spawn";
 
+/// Slots per worker for in-process no-ops: as many as a worker claims in one statement.
+pub const NOOP_SLOTS: usize = 5000;
+
 #[derive(Debug, clap::Args)]
 pub struct BurnDownArgs {
     #[arg(long, default_value_t = 100_000)]
@@ -22,7 +25,7 @@ pub struct BurnDownArgs {
     /// Jobs run a trivial child process (`true`) instead of the in-process no-op.
     #[arg(long)]
     spawn: bool,
-    /// Slots per worker (default: 2000 for no-ops, 8 with --spawn).
+    /// Slots per worker (default: 5000 for no-ops, a worker's claim batch; 8 with --spawn).
     #[arg(long)]
     concurrency: Option<usize>,
     /// Runs; the median is reported.
@@ -46,7 +49,7 @@ pub struct HistoryArgs {
 pub async fn burn_down(args: &BurnDownArgs) -> anyhow::Result<()> {
     let concurrency = args
         .concurrency
-        .unwrap_or(if args.spawn { 8 } else { 2000 });
+        .unwrap_or(if args.spawn { 8 } else { NOOP_SLOTS });
     let mut rates = Vec::new();
     for _ in 0..args.repeat {
         let db = fresh_database().await?;
@@ -71,10 +74,10 @@ pub async fn history(args: &HistoryArgs) -> anyhow::Result<()> {
     for _ in 0..args.repeat {
         // Baseline and history runs alternate, so drift on a noisy machine hits both.
         let db = fresh_database().await?;
-        empty.push(run_burn_down(&db, args.jobs, args.workers, 2000, false).await?);
+        empty.push(run_burn_down(&db, args.jobs, args.workers, NOOP_SLOTS, false).await?);
         let db = fresh_database().await?;
         add_history(&db.pool, args.history).await?;
-        full.push(run_burn_down(&db, args.jobs, args.workers, 2000, false).await?);
+        full.push(run_burn_down(&db, args.jobs, args.workers, NOOP_SLOTS, false).await?);
     }
     let (empty_p50, full_p50) = (median(&mut empty.clone()), median(&mut full.clone()));
     println!(
