@@ -272,6 +272,26 @@ pub struct FinishedAttempt {
     pub retry_delay: Duration,
 }
 
+impl FinishedAttempt {
+    /// The successful end of `job`'s current attempt, with no output: work done inside
+    /// the worker (no-ops, sweeps).
+    pub fn succeeded(job: &Job) -> Self {
+        Self {
+            job_id: job.id,
+            attempt: job.attempts,
+            outcome: AttemptOutcome {
+                cancelled: false,
+                exit_code: Some(0),
+                classification: None,
+                error: None,
+                stdout: String::new(),
+                stderr: String::new(),
+            },
+            retry_delay: Duration::ZERO,
+        }
+    }
+}
+
 /// Records the end of attempts by `worker`, many in one statement: each job moves to
 /// `completed`, back to `pending` (retried after its delay) or to `failed`. An attempt
 /// that did not complete is written to `job_attempts`; a completed one stays in its

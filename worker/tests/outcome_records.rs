@@ -187,22 +187,7 @@ async fn outcomes_are_matched_against_the_claimed_jobs_never_the_history() {
     assert_eq!(claimed.len(), 300);
 
     for batch in [&claimed[..1], &claimed[1..]] {
-        let finished: Vec<FinishedAttempt> = batch
-            .iter()
-            .map(|job| FinishedAttempt {
-                job_id: job.id,
-                attempt: job.attempts,
-                outcome: AttemptOutcome {
-                    cancelled: false,
-                    exit_code: Some(0),
-                    classification: None,
-                    error: None,
-                    stdout: String::new(),
-                    stderr: String::new(),
-                },
-                retry_delay: Duration::ZERO,
-            })
-            .collect();
+        let finished: Vec<FinishedAttempt> = batch.iter().map(FinishedAttempt::succeeded).collect();
         let mut tx = db.pool.begin().await.unwrap();
         let before = scans(&mut tx).await;
         let recorded = queue::finish(&mut tx, WORKER, &finished).await.unwrap();

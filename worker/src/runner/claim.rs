@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capy_shared::model::{job_type, Job};
-use capy_shared::queue;
+use capy_shared::queue::{self, FinishedAttempt};
 use sqlx::postgres::PgListener;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
-use super::outcome::succeeded;
 use super::retry::Backoff;
 use super::{Outcome, Worker, CLAIM_BATCH, FINISH_BATCH};
 use crate::process::StopReason;
@@ -137,7 +136,7 @@ impl Worker {
             attempts.spawn(self.clone().sweep(job, finished.clone()));
         } else if job.job_type == job_type::NOOP {
             let outcome = Outcome {
-                finished: succeeded(&job),
+                finished: FinishedAttempt::succeeded(&job),
                 entry: None,
             };
             return finished.send(outcome).await.is_ok();

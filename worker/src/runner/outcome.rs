@@ -2,11 +2,10 @@
 //! projects, retrying while the control database is unreachable.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use backon::Retryable as _;
 use capy_shared::effects;
-use capy_shared::model::{Job, RetryClassification};
+use capy_shared::model::RetryClassification;
 use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt};
 use tokio::sync::mpsc;
 
@@ -56,24 +55,6 @@ impl Worker {
             self.metrics.recorded(job);
         }
         Ok(jobs.len())
-    }
-}
-
-/// The successful end of `job`'s attempt, for work done inside the worker (no-ops,
-/// sweeps).
-pub(super) fn succeeded(job: &Job) -> FinishedAttempt {
-    FinishedAttempt {
-        job_id: job.id,
-        attempt: job.attempts,
-        outcome: AttemptOutcome {
-            cancelled: false,
-            exit_code: Some(0),
-            classification: None,
-            error: None,
-            stdout: String::new(),
-            stderr: String::new(),
-        },
-        retry_delay: Duration::ZERO,
     }
 }
 

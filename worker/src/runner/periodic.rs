@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capy_shared::model::{Job, RetryClassification};
+use capy_shared::queue::FinishedAttempt;
 use capy_shared::{effects, instant, periodic, queue};
 use tokio::sync::mpsc;
 
-use super::outcome::{failure, succeeded};
+use super::outcome::failure;
 use super::{Outcome, Worker};
 use crate::sweeps;
 
@@ -78,7 +79,7 @@ impl Worker {
             self.settings.periodic_max_attempts,
         )
         .await;
-        let mut done = succeeded(&job);
+        let mut done = FinishedAttempt::succeeded(&job);
         match result {
             Ok(stdout) => done.outcome.stdout = stdout,
             Err(error) => {
