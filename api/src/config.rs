@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// The API's URL as clients reach it (for `claim_url`); `http://LISTEN` if unset.
     #[arg(long, env = "CAPY_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// How often a request waiting on a job (`?wait=N`) looks again when the job's change
+    /// was not announced (announcements lost while the API reconnects), in ms.
+    #[arg(long, env = "CAPY_JOB_WAIT_FALLBACK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    pub job_wait_fallback_ms: u64,
     /// Instant databases (`POST /v1/databases`) one client address may create per
     /// minute.
     #[arg(long, env = "CAPY_INSTANT_RATE_LIMIT_PER_MINUTE", default_value_t = 30, value_parser = clap::value_parser!(i64).range(1..))]

@@ -12,6 +12,7 @@ pub mod console;
 pub mod error;
 pub mod extract;
 mod idempotency;
+pub mod job_changes;
 pub mod job_metrics;
 mod pagination;
 pub mod plans;
@@ -140,6 +141,8 @@ pub struct AppState {
     pub instant_limiter: std::sync::Arc<rate_limit::RateLimiter>,
     /// The backup store; `None`: backups, exports and restores are refused (409).
     pub backup_store: Option<capy_shared::store::BackupStore>,
+    /// Job state changes the workers announce, for requests that wait on a job.
+    pub job_changes: job_changes::JobChanges,
 }
 
 impl AppState {

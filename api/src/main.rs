@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use capy_api::config::{Cli, Command, ServeArgs};
+use capy_api::job_changes::JobChanges;
 use capy_api::{metrics_router, public_router, ApiSettings, AppState, PreviewTtl};
 use capy_shared::crypto::SecretBox;
 use capy_shared::instant::ClientCaps;
@@ -31,8 +32,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
         Some(_) => Some(BackupStore::open(&args.store).context("opening the backup store")?),
     };
+    let pool = db::pool(&args.database.database_url, args.pool_size)?;
     let state = AppState {
-        pool: db::pool(&args.database.database_url, args.pool_size)?,
+        job_changes: JobChanges::listen(
+            pool.clone(),
+            Duration::from_millis(args.job_wait_fallback_ms),
+        ),
+        pool,
         secrets: SecretBox::from_key_text(&args.secret_key)?,
         settings: ApiSettings {
             job_max_attempts: args.job_max_attempts,

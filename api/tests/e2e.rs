@@ -61,19 +61,25 @@ impl Stack {
         )
     }
 
+    /// One `GET /v1/jobs/{id}?wait=N`: the job, and how long its answer took.
+    async fn long_poll(&self, job_id: &str, seconds: u64) -> (Value, Duration) {
+        let asked = Instant::now();
+        let (status, body) = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/jobs/{job_id}?wait={seconds}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        (body["job"].clone(), asked.elapsed())
+    }
+
     /// Long-polls the job until it is `completed` or `failed`.
     async fn wait_for_job(&self, job_id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (status, body) = self
-                .request(
-                    reqwest::Method::GET,
-                    &format!("/v1/jobs/{job_id}?wait=10"),
-                    None,
-                )
-                .await;
-            assert_eq!(status, 200, "{body}");
-            let job = body["job"].clone();
+            let (job, _) = self.long_poll(job_id, 10).await;
             if job["state"] == "completed" || job["state"] == "failed" {
                 return job;
             }
@@ -423,4 +429,31 @@ async fn a_project_lives_its_whole_life_on_the_cluster() {
         )
         .await;
     assert_eq!(status, 404);
+}
+
+/// A long poll answers when the workers announce the job's change, not at its next
+/// look: here the API looks again only every hour, so any `?wait=20` that ran to its
+/// deadline would show a change that was not announced.
+#[tokio::test]
+async fn long_polls_answer_on_the_workers_announcements() {
+    let stack = Stack::start(
+        TestApp::new().await,
+        &[("CAPY_JOB_WAIT_FALLBACK_MS", "3600000".to_string())],
+    )
+    .await;
+    let (_, job_id) = stack.create_project("announced").await;
+    let mut seen = Vec::new();
+    loop {
+        let (job, took) = stack.long_poll(&job_id, 20).await;
+        let state = job["state"].as_str().unwrap().to_string();
+        assert!(
+            took < Duration::from_secs(15),
+            "a wait ran to its deadline in state {state} (seen before: {seen:?})"
+        );
+        seen.push(state.clone());
+        if state == "completed" || state == "failed" {
+            break;
+        }
+    }
+    assert_eq!(seen.last().unwrap(), "completed", "{seen:?}");
 }

@@ -48,16 +48,18 @@ struct Runs {
     traces: Vec<InstantTrace>,
 }
 
-/// Waits until the workers keep `pool` databases ready.
+/// Waits until the workers keep `pool` databases ready, none being made.
 async fn wait_for_pool(db: &sqlx::PgPool, pool: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let ready: i64 = sqlx::query_scalar(
-            "select count(*) from projects where instant_status = 'pool' and state = 'ready'",
+        let (ready, making): (i64, i64) = sqlx::query_as(
+            "select count(*) filter (where state = 'ready'),
+                    count(*) filter (where state <> 'ready')
+             from projects where instant_status = 'pool' and deleted_at is null",
         )
         .fetch_one(db)
         .await?;
-        if ready >= pool as i64 {
+        if ready >= pool as i64 && making == 0 {
             return Ok(());
         }
         anyhow::ensure!(Instant::now() < deadline, "the pool did not fill");
@@ -128,8 +130,9 @@ async fn measure(runs: usize, pool: usize) -> anyhow::Result<Runs> {
         }
         if pool > 0 {
             // Let the replacement of what was taken catch up, so each run finds a
-            // ready database (as a pool sized for its traffic would).
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // full pool (as a pool sized for its traffic would) and a cluster that is
+            // not creating a database meanwhile.
+            wait_for_pool(&db.pool, pool).await?;
         }
     }
     Ok(out)

@@ -7,7 +7,9 @@ use anyhow::Context as _;
 use capy_api::admin::{self, ClusterSpec, KeyGrant};
 use capy_shared::crypto::{self, SecretBox};
 use capy_shared::ident::{quote_ident, quote_literal};
-use capy_testkit::{cluster, fresh_database, postgres_bin_dir, ProcessStack, TEST_SECRET_KEY};
+use capy_testkit::{
+    cluster, fresh_database, postgres_bin_dir, ProcessStack, TestCluster, TEST_SECRET_KEY,
+};
 use serde_json::{json, Value};
 
 use crate::serverlog::ServerLog;
@@ -162,7 +164,10 @@ pub(crate) async fn psql_runs(runs: usize) -> anyhow::Result<Vec<Duration>> {
 pub(crate) async fn psql_once() -> anyhow::Result<(Duration, f64, f64)> {
     let psql = postgres_bin_dir()?.join("psql");
     let admin_url = format!("{}?sslmode=disable", cluster()?.admin_url_for("postgres"));
-    let script = project_sql(&format!("bench_psql_{}", uuid::Uuid::new_v4().simple()));
+    let script = project_sql(
+        &format!("bench_psql_{}", uuid::Uuid::new_v4().simple()),
+        cluster()?,
+    )?;
     let from_ms = now_ms();
     let started = Instant::now();
     let mut child = tokio::process::Command::new(&psql)
@@ -216,7 +221,8 @@ pub(crate) async fn post_traced(
         .context("the job id is not a UUID")?;
     loop {
         let shown: Value = http
-            .get(format!("{}/v1/jobs/{job_id}", stack.api_url))
+            // A long poll, as the CLI follows a job: answered when the state changes.
+            .get(format!("{}/v1/jobs/{job_id}?wait=10", stack.api_url))
             .bearer_auth(key)
             .send()
             .await?
@@ -233,7 +239,7 @@ pub(crate) async fn post_traced(
                 return Ok((started.elapsed(), trace));
             }
             Some("failed") => anyhow::bail!("job failed: {}", shown["job"]["error"]),
-            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            _ => {}
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(60),
@@ -319,23 +325,54 @@ fn bench_cluster(name: &str, admin_url: String, ca_pem: Option<String>) -> Clust
     }
 }
 
-/// What the `project.create` step runs, as one psql script (autocommit per statement).
-fn project_sql(name: &str) -> String {
+/// What the `project.create` step runs, as one psql script (autocommit per statement):
+/// on `postgres` as the admin, the owner role, the login, the database and its grants;
+/// then inside the new database as the admin (schema `public` to the login), and last
+/// a session as the login itself (the step's check that it connects).
+fn project_sql(name: &str, cluster: &TestCluster) -> anyhow::Result<String> {
     let role = quote_ident(name);
-    let verifier =
-        postgres_protocol::password::scram_sha_256(crypto::generate_password().as_bytes());
-    format!(
-        "select 1 from pg_roles where rolname = {lit};
-         CREATE ROLE {role} LOGIN PASSWORD {pw} CONNECTION LIMIT 20;
+    let owner_name = format!("{name}_owner");
+    let owner = quote_ident(&owner_name);
+    let password = crypto::generate_password();
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    let inside = format!("{}?sslmode=disable", cluster.admin_url_for(name));
+    let mut as_login = url::Url::parse(&inside)?;
+    as_login
+        .set_username(name)
+        .and_then(|()| as_login.set_password(Some(&password)))
+        .map_err(|()| anyhow::anyhow!("the cluster's URL takes no user"))?;
+    Ok(format!(
+        "select current_user = session_user, current_user::text, session_user::text;
+         select 1 from pg_roles where rolname = {owner_lit};
+         CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;
+         select 1 from pg_roles where rolname = {lit};
+         CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT NOREPLICATION NOBYPASSRLS CONNECTION LIMIT 20 PASSWORD {pw};
+         select 1 where pg_has_role({lit}::name, {owner_lit}::name, 'MEMBER');
          select 1 from pg_database where datname = {lit};
-         CREATE DATABASE {role} OWNER {role};
-         ALTER DATABASE {role} OWNER TO {role};
+         CREATE DATABASE {role} OWNER {owner} TEMPLATE template0 ALLOW_CONNECTIONS false;
+         ALTER DATABASE {role} OWNER TO {owner};
+         ALTER DATABASE {role} RESET ALL;
+         ALTER DATABASE {role} IS_TEMPLATE false;
          ALTER DATABASE {role} CONNECTION LIMIT 20;
          ALTER DATABASE {role} SET statement_timeout = '60s';
          ALTER DATABASE {role} SET idle_in_transaction_session_timeout = '60s';
-         REVOKE CONNECT, TEMPORARY ON DATABASE {role} FROM PUBLIC;
-         GRANT CONNECT, TEMPORARY ON DATABASE {role} TO {role};\n",
+         select distinct a.grantee from pg_database d,
+                aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+          where d.datname = {lit} and a.grantee <> d.datdba;
+         REVOKE ALL ON DATABASE {role} FROM PUBLIC;
+         REVOKE GRANT OPTION FOR ALL ON DATABASE {role} FROM {role} CASCADE;
+         GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {role} TO {role};
+         select datallowconn from pg_database where datname = {lit};
+         ALTER DATABASE {role} ALLOW_CONNECTIONS true;
+         \\c {inside}
+         select current_user = session_user;
+         select pg_catalog.pg_get_userbyid(nspowner)::text from pg_catalog.pg_namespace
+          where nspname = 'public';
+         ALTER SCHEMA public OWNER TO {role};
+         \\c {as_login}
+         select 1;\n",
         lit = quote_literal(name),
+        owner_lit = quote_literal(&owner_name),
         pw = quote_literal(&verifier),
-    )
+    ))
 }

@@ -182,7 +182,10 @@ pub fn add_psql_run(
             ("connection received", session.received_ms),
             ("authorized", authorized),
             ("last statement done", sql_done),
-            ("psql exited", to),
+            (
+                "psql exited (after its sessions inside the new database)",
+                to,
+            ),
         ],
     );
     phases.add("(total) spawn → exit", to - from);

@@ -20,6 +20,47 @@ pub const NOTIFY_CHANNEL: &str = "capy_jobs";
 /// stops the step at once (heartbeats catch it too, later).
 pub const CANCEL_CHANNEL: &str = "capy_job_cancel";
 
+/// NOTIFY channel announcing that jobs callers can see (of a project or an
+/// organization) changed state: their ids, comma-separated. The API's `?wait=` answers
+/// on it at once instead of at its next look.
+pub const CHANGED_CHANNEL: &str = "capy_job_changed";
+/// Ids per announcement: a NOTIFY payload holds under 8,000 bytes, an id 36 and a comma.
+const IDS_PER_ANNOUNCEMENT: usize = 200;
+
+/// The jobs of `jobs` whose changes are announced: those of a project or an
+/// organization. Internal work, which only an operator sees, is left out, so a batch
+/// of it costs nothing.
+pub fn announced(jobs: &[Job]) -> Vec<Uuid> {
+    jobs.iter()
+        .filter(|job| job.organization_id.is_some() || job.project_id.is_some())
+        .map(|job| job.id)
+        .collect()
+}
+
+/// Announces on [`CHANGED_CHANNEL`] that the jobs `ids` changed state. Inside a
+/// transaction the announcement goes out on commit.
+pub async fn announce_changes(conn: impl sqlx::PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let payloads: Vec<String> = ids
+        .chunks(IDS_PER_ANNOUNCEMENT)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    sqlx::query("select pg_notify($1, payload) from unnest($2::text[]) payload")
+        .bind(CHANGED_CHANNEL)
+        .bind(payloads)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// A job to queue.
 #[derive(Debug, Clone)]
 pub struct NewJob {

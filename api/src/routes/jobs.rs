@@ -141,8 +141,8 @@ pub struct ShowQuery {
     wait: Option<u64>,
 }
 
-/// The job; with `?wait=N`, answers as soon as its state changes, or after N seconds,
-/// so clients need not poll in a tight loop.
+/// The job; with `?wait=N`, answers as soon as its state changes (or at once if it has
+/// finished), or after N seconds, so clients need not poll in a tight loop.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id"), ShowQuery),
     responses((status = 200, body = JobBody), ErrorResponses))]
@@ -160,11 +160,15 @@ pub async fn show(
         Some(seconds) => Duration::from_secs(seconds),
         None => Duration::ZERO,
     };
+    // Subscribed first: a change between the first look and the subscription is not
+    // missed.
+    let mut changes = state.job_changes.subscribe();
     let first = visible_job(&state, &principal, id).await?;
     let deadline = Instant::now() + wait;
     let mut job = first.clone();
-    while job.state == first.state && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50).min(deadline - Instant::now())).await;
+    // A finished job is answered at once: nothing is left to wait for.
+    while job.state == first.state && !job.state.is_finished() && Instant::now() < deadline {
+        changes.next_look(id, deadline - Instant::now()).await;
         job = visible_job(&state, &principal, id).await?;
     }
     Ok(Json(JobBody { job }))

@@ -6,6 +6,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use capy_api::admin::{self, ClusterSpec, KeyGrant};
+use capy_api::job_changes::{JobChanges, FALLBACK_LOOK};
 use capy_api::{router, ApiSettings, AppState};
 use capy_shared::crypto::SecretBox;
 use capy_shared::instant::{self, Entry, InstantLimits};
@@ -48,6 +49,7 @@ impl TestApp {
             instant_limiter: Default::default(),
             // A folder of its own: restores and backups are refused without a store.
             backup_store: Some(temp_store()),
+            job_changes: JobChanges::listen(db.pool.clone(), FALLBACK_LOOK),
         };
         let organization_id = admin::create_organization(&db.pool, "acme").await.unwrap();
         let key = new_key(&db, organization_id).await;

@@ -110,6 +110,7 @@ impl Worker {
         };
         backoff.succeeded();
         self.metrics.claimed(&jobs);
+        self.announce_claimed(&jobs);
         // More may be waiting: claim again as soon as a slot frees.
         let wait = if jobs.len() == free {
             Duration::ZERO
@@ -122,6 +123,21 @@ impl Worker {
             }
         }
         wait
+    }
+
+    /// Tells the API's waiters that jobs they may watch are claimed, off the claim's
+    /// path: a lost announcement only makes a waiter see the change at its next look.
+    fn announce_claimed(&self, jobs: &[Job]) {
+        let ids = queue::announced(jobs);
+        if ids.is_empty() {
+            return;
+        }
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            if let Err(error) = queue::announce_changes(&pool, &ids).await {
+                tracing::debug!(error = %error, "announcing claimed jobs failed");
+            }
+        });
     }
 
     /// Starts a claimed job: a sweep or a step in a task of its own, a no-op recorded

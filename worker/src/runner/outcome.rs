@@ -46,6 +46,7 @@ impl Worker {
     async fn record(&self, batch: &[FinishedAttempt]) -> sqlx::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let jobs = queue::finish(&mut tx, &self.settings.worker_id, batch).await?;
+        queue::announce_changes(&mut *tx, &queue::announced(&jobs)).await?;
         for job in &jobs {
             effects::apply(&mut tx, job).await?;
             tracing::info!(job_id = %job.id, attempt = job.attempts, state = %job.state, "outcome recorded");

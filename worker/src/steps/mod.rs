@@ -31,6 +31,7 @@ use capy_shared::model::{job_type, Engine};
 use capy_shared::step::{StepCluster, StepInput, StepProject};
 use capy_shared::tls::{ClusterTarget, ConnectFailure};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 
 /// A step's failure: whether a retry may succeed, and what to tell the operator.
 #[derive(Debug)]
@@ -204,7 +205,7 @@ pub async fn connect_database(
 /// `session_user`.
 async fn require_own_role(client: &tokio_postgres::Client, what: &str) -> Result<(), StepError> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "select current_user = session_user, current_user::text, session_user::text",
             &[],
         )
@@ -310,7 +311,8 @@ pub async fn exists(
     name: &str,
 ) -> Result<bool, StepError> {
     client
-        .query_opt(sql, &[&name])
+        // Typed: one round trip, where a prepared statement takes two.
+        .query_typed_opt(sql, &[(&name, Type::TEXT)])
         .await
         .map(|row| row.is_some())
         .map_err(|e| StepError::from_db("reading the catalogs", &e))

@@ -20,8 +20,11 @@
 //! it is a member of none (it cannot be: NOCREATEROLE, and converge revokes the owner
 //! role from it); NOINHERIT would not stop `SET ROLE` to a role it was granted anyway.
 
+use std::future::Future;
+
 use capy_shared::ident::{is_valid_identifier, is_valid_role_name, quote_ident, quote_literal};
 use capy_shared::step::{StepCluster, StepProject};
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use super::{
@@ -98,6 +101,19 @@ pub async fn converge(
     project: &StepProject,
     provision: Provision,
 ) -> Result<(), StepError> {
+    converge_alongside(client, cluster, project, provision, std::future::ready(())).await
+}
+
+/// [`converge`], running `alongside` at the same time as the work inside the database
+/// (a session of its own to the database, which may open once converge allows
+/// connections), or after the rest when connections stay refused.
+pub async fn converge_alongside(
+    client: &Client,
+    cluster: &StepCluster,
+    project: &StepProject,
+    provision: Provision,
+    alongside: impl Future<Output = ()>,
+) -> Result<(), StepError> {
     let pooler = cluster.pooler_auth_user.as_deref();
     let names = Names::new(project, pooler)?;
     if let Some(role) = pooler {
@@ -113,14 +129,19 @@ pub async fn converge(
     converge_database(client, &names).await?;
     converge_database_acl(client, &names).await?;
     if converge_connections(client, &names).await? == Connections::Allowed {
-        let inside = converge_schema(cluster, &names).await?;
-        if let Some(role) = pooler {
-            pooler_lookup::install(&inside, role).await?;
-        }
+        let inside = async {
+            let inside = converge_schema(cluster, &names).await?;
+            if let Some(role) = pooler {
+                pooler_lookup::install(&inside, role).await?;
+            }
+            Ok::<_, StepError>(())
+        };
+        tokio::join!(inside, alongside).0?;
     } else {
         // Nobody gets in, the admin included; the next update that allows
         // connections again (a claim, or a lifted limit) gives schema public over.
         println!("schema public: left as it is while connections are refused");
+        alongside.await;
     }
     Ok(())
 }
@@ -156,7 +177,7 @@ async fn converge_tenant_role(
         return Err(not_provisioned("role", &project.role_name));
     }
     let password = (provision == Provision::Create).then_some(project.password.as_str());
-    converge_login(client, project, &project.role_name, password).await
+    configure_login(client, project, &project.role_name, password, role_exists).await
 }
 
 /// Makes or fixes a login `role_name` of the project (its own, or the new one a
@@ -168,6 +189,18 @@ pub async fn converge_login(
     project: &StepProject,
     role_name: &str,
     password: Option<&str>,
+) -> Result<(), StepError> {
+    let role_exists = exists(client, ROLE_EXISTS, role_name).await?;
+    configure_login(client, project, role_name, password, role_exists).await
+}
+
+/// [`converge_login`] once whether the login exists is known.
+async fn configure_login(
+    client: &Client,
+    project: &StepProject,
+    role_name: &str,
+    password: Option<&str>,
+    role_exists: bool,
 ) -> Result<(), StepError> {
     if !is_valid_identifier(role_name) {
         return Err(StepError::permanent(format!(
@@ -192,11 +225,7 @@ pub async fn converge_login(
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
         attributes.push_str(&format!(" PASSWORD {}", quote_literal(&verifier)));
     }
-    let verb = if exists(client, ROLE_EXISTS, role_name).await? {
-        "ALTER"
-    } else {
-        "CREATE"
-    };
+    let verb = if role_exists { "ALTER" } else { "CREATE" };
     execute(
         client,
         &format!("{verb} ROLE {role} {attributes}"),
@@ -244,9 +273,9 @@ async fn revoke_owner_membership(
 /// Whether `role` is a member of `group`, directly or through other roles.
 async fn is_member(client: &Client, role: &str, group: &str) -> Result<bool, StepError> {
     client
-        .query_opt(
+        .query_typed_opt(
             "select 1 where pg_has_role($1::text::name, $2::text::name, 'MEMBER')",
-            &[&role, &group],
+            &[(&role, Type::TEXT), (&group, Type::TEXT)],
         )
         .await
         .map(|row| row.is_some())
@@ -326,14 +355,17 @@ async fn converge_database_acl(client: &Client, names: &Names<'_>) -> Result<(),
     let mut logins = vec![names.project.role_name.clone()];
     logins.extend(names.project.previous_role_name.clone());
     let rows = client
-        .query(
+        .query_typed(
             "select distinct r.rolname::text
              from pg_database d,
                   aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
                   left join pg_roles r on r.oid = a.grantee
              where d.datname = $1 and a.grantee <> d.datdba
                and not coalesce(r.rolname::text = any($2), false)",
-            &[&names.project.database_name, &logins],
+            &[
+                (&names.project.database_name, Type::TEXT),
+                (&logins, Type::TEXT_ARRAY),
+            ],
         )
         .await
         .map_err(|e| StepError::from_db("reading the database's grants", &e))?;
@@ -382,11 +414,14 @@ async fn converge_connections(
 ) -> Result<Connections, StepError> {
     let project = names.project;
     let row = client
-        .query_one(
+        .query_typed_one(
             "select case when $2::bigint is null then 0 else pg_database_size(datname) end,
                     datallowconn
              from pg_database where datname = $1",
-            &[&project.database_name, &project.storage_limit_bytes],
+            &[
+                (&project.database_name, Type::TEXT),
+                (&project.storage_limit_bytes, Type::INT8),
+            ],
         )
         .await
         .map_err(|e| StepError::from_db("measuring the database", &e))?;
@@ -422,15 +457,10 @@ async fn converge_connections(
 /// Answers the admin's session inside the database, for what else converge does there.
 async fn converge_schema(cluster: &StepCluster, names: &Names<'_>) -> Result<Client, StepError> {
     let project = names.project;
+    // Its search_path (pg_catalog, then pg_temp) is set from the session's start.
     let inside = connect_database(cluster, &project.database_name, "project's database").await?;
-    execute(
-        &inside,
-        "SET search_path = pg_catalog",
-        "securing the session",
-    )
-    .await?;
     let owner: Option<String> = inside
-        .query_opt(
+        .query_typed_opt(
             "select pg_catalog.pg_get_userbyid(nspowner)::text from pg_catalog.pg_namespace
              where nspname operator(pg_catalog.=) 'public'",
             &[],
