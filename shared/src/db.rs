@@ -22,6 +22,22 @@ pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
         .connect_lazy_with(options))
 }
 
+/// A pool for the queue's hottest statements (claims, heartbeats) on the same database
+/// as `pool`, whose sessions plan no sequential scan where an index or a TID scan can
+/// answer (`enable_seqscan` off). These run thousands of times per connection as
+/// prepared statements, and PostgreSQL keeps a generic plan once it seems as cheap as
+/// planning each time: one made while `jobs` was small (a new install, an emptied
+/// queue) scans the whole table on every claim as it grows, until the next ANALYZE.
+pub fn queue_pool(pool: &PgPool, max_connections: u32) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("enable_seqscan", "off")]);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options)
+}
+
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR
         .run(pool)

@@ -187,7 +187,8 @@ async fn lock_resource(conn: &mut PgConnection, resource: &str) -> sqlx::Result<
     Ok(())
 }
 
-/// Claims up to `limit` runnable jobs for `worker` in one statement. (The attempt's
+/// Claims up to `limit` runnable jobs for `worker` in one statement. Workers run it on
+/// a [`crate::db::queue_pool`] connection, so its cached plan stays a TID scan. (The attempt's
 /// record is written when it ends; while it runs, the job's `claimed_by`,
 /// `claimed_at` and `attempts` describe it.)
 ///
@@ -195,7 +196,7 @@ async fn lock_resource(conn: &mut PgConnection, resource: &str) -> sqlx::Result<
 /// is claimed and none submitted before it is still pending, which serialises a
 /// resource's jobs in submission order without holding up other resources.
 pub async fn claim(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     worker: &str,
     limit: i64,
     lease: Duration,
@@ -227,7 +228,7 @@ pub async fn claim(
         .bind(worker)
         .bind(limit)
         .bind(millis(lease))
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await?;
     // Started oldest first; sorted here rather than by the statement, which would
     // have to hold every claimed row once more to sort it.

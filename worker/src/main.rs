@@ -12,7 +12,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let settings = cli.worker_settings()?;
-    // Claims, heartbeats, the listener and each finishing attempt share the pool.
+    // The listener and each finishing attempt share the pool (claims and heartbeats
+    // have connections of their own, see `db::queue_pool`).
     let pool_size = u32::try_from(settings.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(3)

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use capy_shared::db;
 use capy_shared::model::{Job, JobState, RetryClassification};
 use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, NewJob};
 use capy_testkit::fresh_database;
@@ -151,6 +152,19 @@ async fn a_completed_attempt_is_read_from_its_job_and_failed_ones_from_their_rec
     );
 }
 
+/// `jobs` finished jobs of the past, inserted at once.
+async fn finished_history(pool: &PgPool, jobs: i32) {
+    sqlx::query(
+        "insert into jobs (id, type, state, attempts, max_attempts, completed_at)
+         select gen_random_uuid(), 'test.history', 'completed', 1, 1, now()
+         from generate_series(1, $1)",
+    )
+    .bind(jobs)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Scans of the jobs table, of the claimed jobs' index and of the primary key, as this
 /// session counts them (counts not yet flushed to the statistics: compare two readings
 /// taken in one transaction, during which nothing is flushed).
@@ -170,14 +184,7 @@ async fn scans(tx: &mut sqlx::PgConnection) -> [i64; 3] {
 async fn outcomes_are_matched_against_the_claimed_jobs_never_the_history() {
     let db = fresh_database().await.unwrap();
     // A history of finished jobs, and statistics that have seen nothing claimed.
-    sqlx::query(
-        "insert into jobs (id, type, state, attempts, max_attempts, completed_at)
-         select gen_random_uuid(), 'test.history', 'completed', 1, 1, now()
-         from generate_series(1, 20000)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    finished_history(&db.pool, 20_000).await;
     let mut jobs = Vec::new();
     for _ in 0..300 {
         jobs.push(queue_job(&db.pool).await);
@@ -199,4 +206,31 @@ async fn outcomes_are_matched_against_the_claimed_jobs_never_the_history() {
         assert_eq!(made, [0, 1, 0], "batch of {}", batch.len());
         tx.commit().await.unwrap();
     }
+}
+
+/// A claim first run while the queue was nearly empty (a new install) does not scan the
+/// whole table once it has grown: PostgreSQL caches a prepared statement's generic
+/// plan after a few runs, and on the workers' queue connections that plan stays a TID
+/// scan of the rows just locked.
+#[tokio::test]
+async fn a_claim_planned_on_a_small_queue_does_not_scan_it_whole_once_grown() {
+    let db = fresh_database().await.unwrap();
+    let queue_pool = db::queue_pool(&db.pool, 1);
+    let mut conn = queue_pool.acquire().await.unwrap();
+    // Runs on a handful of jobs: PostgreSQL settles on a generic plan.
+    for _ in 0..8 {
+        let job = queue_job(&db.pool).await;
+        let claimed = queue::claim(&mut *conn, WORKER, 10, LEASE).await.unwrap();
+        assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [job.id]);
+    }
+    // The history grows past anything worth scanning.
+    finished_history(&db.pool, 20_000).await;
+    let job = queue_job(&db.pool).await;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    let before = scans(&mut tx).await;
+    let claimed = queue::claim(&mut *tx, WORKER, 10, LEASE).await.unwrap();
+    let after = scans(&mut tx).await;
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [job.id]);
+    assert_eq!(after[0] - before[0], 0, "the claim scanned the job table");
+    tx.commit().await.unwrap();
 }

@@ -98,8 +98,13 @@ impl Worker {
         backoff: &mut Backoff,
     ) -> Duration {
         let settings = &self.settings;
-        let claimed =
-            queue::claim(&self.pool, &settings.worker_id, free as i64, settings.lease).await;
+        let claimed = queue::claim(
+            &self.queue_pool,
+            &settings.worker_id,
+            free as i64,
+            settings.lease,
+        )
+        .await;
         let jobs = match claimed {
             Ok(jobs) => jobs,
             Err(error) => {

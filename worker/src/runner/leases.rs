@@ -59,8 +59,13 @@ impl Worker {
                 renewed = Instant::now();
                 continue;
             }
-            let beat =
-                queue::heartbeat(&self.pool, &self.settings.worker_id, &ids, &attempts, lease);
+            let beat = queue::heartbeat(
+                &self.queue_pool,
+                &self.settings.worker_id,
+                &ids,
+                &attempts,
+                lease,
+            );
             match tokio::time::timeout(lease / 3, beat).await {
                 Ok(Ok(held)) => {
                     renewed = Instant::now();

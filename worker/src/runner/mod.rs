@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capy_shared::crypto::SecretBox;
+use capy_shared::db;
 use capy_shared::queue::{FinishedAttempt, RetryPolicy};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -68,6 +69,8 @@ pub struct WorkerSettings {
 
 pub struct Worker {
     pool: PgPool,
+    /// Claims and heartbeats: sessions that never plan a scan of the whole job table.
+    queue_pool: PgPool,
     secrets: SecretBox,
     settings: WorkerSettings,
     metrics: Arc<WorkerMetrics>,
@@ -117,6 +120,8 @@ impl Worker {
         metrics: Arc<WorkerMetrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            // The claim loop and the heartbeats: one connection each.
+            queue_pool: db::queue_pool(&pool, 2),
             pool,
             secrets,
             settings,
