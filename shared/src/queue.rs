@@ -380,9 +380,13 @@ pub async fn finish(
         delays.push(millis(finished.retry_delay));
     }
     let sql = format!(
-        "with input as (
-             select * from unnest($2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-                                  $7::int[], $8::text[], $9::text[], $10::bigint[])
+        "with input as materialized (
+             -- `held`: the state each job must still be in (claimed). Compared as a
+             -- join column, it does not make the claimed jobs' partial index a way
+             -- to the rows, as a constant would.
+             select t.*, 'claimed'::text as held
+             from unnest($2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
+                         $7::int[], $8::text[], $9::text[], $10::bigint[])
                  as t(id, attempt, outcome, class, error, exit_code, stdout, stderr, delay_ms)
          ), updated as (
              update jobs j set
@@ -405,7 +409,11 @@ pub async fn finish(
                  last_stderr = i.stderr,
                  updated_at = now()
              from input i
-             where j.id = i.id and j.state = 'claimed' and j.claimed_by = $1
+             -- The batch's rows by their physical address, found through the primary
+             -- key: never a walk of the claimed jobs' index, which holds an entry for
+             -- every claim since the last vacuum.
+             where j.ctid = any(array(select ctid from jobs where id = any($2::uuid[])))
+               and j.id = i.id and j.state = i.held and j.claimed_by = $1
                and j.attempts = i.attempt
              returning j.*
          ), recorded as (
@@ -420,12 +428,14 @@ pub async fn finish(
          )
          select {JOB_COLUMNS} from updated"
     );
-    // The right plan hashes the batch against the claimed jobs, read from their
-    // partial index: few rows, however long the history. A queue's statistics are
-    // always stale (what was pending a moment ago is claimed now), and have led the
-    // planner to loop over every claimed row for each outcome, or to scan the whole
-    // table; so this one statement is planned without nested loops, merge joins or
-    // sequential scans, and the planner is itself again for the rest of the
+    // The right plan looks the batch's ids up in the primary key, fetches those rows by
+    // TID and hashes them against the batch: work in proportion to the batch, however
+    // long the history and however many claims since the last vacuum. A queue's
+    // statistics are always stale (what was pending a moment ago is claimed now), and
+    // have led the planner to loop over every claimed row for each outcome, to walk
+    // the claimed jobs' index (dead entries included) for each batch, or to scan the
+    // whole table; so this one statement is planned without nested loops, merge
+    // joins or sequential scans, and the planner is itself again for the rest of the
     // transaction (the projects' effects that follow).
     let planning = switch_finish_planning_off(conn).await?;
     let jobs: Vec<Job> = sqlx::query_as(&sql)
@@ -445,36 +455,32 @@ pub async fn finish(
     Ok(jobs)
 }
 
-/// Switches off the plan shapes `finish` must not get, for the caller's transaction;
-/// answers what they were, for [`restore_planning`]. (Named one by one: reading
-/// `pg_settings` would build every setting's row, a cost on each small batch.)
-async fn switch_finish_planning_off(conn: &mut PgConnection) -> sqlx::Result<[String; 3]> {
+/// The plan shapes `finish` must not get (see there).
+const FINISH_PLANNING_OFF: [&str; 3] = ["enable_nestloop", "enable_mergejoin", "enable_seqscan"];
+
+/// Switches off [`FINISH_PLANNING_OFF`] for the caller's transaction; answers what
+/// they were, for [`restore_planning`]. (Named one by one: reading `pg_settings` would
+/// build every setting's row, a cost on each small batch.)
+async fn switch_finish_planning_off(conn: &mut PgConnection) -> sqlx::Result<Vec<String>> {
     // A target list is evaluated in order: each value is read before it is switched.
-    let (nestloop, mergejoin, seqscan, ..): (String, String, String, String, String, String) =
-        sqlx::query_as(
-            "select current_setting('enable_nestloop'), current_setting('enable_mergejoin'),
-                    current_setting('enable_seqscan'),
-                    set_config('enable_nestloop', 'off', true),
-                    set_config('enable_mergejoin', 'off', true),
-                    set_config('enable_seqscan', 'off', true)",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok([nestloop, mergejoin, seqscan])
+    let found: Vec<(String, String)> = sqlx::query_as(
+        "select current_setting(name), set_config(name, 'off', true)
+         from unnest($1::text[]) with ordinality as s(name, position)
+         order by position",
+    )
+    .bind(FINISH_PLANNING_OFF)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(found.into_iter().map(|(was, _)| was).collect())
 }
 
 /// Puts back the planner settings [`switch_finish_planning_off`] found.
-async fn restore_planning(
-    conn: &mut PgConnection,
-    [nestloop, mergejoin, seqscan]: [String; 3],
-) -> sqlx::Result<()> {
+async fn restore_planning(conn: &mut PgConnection, found: Vec<String>) -> sqlx::Result<()> {
     sqlx::query(
-        "select set_config('enable_nestloop', $1, true), set_config('enable_mergejoin', $2, true),
-                set_config('enable_seqscan', $3, true)",
+        "select set_config(name, was, true) from unnest($1::text[], $2::text[]) as s(name, was)",
     )
-    .bind(nestloop)
-    .bind(mergejoin)
-    .bind(seqscan)
+    .bind(FINISH_PLANNING_OFF)
+    .bind(found)
     .execute(&mut *conn)
     .await?;
     Ok(())

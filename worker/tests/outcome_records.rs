@@ -68,7 +68,7 @@ async fn finish_it(pool: &PgPool, job: &Job, class: Option<RetryClassification>)
     .fetch_all(&mut *tx)
     .await
     .unwrap();
-    assert_eq!(settings, ["on", "on", "on"], "planner left switched off");
+    assert_eq!(settings, ["on"; 3], "planner left switched off");
     tx.commit().await.unwrap();
     jobs.into_iter().next().unwrap()
 }
@@ -200,10 +200,11 @@ async fn outcomes_are_matched_against_the_claimed_jobs_never_the_history() {
         let recorded = queue::finish(&mut tx, WORKER, &finished).await.unwrap();
         assert_eq!(recorded.len(), batch.len());
         let after = scans(&mut tx).await;
-        // One read of the claimed jobs' index; no scan of the table (its history),
-        // no walk of the primary key.
+        // Each of the batch's ids looked up once in the primary key (PostgreSQL 15
+        // counts a scan per id); no scan of the table (its history), no walk of the
+        // claimed jobs' index (an entry for every claim since the last vacuum).
         let made: Vec<i64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-        assert_eq!(made, [0, 1, 0], "batch of {}", batch.len());
+        assert_eq!(made, [0, 0, batch.len() as i64], "batch of {}", batch.len());
         tx.commit().await.unwrap();
     }
 }
