@@ -55,7 +55,7 @@ pub struct ServeArgs {
     pub public_url: Option<String>,
     /// How often a request waiting on a job (`?wait=N`) looks again when the job's change
     /// was not announced (announcements lost while the API reconnects), in ms.
-    #[arg(long, env = "CAPY_JOB_WAIT_FALLBACK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CAPY_JOB_WAIT_FALLBACK_MS", default_value_t = crate::job_changes::FALLBACK_LOOK.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub job_wait_fallback_ms: u64,
     /// Instant databases (`POST /v1/databases`) one client address may create per
     /// minute.

@@ -188,8 +188,8 @@ async fn lock_resource(conn: &mut PgConnection, resource: &str) -> sqlx::Result<
 }
 
 /// Claims up to `limit` runnable jobs for `worker` in one statement. Workers run it on
-/// a [`crate::db::queue_pool`] connection, so its cached plan stays a TID scan. (The attempt's
-/// record is written when it ends; while it runs, the job's `claimed_by`,
+/// a [`crate::db::queue_pool`] connection, so its cached plan stays a TID scan. (The
+/// attempt's record is written when it ends; while it runs, the job's `claimed_by`,
 /// `claimed_at` and `attempts` describe it.)
 ///
 /// A job with a `locked_resource` is runnable only when no other job of that resource
