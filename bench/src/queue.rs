@@ -126,6 +126,30 @@ pub(crate) async fn run_burn_down(
     Ok(jobs as f64 / elapsed.as_secs_f64())
 }
 
+/// Starts the workers and, once they idle, queues `jobs` while they work, in
+/// `enqueue_many` batches of at most 5,000 (one transaction each) back to back;
+/// answers jobs per second from the first batch until the last job completed: the
+/// rate the queue sustains when it pays for its inserts too, as it does in production.
+pub(crate) async fn run_queued_while_working(
+    db: &TestDatabase,
+    jobs: i64,
+    workers: usize,
+    concurrency: usize,
+) -> anyhow::Result<f64> {
+    let env = [("CAPY_WORKER_CONCURRENCY", concurrency.to_string())];
+    let _stack = ProcessStack::start(&db.url, workers, &env).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let mut left = jobs;
+    while left > 0 {
+        let batch = left.min(5000);
+        insert_jobs(&db.pool, batch, job_type::NOOP).await?;
+        left -= batch;
+    }
+    wait_until_done(&db.pool, Duration::from_secs(600)).await?;
+    Ok(jobs as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Time-ordered ids, as the API makes them (their index grows at one end).
 fn new_ids(count: i64) -> Vec<uuid::Uuid> {
     (0..count).map(|_| uuid::Uuid::now_v7()).collect()

@@ -11,8 +11,29 @@ use crate::queue::{self, NewJob, PROJECT_IS_LIVE};
 /// The start of the error a failed rotation leaves on its project.
 const ROTATION_FAILED: &str = "rotating the credentials failed: ";
 
+/// Whether [`apply`] may write anything for `job`: a job of no project and of none of
+/// the backup, restore or preview types changes nothing but itself.
+pub fn may_apply(job: &Job) -> bool {
+    job.project_id.is_some() || EFFECT_TYPES_WITHOUT_PROJECT.contains(&job.job_type.as_str())
+}
+
+/// The job types whose effects do not go through `project_id` (see [`apply`]).
+const EFFECT_TYPES_WITHOUT_PROJECT: [&str; 7] = [
+    job_type::PROJECT_BACKUP,
+    job_type::PROJECT_BACKUP_VERIFY,
+    job_type::BACKUP_DELETE,
+    job_type::PROJECT_RESTORE,
+    job_type::PREVIEW_CREATE,
+    job_type::PREVIEW_RESET,
+    job_type::PREVIEW_DELETE,
+];
+
 /// Applies `job`'s current state to its project.
 pub async fn apply(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
+    // The one gate: a type missing from `may_apply` has no effect anywhere.
+    if !may_apply(job) {
+        return Ok(());
+    }
     match job.job_type.as_str() {
         job_type::PROJECT_BACKUP | job_type::PROJECT_BACKUP_VERIFY | job_type::BACKUP_DELETE => {
             return crate::backups::apply(conn, job).await

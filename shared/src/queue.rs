@@ -187,24 +187,76 @@ async fn lock_resource(conn: &mut PgConnection, resource: &str) -> sqlx::Result<
     Ok(())
 }
 
-/// Claims up to `limit` runnable jobs for `worker` in one statement. Workers run it on
-/// a [`crate::db::queue_pool`] connection, so its cached plan stays a TID scan. (The
-/// attempt's record is written when it ends; while it runs, the job's `claimed_by`,
-/// `claimed_at` and `attempts` describe it.)
-///
-/// A job with a `locked_resource` is runnable only when no other job of that resource
-/// is claimed and none submitted before it is still pending, which serialises a
-/// resource's jobs in submission order without holding up other resources.
+/// Claims up to `limit` runnable jobs for `worker` in one statement, looking at every
+/// pending job (see [`claim_from`]).
 pub async fn claim(
     conn: impl sqlx::PgExecutor<'_>,
     worker: &str,
     limit: i64,
     lease: Duration,
 ) -> sqlx::Result<Vec<Job>> {
+    claim_from(conn, worker, limit, lease, None).await
+}
+
+/// Where a claim's walk of the pending jobs' index (`jobs_claimable`, by `run_at`,
+/// `seq`) starts. Every claimed job leaves a dead entry at the front of that index
+/// until vacuum removes it, and a claim from the front steps over all of them: millions
+/// under a sustained load, at every claim. A floor at or below the smallest pending
+/// key skips them; a job that commits later with a key below the floor (its
+/// transaction began well before the floor was taken, or it names a past `run_at`) is
+/// found by the next [`claim_floor`], which walks from the front: it waits for that,
+/// never longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimKey {
+    pub run_at: DateTime<Utc>,
+    pub seq: i64,
+}
+
+/// How far below now a floor goes at most: jobs queued by transactions that began
+/// this long before the floor was taken (their `run_at` is when they began) are above
+/// it, and a job scheduled for later does not hold the floor above the jobs queued
+/// meanwhile.
+const CLAIM_FLOOR_SLACK_MS: i64 = 250;
+
+/// The floor for the claims that follow ([`ClaimKey`]): the smallest pending job's key,
+/// or [`CLAIM_FLOOR_SLACK_MS`] before now if that is lower (or nothing is pending).
+pub async fn claim_floor(conn: impl sqlx::PgExecutor<'_>) -> sqlx::Result<ClaimKey> {
+    let (run_at, seq) = sqlx::query_as(
+        "select case when p.run_at < f.at then p.run_at else f.at end,
+                case when p.run_at < f.at then p.seq else 0 end
+         from (select now() - $1 * interval '1 millisecond' as at) f
+         left join lateral (select run_at, seq from jobs where state = 'pending'
+                            order by run_at, seq limit 1) p on true",
+    )
+    .bind(CLAIM_FLOOR_SLACK_MS)
+    .fetch_one(conn)
+    .await?;
+    Ok(ClaimKey { run_at, seq })
+}
+
+/// Claims up to `limit` runnable jobs for `worker` in one statement, looking only at
+/// pending jobs whose key is at or above `floor` (all of them when `None`). Workers
+/// run it on a [`crate::db::queue_pool`] connection, so its cached plan stays a TID
+/// scan. (The attempt's record is written when it ends; while it runs, the job's
+/// `claimed_by`, `claimed_at` and `attempts` describe it.)
+///
+/// A job with a `locked_resource` is runnable only when no other job of that resource
+/// is claimed and none submitted before it is still pending, which serialises a
+/// resource's jobs in submission order without holding up other resources (the floor
+/// does not enter that check).
+pub async fn claim_from(
+    conn: impl sqlx::PgExecutor<'_>,
+    worker: &str,
+    limit: i64,
+    lease: Duration,
+    floor: Option<ClaimKey>,
+) -> sqlx::Result<Vec<Job>> {
     let sql = format!(
         "with candidates as (
              select j.ctid from jobs j
              where j.state = 'pending' and j.run_at <= now()
+               and (j.run_at, j.seq) >= (coalesce($4, '-infinity'::timestamptz),
+                                         coalesce($5, 0::int8))
                and (j.locked_resource is null or not exists (
                      select 1 from jobs o
                      where o.locked_resource = j.locked_resource and o.id <> j.id
@@ -228,6 +280,8 @@ pub async fn claim(
         .bind(worker)
         .bind(limit)
         .bind(millis(lease))
+        .bind(floor.map(|key| key.run_at))
+        .bind(floor.map(|key| key.seq))
         .fetch_all(conn)
         .await?;
     // Started oldest first; sorted here rather than by the statement, which would
@@ -344,8 +398,9 @@ impl FinishedAttempt {
 /// is still recorded with its real classification.
 ///
 /// Fenced: an attempt whose job `worker` no longer holds (lease lost, job cancelled)
-/// writes nothing. Answers the jobs that were updated. Call it inside a transaction.
-pub async fn finish(
+/// writes nothing. Answers the jobs that were updated. Runs in an [`Outcomes`]
+/// transaction, whose planner settings it needs.
+async fn finish(
     conn: &mut PgConnection,
     worker: &str,
     attempts: &[FinishedAttempt],
@@ -428,17 +483,7 @@ pub async fn finish(
          )
          select {JOB_COLUMNS} from updated"
     );
-    // The right plan looks the batch's ids up in the primary key, fetches those rows by
-    // TID and hashes them against the batch: work in proportion to the batch, however
-    // long the history and however many claims since the last vacuum. A queue's
-    // statistics are always stale (what was pending a moment ago is claimed now), and
-    // have led the planner to loop over every claimed row for each outcome, to walk
-    // the claimed jobs' index (dead entries included) for each batch, or to scan the
-    // whole table; so this one statement is planned without nested loops, merge
-    // joins or sequential scans, and the planner is itself again for the rest of the
-    // transaction (the projects' effects that follow).
-    let planning = switch_finish_planning_off(conn).await?;
-    let jobs: Vec<Job> = sqlx::query_as(&sql)
+    sqlx::query_as(&sql)
         .bind(worker)
         .bind(ids)
         .bind(numbers)
@@ -450,40 +495,61 @@ pub async fn finish(
         .bind(stderrs)
         .bind(delays)
         .fetch_all(&mut *conn)
+        .await
+}
+
+/// The transaction that records outcomes ([`Outcomes::finish`]), then what they do to
+/// their projects ([`Outcomes::planner_back`]).
+///
+/// The right plan for `finish` looks the batch's ids up in the primary key, fetches
+/// those rows by TID and hashes them against the batch: work in proportion to the
+/// batch, however long the history and however many claims since the last vacuum. A
+/// queue's statistics are always stale (what was pending a moment ago is claimed now),
+/// and have led the planner to loop over every claimed row for each outcome, to walk
+/// the claimed jobs' index (dead entries included) for each batch, or to scan the whole
+/// table. So the transaction begins with nested loops, merge joins and sequential
+/// scans switched off, in the message that begins it (one round trip for both: at
+/// low rates an outcome is a transaction of its own), and switches them back before
+/// anything else is planned in it.
+pub struct Outcomes(sqlx::Transaction<'static, sqlx::Postgres>);
+
+impl Outcomes {
+    pub async fn begin(pool: &PgPool) -> sqlx::Result<Self> {
+        let begin = "begin; set local enable_nestloop = off; set local enable_mergejoin = off;
+                     set local enable_seqscan = off";
+        Ok(Self(pool.begin_with(begin).await?))
+    }
+
+    /// Records `attempts` by `worker` (see [`finish`]); answers the jobs updated.
+    pub async fn finish(
+        &mut self,
+        worker: &str,
+        attempts: &[FinishedAttempt],
+    ) -> sqlx::Result<Vec<Job>> {
+        finish(&mut self.0, worker, attempts).await
+    }
+
+    /// The planner as the session has it (the switches go back to the values the
+    /// session started with; capy's sessions never change them), for the statements
+    /// that follow in the transaction.
+    pub async fn planner_back(
+        mut self,
+    ) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        // A string without arguments goes as one simple query: three statements, one
+        // round trip.
+        sqlx::Executor::execute(
+            &mut *self.0,
+            "set local enable_nestloop to default; set local enable_mergejoin to default;
+             set local enable_seqscan to default",
+        )
         .await?;
-    restore_planning(conn, planning).await?;
-    Ok(jobs)
-}
+        Ok(self.0)
+    }
 
-/// The plan shapes `finish` must not get (see there).
-const FINISH_PLANNING_OFF: [&str; 3] = ["enable_nestloop", "enable_mergejoin", "enable_seqscan"];
-
-/// Switches off [`FINISH_PLANNING_OFF`] for the caller's transaction; answers what
-/// they were, for [`restore_planning`]. (Named one by one: reading `pg_settings` would
-/// build every setting's row, a cost on each small batch.)
-async fn switch_finish_planning_off(conn: &mut PgConnection) -> sqlx::Result<Vec<String>> {
-    // A target list is evaluated in order: each value is read before it is switched.
-    let found: Vec<(String, String)> = sqlx::query_as(
-        "select current_setting(name), set_config(name, 'off', true)
-         from unnest($1::text[]) with ordinality as s(name, position)
-         order by position",
-    )
-    .bind(FINISH_PLANNING_OFF)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(found.into_iter().map(|(was, _)| was).collect())
-}
-
-/// Puts back the planner settings [`switch_finish_planning_off`] found.
-async fn restore_planning(conn: &mut PgConnection, found: Vec<String>) -> sqlx::Result<()> {
-    sqlx::query(
-        "select set_config(name, was, true) from unnest($1::text[], $2::text[]) as s(name, was)",
-    )
-    .bind(FINISH_PLANNING_OFF)
-    .bind(found)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    /// Commits the outcomes, when nothing else was to be done in their transaction.
+    pub async fn commit(self) -> sqlx::Result<()> {
+        self.0.commit().await
+    }
 }
 
 /// Hands a claimed job back without spending an attempt (the worker is shutting

@@ -68,9 +68,9 @@ async fn fail_attempt(pool: &PgPool, job: &Job, class: RetryClassification) -> J
         },
         retry_delay: Duration::from_millis(10),
     };
-    let mut tx = pool.begin().await.unwrap();
-    let jobs = queue::finish(&mut tx, WORKER, &[finished]).await.unwrap();
-    tx.commit().await.unwrap();
+    let mut outcomes = queue::Outcomes::begin(pool).await.unwrap();
+    let jobs = outcomes.finish(WORKER, &[finished]).await.unwrap();
+    outcomes.commit().await.unwrap();
     assert_eq!(jobs.len(), 1, "the outcome was recorded");
     jobs.into_iter().next().unwrap()
 }

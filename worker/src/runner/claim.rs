@@ -3,11 +3,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capy_shared::model::{job_type, Job};
-use capy_shared::queue::{self, FinishedAttempt};
+use capy_shared::queue::{self, ClaimKey, FinishedAttempt};
 use sqlx::postgres::PgListener;
+use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
@@ -57,6 +58,7 @@ impl Worker {
     ) {
         let settings = &self.settings;
         let mut backoff = Backoff::default();
+        let mut floor = ClaimFloor::default();
         tokio::pin!(shutdown);
         loop {
             while attempts.try_join_next().is_some() {}
@@ -72,7 +74,9 @@ impl Worker {
                 .saturating_sub(attempts.len())
                 .min(CLAIM_BATCH);
             let idle_wait = if free > 0 {
-                self.claim(free, attempts, finished, &mut backoff).await
+                let from = floor.key(&self.queue_pool).await;
+                self.claim(free, from, attempts, finished, &mut backoff)
+                    .await
             } else {
                 settings.poll_interval
             };
@@ -93,16 +97,18 @@ impl Worker {
     async fn claim(
         self: &Arc<Self>,
         free: usize,
+        from: Option<ClaimKey>,
         attempts: &mut JoinSet<()>,
         finished: &mpsc::Sender<Outcome>,
         backoff: &mut Backoff,
     ) -> Duration {
         let settings = &self.settings;
-        let claimed = queue::claim(
+        let claimed = queue::claim_from(
             &self.queue_pool,
             &settings.worker_id,
             free as i64,
             settings.lease,
+            from,
         )
         .await;
         let jobs = match claimed {
@@ -225,5 +231,36 @@ impl Worker {
             .listen_all([queue::NOTIFY_CHANNEL, queue::CANCEL_CHANNEL])
             .await?;
         Ok(listener)
+    }
+}
+
+/// How often a worker takes its claim floor again ([`ClaimKey`]): the longest a job
+/// queued below the floor waits for its claim.
+const CLAIM_FLOOR_EVERY: Duration = Duration::from_secs(1);
+
+/// The worker's claim floor, taken again every [`CLAIM_FLOOR_EVERY`].
+#[derive(Default)]
+struct ClaimFloor {
+    key: Option<ClaimKey>,
+    taken: Option<Instant>,
+}
+
+impl ClaimFloor {
+    /// The floor for the next claim; none (claim from the front) while it cannot be
+    /// taken.
+    async fn key(&mut self, pool: &PgPool) -> Option<ClaimKey> {
+        if self
+            .taken
+            .is_none_or(|at| at.elapsed() >= CLAIM_FLOOR_EVERY)
+        {
+            self.taken = Some(Instant::now());
+            self.key = queue::claim_floor(pool)
+                .await
+                .inspect_err(
+                    |error| tracing::debug!(error = %error, "taking the claim floor failed"),
+                )
+                .ok();
+        }
+        self.key
     }
 }

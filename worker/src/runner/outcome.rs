@@ -44,15 +44,22 @@ impl Worker {
     /// Writes one batch and its effects in one transaction; answers how many of its
     /// attempts were still ours to record.
     async fn record(&self, batch: &[FinishedAttempt]) -> sqlx::Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let jobs = queue::finish(&mut tx, &self.settings.worker_id, batch).await?;
-        queue::announce_changes(&mut *tx, &queue::announced(&jobs)).await?;
-        for job in &jobs {
-            effects::apply(&mut tx, job).await?;
-            tracing::info!(job_id = %job.id, attempt = job.attempts, state = %job.state, "outcome recorded");
+        let mut outcomes = queue::Outcomes::begin(&self.pool).await?;
+        let jobs = outcomes.finish(&self.settings.worker_id, batch).await?;
+        let announced = queue::announced(&jobs);
+        if announced.is_empty() && !jobs.iter().any(effects::may_apply) {
+            // Internal work alone (no-ops, sweeps): nothing more to write.
+            outcomes.commit().await?;
+        } else {
+            let mut tx = outcomes.planner_back().await?;
+            queue::announce_changes(&mut *tx, &announced).await?;
+            for job in &jobs {
+                effects::apply(&mut tx, job).await?;
+            }
+            tx.commit().await?;
         }
-        tx.commit().await?;
         for job in &jobs {
+            tracing::info!(job_id = %job.id, attempt = job.attempts, state = %job.state, "outcome recorded");
             self.metrics.recorded(job);
         }
         Ok(jobs.len())
