@@ -193,15 +193,24 @@ async fn outcomes_are_matched_against_the_claimed_jobs_never_the_history() {
     sqlx::query("analyze jobs").execute(&db.pool).await.unwrap();
     let claimed = queue::claim(&db.pool, WORKER, 300, LEASE).await.unwrap();
     assert_eq!(claimed.len(), 300);
+    // One session, whose statistics the assertions read.
+    let session = db::pool(&db.url, 1).unwrap();
 
     for batch in [&claimed[..1], &claimed[1..]] {
         let finished: Vec<FinishedAttempt> = batch.iter().map(FinishedAttempt::succeeded).collect();
-        let mut outcomes = queue::Outcomes::begin(&db.pool).await.unwrap();
+        // What the session counted so far is reported before it answers, so the
+        // transaction below starts from nothing (`pg_stat_get_xact_*` also shows a
+        // session's counts of earlier transactions until they are reported).
+        sqlx::query("select pg_stat_force_next_flush()")
+            .execute(&session)
+            .await
+            .unwrap();
+        let mut outcomes = queue::Outcomes::begin(&session).await.unwrap();
         let recorded = outcomes.finish(WORKER, &finished).await.unwrap();
         assert_eq!(recorded.len(), batch.len());
         let mut tx = outcomes.planner_back().await.unwrap();
-        // The transaction's own counts: `finish` is the only statement in it that read
-        // a table. Each of the batch's ids looked up once in the primary key
+        // `finish` is the only statement in the transaction that read a table. Each of
+        // the batch's ids looked up once in the primary key
         // (PostgreSQL 15 counts a scan per id); no scan of the table (its history), no
         // walk of the claimed jobs' index (an entry for every claim since the last
         // vacuum).
