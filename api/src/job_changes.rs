@@ -106,3 +106,60 @@ impl Subscription {
         let _ = tokio::time::timeout(at_most.min(self.fallback), announced).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// How long `next_look` took, on tokio's paused clock, with `sent` announced once
+    /// the wait began (`None`: nothing announced).
+    async fn look(changes: &JobChanges, id: Uuid, before: &[Uuid], sent: Option<Uuid>) -> Duration {
+        let mut subscription = changes.subscribe();
+        for other in before {
+            let _ = changes.sender.send(*other);
+        }
+        let sender = changes.sender.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(id) = sent {
+                let _ = sender.send(id);
+            }
+        });
+        let started = Instant::now();
+        subscription.next_look(id, Duration::from_secs(30)).await;
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_looks_again_when_its_job_is_announced() {
+        let changes = JobChanges::default();
+        let id = Uuid::now_v7();
+        assert_eq!(
+            look(&changes, id, &[], Some(id)).await,
+            Duration::from_millis(10)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_jobs_announced_leave_the_waiter_to_its_fallback() {
+        let changes = JobChanges::default();
+        let other = Some(Uuid::now_v7());
+        assert_eq!(
+            look(&changes, Uuid::now_v7(), &[], other).await,
+            FALLBACK_LOOK
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_fell_behind_the_announcements_looks_again_at_once() {
+        let changes = JobChanges::default();
+        // More announcements than are kept: the waiter may have missed its own.
+        let missed: Vec<Uuid> = (0..=BUFFERED).map(|_| Uuid::now_v7()).collect();
+        assert_eq!(
+            look(&changes, Uuid::now_v7(), &missed, None).await,
+            Duration::ZERO
+        );
+    }
+}

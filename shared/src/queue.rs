@@ -187,17 +187,6 @@ async fn lock_resource(conn: &mut PgConnection, resource: &str) -> sqlx::Result<
     Ok(())
 }
 
-/// Claims up to `limit` runnable jobs for `worker` in one statement, looking at every
-/// pending job (see [`claim_from`]).
-pub async fn claim(
-    conn: impl sqlx::PgExecutor<'_>,
-    worker: &str,
-    limit: i64,
-    lease: Duration,
-) -> sqlx::Result<Vec<Job>> {
-    claim_from(conn, worker, limit, lease, None).await
-}
-
 /// Where a claim's walk of the pending jobs' index (`jobs_claimable`, by `run_at`,
 /// `seq`) starts. Every claimed job leaves a dead entry at the front of that index
 /// until vacuum removes it, and a claim from the front steps over all of them: millions
@@ -244,7 +233,7 @@ pub async fn claim_floor(conn: impl sqlx::PgExecutor<'_>) -> sqlx::Result<ClaimK
 /// is claimed and none submitted before it is still pending, which serialises a
 /// resource's jobs in submission order without holding up other resources (the floor
 /// does not enter that check).
-pub async fn claim_from(
+pub async fn claim(
     conn: impl sqlx::PgExecutor<'_>,
     worker: &str,
     limit: i64,

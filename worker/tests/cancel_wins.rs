@@ -34,7 +34,7 @@ async fn claimed_job(pool: &PgPool) -> Job {
     .await
     .unwrap();
     tx.commit().await.unwrap();
-    let claimed = queue::claim(pool, WORKER, 10, LEASE).await.unwrap();
+    let claimed = queue::claim(pool, WORKER, 10, LEASE, None).await.unwrap();
     let claimed = claimed.into_iter().find(|j| j.id == job.id).unwrap();
     assert_eq!(claimed.state, JobState::Claimed);
     claimed
@@ -110,7 +110,9 @@ async fn a_cancel_asked_during_an_attempt_wins_over_its_transient_failure_or_tim
         );
         // Nothing claims it again, however long we wait past its retry delay.
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let again = queue::claim(&db.pool, WORKER, 10, LEASE).await.unwrap();
+        let again = queue::claim(&db.pool, WORKER, 10, LEASE, None)
+            .await
+            .unwrap();
         assert!(again.iter().all(|j| j.id != job.id), "{again:?}");
     }
 }

@@ -11,35 +11,24 @@ use capy_testkit::fresh_database;
 use chrono::Utc;
 use sqlx::PgPool;
 
+mod common;
+
 const WORKER: &str = "worker-floor-test";
 const LEASE: Duration = Duration::from_secs(60);
 
+/// A job due at `run_at` (now when `None`).
 fn new_job(run_at: Option<chrono::DateTime<Utc>>) -> NewJob {
     NewJob {
-        job_type: "test.floor".into(),
-        organization_id: None,
-        project_id: None,
-        preview_database_id: None,
-        cluster_id: None,
-        locked_resource: None,
-        max_attempts: 3,
-        args: serde_json::json!({}),
         run_at,
+        ..common::job("test.floor")
     }
-}
-
-async fn queue_jobs(pool: &PgPool, jobs: &[NewJob]) -> Vec<uuid::Uuid> {
-    let mut tx = pool.begin().await.unwrap();
-    let ids = queue::enqueue_many(&mut tx, jobs).await.unwrap();
-    tx.commit().await.unwrap();
-    ids
 }
 
 /// Blocks of the pending jobs' index one claim of one job read, and what it claimed.
 async fn claim_reading(pool: &PgPool, floor: Option<queue::ClaimKey>) -> (i64, Vec<uuid::Uuid>) {
     let mut tx = pool.begin().await.unwrap();
     let before = index_blocks_read(&mut tx).await;
-    let claimed = queue::claim_from(&mut *tx, WORKER, 1, LEASE, floor)
+    let claimed = queue::claim(&mut *tx, WORKER, 1, LEASE, floor)
         .await
         .unwrap();
     let blocks = index_blocks_read(&mut tx).await - before;
@@ -68,15 +57,15 @@ async fn a_claim_from_the_floor_skips_the_entries_earlier_claims_left() {
     // 20,000 jobs claimed: each leaves a dead entry at the front of the index (due a
     // minute ago, so they lie below any floor taken now).
     let earlier = Utc::now() - chrono::Duration::minutes(1);
-    queue_jobs(&db.pool, &vec![new_job(Some(earlier)); 20_000]).await;
+    common::enqueue(&db.pool, &vec![new_job(Some(earlier)); 20_000]).await;
     for _ in 0..4 {
-        let claimed = queue::claim(&queue_pool, WORKER, 5000, LEASE)
+        let claimed = queue::claim(&queue_pool, WORKER, 5000, LEASE, None)
             .await
             .unwrap();
         assert_eq!(claimed.len(), 5000);
     }
-    let first = queue_jobs(&db.pool, &[new_job(None)]).await;
-    let second = queue_jobs(&db.pool, &[new_job(None)]).await;
+    let first = common::enqueue(&db.pool, &[new_job(None)]).await;
+    let second = common::enqueue(&db.pool, &[new_job(None)]).await;
 
     // From the front: every page of dead entries is read.
     let (from_front, claimed) = claim_reading(&queue_pool, None).await;
@@ -105,8 +94,8 @@ async fn a_job_queued_below_the_floor_is_claimed_once_the_floor_is_taken_again()
     // A job whose key lies below it (as one queued by a transaction that began well
     // before the floor was taken would).
     let past = Utc::now() - chrono::Duration::hours(1);
-    let below = queue_jobs(&db.pool, &[new_job(Some(past))]).await;
-    let above = queue_jobs(&db.pool, &[new_job(None)]).await;
+    let below = common::enqueue(&db.pool, &[new_job(Some(past))]).await;
+    let above = common::enqueue(&db.pool, &[new_job(None)]).await;
     let (_, claimed) = claim_reading(&queue_pool, Some(floor)).await;
     assert_eq!(
         claimed, above,

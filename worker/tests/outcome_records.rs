@@ -9,37 +9,26 @@ use std::time::Duration;
 
 use capy_shared::db;
 use capy_shared::model::{Job, JobState, RetryClassification};
-use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt, NewJob};
+use capy_shared::queue::{self, AttemptOutcome, FinishedAttempt};
 use capy_testkit::fresh_database;
 use sqlx::PgPool;
+
+mod common;
 
 const WORKER: &str = "worker-history-test";
 const LEASE: Duration = Duration::from_secs(60);
 
 async fn queue_job(pool: &PgPool) -> Job {
     let mut tx = pool.begin().await.unwrap();
-    let job = queue::enqueue(
-        &mut tx,
-        &NewJob {
-            job_type: "test.history".into(),
-            organization_id: None,
-            project_id: None,
-            preview_database_id: None,
-            cluster_id: None,
-            locked_resource: None,
-            max_attempts: 3,
-            args: serde_json::json!({}),
-            run_at: None,
-        },
-    )
-    .await
-    .unwrap();
+    let job = queue::enqueue(&mut tx, &common::job("test.history"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     job
 }
 
 async fn claim_it(pool: &PgPool, job: &Job) -> Job {
-    let claimed = queue::claim(pool, WORKER, 10, LEASE).await.unwrap();
+    let claimed = queue::claim(pool, WORKER, 10, LEASE, None).await.unwrap();
     claimed.into_iter().find(|j| j.id == job.id).unwrap()
 }
 
@@ -191,7 +180,9 @@ async fn outcomes_are_matched_against_the_claimed_jobs_never_the_history() {
         jobs.push(queue_job(&db.pool).await);
     }
     sqlx::query("analyze jobs").execute(&db.pool).await.unwrap();
-    let claimed = queue::claim(&db.pool, WORKER, 300, LEASE).await.unwrap();
+    let claimed = queue::claim(&db.pool, WORKER, 300, LEASE, None)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 300);
     // One session, whose statistics the assertions read.
     let session = db::pool(&db.url, 1).unwrap();
@@ -232,7 +223,9 @@ async fn a_claim_planned_on_a_small_queue_does_not_scan_it_whole_once_grown() {
     // Runs on a handful of jobs: PostgreSQL settles on a generic plan.
     for _ in 0..8 {
         let job = queue_job(&db.pool).await;
-        let claimed = queue::claim(&mut *conn, WORKER, 10, LEASE).await.unwrap();
+        let claimed = queue::claim(&mut *conn, WORKER, 10, LEASE, None)
+            .await
+            .unwrap();
         assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [job.id]);
     }
     // The history grows past anything worth scanning.
@@ -240,7 +233,9 @@ async fn a_claim_planned_on_a_small_queue_does_not_scan_it_whole_once_grown() {
     let job = queue_job(&db.pool).await;
     let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
     let before = scans(&mut tx).await;
-    let claimed = queue::claim(&mut *tx, WORKER, 10, LEASE).await.unwrap();
+    let claimed = queue::claim(&mut *tx, WORKER, 10, LEASE, None)
+        .await
+        .unwrap();
     let after = scans(&mut tx).await;
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [job.id]);
     assert_eq!(after[0] - before[0], 0, "the claim scanned the job table");

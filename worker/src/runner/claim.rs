@@ -103,7 +103,7 @@ impl Worker {
         backoff: &mut Backoff,
     ) -> Duration {
         let settings = &self.settings;
-        let claimed = queue::claim_from(
+        let claimed = queue::claim(
             &self.queue_pool,
             &settings.worker_id,
             free as i64,

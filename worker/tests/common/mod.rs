@@ -9,6 +9,29 @@ use capy_shared::queue::{self, NewJob};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+/// A job of `job_type` of no project, due now, with 3 attempts and no resource.
+pub fn job(job_type: &str) -> NewJob {
+    NewJob {
+        job_type: job_type.to_string(),
+        organization_id: None,
+        project_id: None,
+        preview_database_id: None,
+        cluster_id: None,
+        locked_resource: None,
+        max_attempts: 3,
+        args: serde_json::json!({}),
+        run_at: None,
+    }
+}
+
+/// Queues `jobs` in one transaction; answers their ids in order.
+pub async fn enqueue(pool: &PgPool, jobs: &[NewJob]) -> Vec<Uuid> {
+    let mut tx = pool.begin().await.unwrap();
+    let ids = queue::enqueue_many(&mut tx, jobs).await.unwrap();
+    tx.commit().await.unwrap();
+    ids
+}
+
 /// Queues `count` jobs of `job_type`; job `i` gets `resource(i)` as its locked
 /// resource. Answers their ids in submission order.
 pub async fn queue_jobs(
@@ -20,21 +43,12 @@ pub async fn queue_jobs(
 ) -> Vec<Uuid> {
     let jobs: Vec<NewJob> = (0..count)
         .map(|i| NewJob {
-            job_type: job_type.to_string(),
-            organization_id: None,
-            project_id: None,
-            preview_database_id: None,
-            cluster_id: None,
             locked_resource: resource(i),
             max_attempts,
-            args: serde_json::json!({}),
-            run_at: None,
+            ..job(job_type)
         })
         .collect();
-    let mut tx = pool.begin().await.unwrap();
-    let ids = queue::enqueue_many(&mut tx, &jobs).await.unwrap();
-    tx.commit().await.unwrap();
-    ids
+    enqueue(pool, &jobs).await
 }
 
 /// Waits until no job is pending or claimed.
