@@ -112,3 +112,19 @@ async fn a_job_queued_below_the_floor_is_claimed_once_the_floor_is_taken_again()
     let (_, claimed) = claim_reading(&queue_pool, Some(floor)).await;
     assert_eq!(claimed, below);
 }
+
+#[tokio::test]
+async fn a_job_queued_by_a_transaction_open_for_a_second_is_above_the_floor() {
+    let db = fresh_database().await.unwrap();
+    let queue_pool = db::queue_pool(&db.pool, 1);
+    // Its jobs are due when it began (`now()`), as a bulk enqueue's are.
+    let mut tx = db.pool.begin().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let floor = queue::claim_floor(&queue_pool).await.unwrap();
+    let ids = queue::enqueue_many(&mut tx, &[new_job(None)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (_, claimed) = claim_reading(&queue_pool, Some(floor)).await;
+    assert_eq!(claimed, ids, "the job waited for the next floor");
+}
