@@ -456,10 +456,13 @@ async fn finish(
                  last_stderr = i.stderr,
                  updated_at = now()
              from input i
-             -- The batch's rows by their physical address, found through the primary
-             -- key: never a walk of the claimed jobs' index, which holds an entry for
-             -- every claim since the last vacuum.
-             where j.ctid = any(array(select ctid from jobs where id = any($2::uuid[])))
+             -- The batch's rows through the primary key, hashed against the batch:
+             -- never a walk of the claimed jobs' index, which holds an entry for every
+             -- claim since the last vacuum. Not by their physical address: a row that
+             -- the job's heartbeat (or a cancel request) moves while this waits for
+             -- it is then rechecked at its new address, which no list read before
+             -- could name, and the outcome was dropped as if the lease were lost.
+             where j.id = any($2::uuid[])
                and j.id = i.id and j.state = i.held and j.claimed_by = $1
                and j.attempts = i.attempt
              returning j.*
@@ -493,8 +496,8 @@ async fn finish(
 /// The transaction that records outcomes ([`Outcomes::finish`]), then what they do to
 /// their projects ([`Outcomes::planner_back`]).
 ///
-/// The right plan for `finish` looks the batch's ids up in the primary key, fetches
-/// those rows by TID and hashes them against the batch: work in proportion to the
+/// The right plan for `finish` looks the batch's ids up in the primary key and hashes
+/// those rows against the batch: work in proportion to the
 /// batch, however long the history and however many claims since the last vacuum. A
 /// queue's statistics are always stale (what was pending a moment ago is claimed now),
 /// and have led the planner to loop over every claimed row for each outcome, to walk

@@ -34,6 +34,13 @@ async fn claim_it(pool: &PgPool, job: &Job) -> Job {
 
 /// Records `job`'s current attempt: `class` None is a success.
 async fn finish_it(pool: &PgPool, job: &Job, class: Option<RetryClassification>) -> Job {
+    let jobs = record(pool, job, class).await;
+    jobs.into_iter().next().unwrap()
+}
+
+/// Records `job`'s current attempt in an [`queue::Outcomes`] transaction; answers the
+/// jobs it updated (none when the attempt was no longer the worker's).
+async fn record(pool: &PgPool, job: &Job, class: Option<RetryClassification>) -> Vec<Job> {
     let finished = FinishedAttempt {
         job_id: job.id,
         attempt: job.attempts,
@@ -60,7 +67,7 @@ async fn finish_it(pool: &PgPool, job: &Job, class: Option<RetryClassification>)
     .unwrap();
     assert_eq!(settings, ["on"; 3], "planner left switched off");
     tx.commit().await.unwrap();
-    jobs.into_iter().next().unwrap()
+    jobs
 }
 
 type Row = (
@@ -240,4 +247,49 @@ async fn a_claim_planned_on_a_small_queue_does_not_scan_it_whole_once_grown() {
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [job.id]);
     assert_eq!(after[0] - before[0], 0, "the claim scanned the job table");
     tx.commit().await.unwrap();
+}
+
+/// An outcome whose job's lease is being renewed at that moment (the worker's
+/// heartbeat runs on a connection of its own) waits for the renewal and is recorded.
+/// Found by its row's address, read before the renewal moved the row, it had been
+/// dropped as if the lease were lost: the job ran again elsewhere.
+#[tokio::test]
+async fn an_outcome_racing_its_own_heartbeat_is_recorded() {
+    let db = fresh_database().await.unwrap();
+    let job = queue_job(&db.pool).await;
+    let claimed = claim_it(&db.pool, &job).await;
+    // A heartbeat in flight: the lease renewed, not yet committed.
+    let mut beat = db.pool.begin().await.unwrap();
+    sqlx::query("update jobs set lease_expires_at = now() + interval '1 minute' where id = $1")
+        .bind(job.id)
+        .execute(&mut *beat)
+        .await
+        .unwrap();
+    let pool = db.pool.clone();
+    let finishing = tokio::spawn(async move { record(&pool, &claimed, None).await });
+    // The outcome has read the row and waits for the heartbeat's lock.
+    let waiting = || async {
+        sqlx::query_scalar::<_, bool>(
+            "select exists (select 1 from pg_stat_activity
+                            where wait_event_type = 'Lock' and query like '%input as materialized%')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let started = std::time::Instant::now();
+    while !waiting().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the outcome never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    beat.commit().await.unwrap();
+    let recorded = finishing.await.unwrap();
+    assert_eq!(
+        recorded.iter().map(|j| (j.id, j.state)).collect::<Vec<_>>(),
+        [(job.id, JobState::Completed)],
+        "the outcome was dropped though the job was still the worker's"
+    );
 }
