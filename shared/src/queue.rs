@@ -287,7 +287,7 @@ pub async fn claim(
 /// missing from the answer was taken over (maybe re-claimed as a later attempt): that
 /// step must stop.
 pub async fn heartbeat(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     worker: &str,
     job_ids: &[Uuid],
     attempts: &[i32],
@@ -304,7 +304,7 @@ pub async fn heartbeat(
     .bind(job_ids)
     .bind(attempts)
     .bind(millis(lease))
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
 }
 
@@ -497,9 +497,8 @@ async fn finish(
 /// their projects ([`Outcomes::planner_back`]).
 ///
 /// The right plan for `finish` looks the batch's ids up in the primary key and hashes
-/// those rows against the batch: work in proportion to the
-/// batch, however long the history and however many claims since the last vacuum. A
-/// queue's statistics are always stale (what was pending a moment ago is claimed now),
+/// those rows against the batch: work in proportion to the batch, however long the
+/// history and however many claims since the last vacuum. A queue's statistics are always stale (what was pending a moment ago is claimed now),
 /// and have led the planner to loop over every claimed row for each outcome, to walk
 /// the claimed jobs' index (dead entries included) for each batch, or to scan the whole
 /// table. So the transaction begins with nested loops, merge joins and sequential

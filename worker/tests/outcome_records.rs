@@ -260,18 +260,18 @@ async fn an_outcome_racing_its_own_heartbeat_is_recorded() {
     let claimed = claim_it(&db.pool, &job).await;
     // A heartbeat in flight: the lease renewed, not yet committed.
     let mut beat = db.pool.begin().await.unwrap();
-    sqlx::query("update jobs set lease_expires_at = now() + interval '1 minute' where id = $1")
-        .bind(job.id)
-        .execute(&mut *beat)
+    let held = queue::heartbeat(&mut *beat, WORKER, &[job.id], &[claimed.attempts], LEASE)
         .await
         .unwrap();
+    assert_eq!(held, [(job.id, false)]);
     let pool = db.pool.clone();
     let finishing = tokio::spawn(async move { record(&pool, &claimed, None).await });
-    // The outcome has read the row and waits for the heartbeat's lock.
+    // The outcome has read the row and waits for the heartbeat's lock (the test's
+    // database is its own: no other session waits there).
     let waiting = || async {
         sqlx::query_scalar::<_, bool>(
             "select exists (select 1 from pg_stat_activity
-                            where wait_event_type = 'Lock' and query like '%input as materialized%')",
+                            where wait_event_type = 'Lock' and datname = current_database())",
         )
         .fetch_one(&db.pool)
         .await
